@@ -1,0 +1,87 @@
+"""The interface between a meta-learning algorithm and the train/evaluate machinery.
+
+The train loop owns the optimizer, the schedule, checkpoints and logging; a learner owns
+its meta-parameters and knows how to turn a meta-batch into meta-gradients, and how to
+adapt to one task at test time. That keeps each algorithm to one small module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from metalab.data.episodes import Episodes
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where training is: schedules (MAML++ annealing, Reptile epsilon) read this."""
+
+    iteration: int  # 0-based index of the meta-iteration being computed
+    total_iterations: int
+
+    @property
+    def fraction(self) -> float:
+        return self.iteration / max(1, self.total_iterations)
+
+
+@dataclass
+class StepStats:
+    """What one meta-iteration reports: mean query loss and accuracy over its tasks."""
+
+    loss: float
+    accuracy: float
+    extra: dict[str, float] | None = None
+
+
+class Predictor(Protocol):
+    def __call__(self, query_x: torch.Tensor) -> torch.Tensor:
+        """query_x float [Q, 1, H, W] -> logits float [Q, n_way]."""
+        ...
+
+
+class MetaLearner(nn.Module):
+    """Base class of every learner.
+
+    Subclasses implement `meta_gradients` and `adapt`. `parameter_groups` may split the
+    meta-parameters into optimizer groups; a group may carry ``lr_multiplier`` (default 1)
+    and ``warmup_iterations`` (lr 0 until then), which the train loop applies.
+    """
+
+    algorithm: str = "base"
+
+    def meta_gradients(self, episodes: Episodes, progress: TrainProgress) -> StepStats:
+        """Compute the meta-loss of a meta-batch and leave its gradient in ``.grad``.
+
+        Gradients are accumulated into ``.grad`` (the train loop zeroes them first), and
+        must be the gradient of the *mean* over the ``episodes.num_tasks`` tasks.
+        """
+        raise NotImplementedError
+
+    def adapt(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> Predictor:
+        """Adapt to one task. support_x float [S, 1, H, W], support_y int64 [S] in 0..N-1.
+
+        ``steps`` overrides the number of test-time adaptation steps where that applies.
+        Returns a predictor mapping query images to logits [Q, N].
+        """
+        raise NotImplementedError
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the meta-parameters (default: one group)."""
+        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad]}]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every algorithm's ``build(options, context)`` receives besides its options."""
+
+    model: Any  # metalab.models.ModelConfig
+    n_way: int
+    image_size: int
+    precision: str = "fp32"  # "fp32" or "bf16" (CPU autocast)
+    seed: int = 0

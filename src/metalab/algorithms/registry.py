@@ -1,0 +1,40 @@
+"""Algorithm name (``experiments.<name>.algorithm``) -> the module that implements it.
+
+Modules are imported lazily, so validating params.yaml does not import every learner.
+Each module defines ``Options`` (its params.yaml keys) and ``build(options, context)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from pydantic import BaseModel
+
+from metalab.algorithms.base import BuildContext, MetaLearner
+
+ALGORITHMS: dict[str, str] = {
+    # MAML, FOMAML, Meta-SGD, MAML++ and ANIL are options of one core.
+    "maml": "metalab.algorithms.maml",
+    "reptile": "metalab.algorithms.reptile",
+    "cavia": "metalab.algorithms.cavia",
+    "protonets": "metalab.algorithms.protonets",
+    "metanets": "metalab.algorithms.metanets",
+    "metanets_embedding": "metalab.algorithms.metanets_embedding",
+    "leo": "metalab.algorithms.leo",
+    "taml": "metalab.algorithms.taml",
+}
+
+
+def algorithm_module(algorithm: str) -> ModuleType:
+    if algorithm not in ALGORITHMS:
+        raise KeyError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
+    return importlib.import_module(ALGORITHMS[algorithm])
+
+
+def options_class(algorithm: str) -> type[BaseModel]:
+    return algorithm_module(algorithm).Options
+
+
+def build_learner(algorithm: str, options: BaseModel, context: BuildContext) -> MetaLearner:
+    return algorithm_module(algorithm).build(options, context)

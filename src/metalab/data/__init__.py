@@ -1,0 +1,1 @@
+"""Omniglot data: download, prefetch, splits and episode sampling."""

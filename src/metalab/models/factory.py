@@ -1,0 +1,35 @@
+"""Build a model from its params.yaml description."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from metalab.models.conv4 import Conv4
+from metalab.models.resnet import ResNet18
+
+
+class ModelConfig(BaseModel):
+    """``experiments.<name>.model`` in params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["conv4", "resnet18"] = "conv4"
+    hidden: int = Field(64, ge=1, le=1024, description="Conv4 channels per block")
+    downsample: Literal["maxpool", "stride"] = Field(
+        "maxpool", description="Conv4: MaxPool2 after each block, or stride-2 convs (MAML's net)"
+    )
+
+
+def build_model(config: ModelConfig, n_way: int, image_size: int) -> nn.Module:
+    """A freshly initialised model for ``n_way`` classes on ``image_size`` square images."""
+    if config.name == "conv4":
+        return Conv4(n_way, image_size, hidden=config.hidden, downsample=config.downsample)
+    return ResNet18(n_way)
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the head's parameters (the ones ANIL adapts)."""
+    return [name for name, _ in model.named_parameters() if name.startswith("head.")]
