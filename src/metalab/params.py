@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from metalab.models.factory import ModelConfig
+from metalab.rl.config import RLExperimentConfig
 
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 SETTING_PATTERN = re.compile(r"^(\d+)w(\d+)s$")
@@ -202,6 +203,7 @@ class Params(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     experiments: dict[str, ExperimentConfig] = Field(default_factory=dict)
+    rl_experiments: dict[str, RLExperimentConfig] = Field(default_factory=dict)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -211,6 +213,12 @@ class Params(Strict):
             known = ", ".join(sorted(self.experiments)) or "none"
             raise ParamsError(f"params.yaml: no experiment named {name!r}; known: {known}")
         return self.experiments[name]
+
+    def rl_experiment(self, name: str) -> RLExperimentConfig:
+        if name not in self.rl_experiments:
+            known = ", ".join(sorted(self.rl_experiments)) or "none"
+            raise ParamsError(f"params.yaml: no RL experiment named {name!r}; known: {known}")
+        return self.rl_experiments[name]
 
     def train_config(self, name: str) -> TrainConfig:
         """The `train` defaults with experiment `name`'s overrides applied."""

@@ -1,0 +1,270 @@
+"""Meta-RL training and held-out evaluation.
+
+:class:`RLTrainer` holds the whole training state (policy, outer optimizer, baseline,
+task/sampling generator, iteration, history) behind ``state_dict`` /
+``load_state_dict``, so a run resumed from a saved state ends with the same weights as
+an uninterrupted one. :func:`train_rl` drives it with a tqdm bar; :func:`evaluate_rl`
+measures held-out return before and after adaptation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+from metalab.rl.adaptation import sample_adaptation
+from metalab.rl.baselines import Baseline, build_baseline
+from metalab.rl.config import RLExperimentConfig
+from metalab.rl.envs import MetaRLEnvironment, build_environment, evaluation_tasks
+from metalab.rl.learners import ANILRL, MAMLRL, ReptileRL, RLMetaLearner
+from metalab.rl.policies import Policy, build_policy
+
+# Seeds derived from ``config.seed`` for the separate random streams.
+CRITIC_SEED_OFFSET = 1
+EVALUATION_SAMPLING_SEED_OFFSET = 2
+
+# Fields that must agree between a saved state and the config resuming it.
+_RESUME_INVARIANT_FIELDS = ("algorithm", "env", "seed", "meta_batch_size", "horizon")
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Use ``num_threads`` intra-op threads inside the block, restore the setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_components(
+    config: RLExperimentConfig, dtype: torch.dtype = torch.float32
+) -> tuple[MetaRLEnvironment, Policy, Baseline]:
+    """Environment, freshly initialised policy and baseline for ``config``."""
+    env = build_environment(config.env, config.horizon, config.num_arms, dtype)
+    policy = build_policy(
+        env, config.hidden_size, config.hidden_layers, config.init_std, config.seed, dtype
+    )
+    baseline = build_baseline(
+        config.baseline,
+        env.observation_dim,
+        regularization=config.linear_baseline_regularization,
+        hidden_size=config.critic_hidden_size,
+        fit_steps=config.critic_fit_steps,
+        fit_lr=config.critic_fit_lr,
+        meta_lr=config.critic_meta_lr,
+        seed=config.seed + CRITIC_SEED_OFFSET,
+        dtype=dtype,
+    )
+    return env, policy, baseline
+
+
+def build_learner(
+    config: RLExperimentConfig, env: MetaRLEnvironment, policy: Policy, baseline: Baseline
+) -> RLMetaLearner:
+    """The learner named by ``config.algorithm``."""
+    common = dict(
+        env=env,
+        policy=policy,
+        baseline=baseline,
+        trajectories_per_task=config.trajectories_per_task,
+        inner_lr=config.inner_lr,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+    )
+    if config.algorithm == "reptile_rl":
+        return ReptileRL(
+            **common, inner_steps=config.reptile_inner_steps, epsilon=config.reptile_epsilon
+        )
+    learner_class = MAMLRL if config.algorithm == "maml_rl" else ANILRL
+    return learner_class(
+        **common,
+        inner_steps=config.inner_steps,
+        first_order=config.first_order,
+        outer_lr=config.outer_lr,
+        outer_optimizer=config.outer_optimizer,
+    )
+
+
+class RLTrainer:
+    """Everything a meta-RL run needs to continue exactly where it stopped."""
+
+    def __init__(self, config: RLExperimentConfig, dtype: torch.dtype = torch.float32) -> None:
+        self.config = config
+        self.env, self.policy, self.baseline = build_components(config, dtype)
+        self.learner = build_learner(config, self.env, self.policy, self.baseline)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+
+    def run_iteration(self) -> dict[str, float]:
+        """One meta-iteration; raises ``NonFiniteLossError`` before touching the weights."""
+        tasks = self.env.sample_tasks(self.config.meta_batch_size, self.generator)
+        metrics = self.learner.meta_step(tasks, self.generator, self.iteration)
+        self.iteration += 1
+        self.history.append(metrics)
+        return metrics
+
+    def agent_state(self) -> dict:
+        """What evaluation needs: policy weights and baseline state (copies)."""
+        return copy.deepcopy(
+            {"policy": self.policy.state_dict(), "baseline": self.baseline.state_dict()}
+        )
+
+    def state_dict(self) -> dict:
+        """A snapshot (deep copy) of the full training state."""
+        return copy.deepcopy(
+            {
+                "config": self.config.model_dump(),
+                "iteration": self.iteration,
+                "policy": self.policy.state_dict(),
+                "optimizer": self.learner.optimizer_state(),
+                "baseline": self.baseline.state_dict(),
+                "generator": self.generator.get_state(),
+                "history": self.history,
+            }
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["config"]
+        for name in _RESUME_INVARIANT_FIELDS:
+            if saved[name] != getattr(self.config, name):
+                raise ValueError(
+                    f"cannot resume: saved {name}={saved[name]!r}, "
+                    f"config has {getattr(self.config, name)!r}"
+                )
+        self.policy.load_state_dict(state["policy"])
+        self.learner.load_optimizer_state(copy.deepcopy(state["optimizer"]))
+        self.baseline.load_state_dict(copy.deepcopy(state["baseline"]))
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self.history = copy.deepcopy(list(state["history"]))
+
+
+def train_rl(
+    config: RLExperimentConfig,
+    on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+    state: dict | None = None,
+    *,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+) -> tuple[dict, list[dict[str, float]]]:
+    """Meta-train until ``config.iterations``; resume from ``state`` when given.
+
+    ``on_iteration(iteration, metrics)`` runs after every meta-iteration (0-based index).
+    ``on_checkpoint(iterations_done, trainer_state)`` runs every ``checkpoint_every``
+    iterations with a full, deep-copied training state for :class:`RLTrainer` /
+    ``train_rl(state=...)``. Returns the agent state (``{"policy", "baseline"}``) and the
+    per-iteration metrics history. Raises ``NonFiniteLossError`` naming the iteration.
+    """
+    with torch_threads(config.num_threads):
+        return _train(config, on_iteration, state, on_checkpoint, checkpoint_every, progress)
+
+
+def _train(
+    config: RLExperimentConfig,
+    on_iteration: Callable[[int, dict[str, float]], None] | None,
+    state: dict | None,
+    on_checkpoint: Callable[[int, dict], None] | None,
+    checkpoint_every: int,
+    progress: bool,
+) -> tuple[dict, list[dict[str, float]]]:
+    trainer = RLTrainer(config)
+    if state is not None:
+        trainer.load_state_dict(state)
+    with tqdm(
+        total=config.iterations,
+        initial=trainer.iteration,
+        desc=config.algorithm,
+        disable=not progress,
+    ) as bar:
+        while trainer.iteration < config.iterations:
+            metrics = trainer.run_iteration()
+            if on_iteration is not None:
+                on_iteration(trainer.iteration - 1, metrics)
+            if on_checkpoint is not None and checkpoint_every > 0:
+                if trainer.iteration % checkpoint_every == 0:
+                    on_checkpoint(trainer.iteration, trainer.state_dict())
+            bar.update(1)
+            bar.set_postfix(
+                pre=f"{metrics['pre_adaptation_return']:.2f}",
+                post=f"{metrics['post_adaptation_return']:.2f}",
+                tasks_per_s=f"{metrics['tasks_per_second']:.1f}",
+            )
+    return trainer.agent_state(), trainer.history
+
+
+def _summarise(returns: torch.Tensor) -> dict:
+    """Mean, std and 95% CI (1.96 * std / sqrt(n)) of per-task returns [n]."""
+    count = returns.numel()
+    std = float(returns.std(unbiased=True)) if count > 1 else 0.0
+    return {
+        "mean_return": float(returns.mean()),
+        "std": std,
+        "ci95": 1.96 * std / math.sqrt(count),
+        "per_task_returns": returns.tolist(),
+    }
+
+
+def evaluate_rl(
+    config: RLExperimentConfig, agent_state: dict, tasks: torch.Tensor | None = None
+) -> dict:
+    """Held-out return before adaptation and after each of ``config.eval_adaptation_steps``.
+
+    agent_state: ``{"policy": state_dict, "baseline": state}`` as returned by
+    :func:`train_rl`. tasks: [n, task_dim], by default the fixed held-out tasks of
+    ``config.seed``. Each adaptation step samples ``trajectories_per_task`` fresh
+    trajectories with the current policy and takes one policy-gradient step with
+    ``inner_lr`` (ANIL-RL adapts the head only). A task's return is the mean undiscounted
+    return of its trajectories; statistics are over tasks. Returns ``{"results": [...],
+    "metrics": {flat floats}}``.
+    """
+    with torch_threads(config.num_threads):
+        return _evaluate(config, agent_state, tasks)
+
+
+def _evaluate(config: RLExperimentConfig, agent_state: dict, tasks: torch.Tensor | None) -> dict:
+    env, policy, baseline = build_components(config)
+    policy.load_state_dict(agent_state["policy"])
+    baseline.load_state_dict(copy.deepcopy(agent_state["baseline"]))
+    learner = build_learner(config, env, policy, baseline)
+    if tasks is None:
+        tasks = evaluation_tasks(env, config.eval_tasks, config.seed)
+    generator = torch.Generator().manual_seed(config.seed + EVALUATION_SAMPLING_SEED_OFFSET)
+    max_steps = max(config.eval_adaptation_steps)
+    buffer, _, _ = sample_adaptation(
+        env,
+        policy,
+        tasks,
+        config.trajectories_per_task,
+        max_steps,
+        config.inner_lr,
+        learner.adapted_parameter_names(),
+        baseline,
+        config.gamma,
+        config.gae_lambda,
+        generator,
+        track_meta_gradient=False,
+    )
+    batches = [*buffer.pre_adaptation, buffer.post_adaptation]
+    results = []
+    metrics: dict[str, float] = {}
+    for steps in [0, *config.eval_adaptation_steps]:
+        task_returns = batches[steps].trajectories.episode_returns().mean(dim=1)
+        summary = {"adaptation_steps": steps, **_summarise(task_returns)}
+        results.append(summary)
+        key = "return_pre_adaptation" if steps == 0 else f"return_after_{steps}_steps"
+        metrics[key] = summary["mean_return"]
+        metrics[f"{key}_ci95"] = summary["ci95"]
+        if steps > 0:
+            metrics[f"adaptation_gain_{steps}_steps"] = (
+                summary["mean_return"] - results[0]["mean_return"]
+            )
+    return {"num_tasks": int(tasks.shape[0]), "results": results, "metrics": metrics}
