@@ -1,12 +1,26 @@
-"""Shared fixtures: tiny Omniglot archives in the official layout (see omniglot_fixture)."""
+"""Shared fixtures: one torch thread per test; tiny Omniglot archives in the official layout
+(see omniglot_fixture)."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from omniglot_fixture import expected_counts, make_omniglot_archives
 
 from metalab.data.download import ExpectedCounts
 from metalab.data.prefetch import prefetch_omniglot
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """One intra-op thread for every test, the previous count restored after: the tests use
+    tiny tensors on a shared 2-core machine, where a thread pool per process only adds
+    contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,19 @@ def tiny_params(archive_dir: Path) -> dict:
     )
     params["data"]["split"].update(validation_characters=5)
     params["episodes"].update(settings=["5w1s", "3w2s"], num_episodes=12, query_per_class=3)
+    params["pretrain"].update(model={"name": "conv4", "hidden": 8}, epochs=1, batch_size=64)
+    params["train"].update(
+        n_way=3,
+        query_per_class=2,
+        meta_batch_size=2,
+        iterations=4,
+        validate_every=2,
+        validation_episodes=3,
+        checkpoint_every=2,
+        threads=1,
+        precision="fp32",
+    )
+    params["experiments"] = {"tiny": {"algorithm": "protonets", "model": {"hidden": 8}}}
     return params
 
 

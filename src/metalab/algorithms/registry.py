@@ -22,7 +22,6 @@ ALGORITHMS: dict[str, str] = {
     "metanets": "metalab.algorithms.metanets",
     "metanets_embedding": "metalab.algorithms.metanets_embedding",
     "leo": "metalab.algorithms.leo",
-    "taml": "metalab.algorithms.taml",
 }
 
 

@@ -1,0 +1,72 @@
+"""Supervised pretraining of a body on the meta-train classes (the start of ANIL S3-S5).
+
+Ordinary classification: a fresh linear head over all given classes, cross-entropy, Adam,
+no augmentation. The caller passes only meta-train classes, so validation and meta-test
+characters stay unseen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from metalab.models.factory import ModelConfig, build_model
+
+
+def pretrain_body(
+    model_config: ModelConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Train ``model_config``'s network to classify ``images`` and return its body's weights.
+
+    images: uint8 [N, S, S] (255 = ink, read as ``images / 255``); labels: int [N], any class
+    ids (remapped to 0..C-1). Deterministic given ``seed`` (initialisation and batch order;
+    the global torch RNG is left as it was). Returns the body's state dict (keys without
+    ``body.``), which `metalab.models.pretrained.load_pretrained_body` loads.
+    """
+    if images.dim() != 3 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 [N, S, S], got {images.dtype} {tuple(images.shape)}"
+        )
+    if labels.shape != images.shape[:1]:
+        raise ValueError(f"need one label per image: {labels.shape[0]} vs {images.shape[0]}")
+    _, targets = torch.unique(labels, return_inverse=True)
+    num_classes = int(targets.max()) + 1
+    order_generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(model_config, num_classes, images.shape[-1])
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batches_per_epoch = -(-images.shape[0] // batch_size)
+    bar = tqdm(
+        total=epochs * batches_per_epoch, desc="pretrain", disable=not progress, dynamic_ncols=True
+    )
+    for epoch in range(epochs):
+        order = torch.randperm(images.shape[0], generator=order_generator)
+        seen, correct, loss_sum = 0, 0, 0.0
+        for start in range(0, images.shape[0], batch_size):
+            batch = order[start : start + batch_size]
+            x = images[batch].unsqueeze(1).float().div(255.0)
+            y = targets[batch]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += batch.numel()
+            correct += int((logits.argmax(dim=1) == y).sum())
+            loss_sum += loss.item() * batch.numel()
+            bar.set_postfix(
+                epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}"
+            )
+            bar.update(1)
+    bar.close()
+    return {name: value.detach().clone() for name, value in model.body.state_dict().items()}

@@ -1,0 +1,280 @@
+"""Reptile (Nichol, Achiam & Schulman 2018): move the initialisation towards fine-tuned weights.
+
+For each task the learner fine-tunes a copy of the weights ``theta`` for k steps of SGD or
+Adam on the support set, giving ``adapted_t``; the outer update is
+
+    theta <- theta + epsilon * mean_t(adapted_t - theta).
+
+The train loop owns the optimizer, so `meta_gradients` writes that step as a gradient,
+``grad = -epsilon * mean_t(adapted_t - theta)``: one step of plain SGD with learning rate
+1 (no momentum, no weight decay, no lr schedule) is then exactly the Reptile step. The
+learner advertises this through ``outer_optimizer = "sgd"`` and ``outer_lr = 1.0``.
+Epsilon, and its optional linear annealing, is folded into the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.func import functional_call, vmap
+
+from metalab.algorithms.base import (
+    BuildContext,
+    MetaLearner,
+    Predictor,
+    StepStats,
+    TrainProgress,
+)
+from metalab.data.episodes import Episodes
+from metalab.models import build_model
+
+# Non-transductive evaluation classifies this many queries per vectorised forward pass
+# (each one in a batch with the whole support set); bounds memory at 20-way 5-shot.
+NON_TRANSDUCTIVE_CHUNK = 32
+
+
+class Options(BaseModel):
+    """``experiments.<name>.options`` for ``algorithm: reptile``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inner_steps: int = Field(5, ge=1, le=10_000, description="fine-tuning steps per task (k)")
+    test_inner_steps: int = Field(
+        50, ge=0, le=100_000, description="fine-tuning steps at test time (paper: 50)"
+    )
+    inner_optimizer: Literal["sgd", "adam"] = Field(
+        "adam", description="inner optimizer; Adam uses betas (0, 0.999), state reset per task"
+    )
+    inner_lr: float = Field(0.001, gt=0.0, le=100.0, description="inner learning rate")
+    inner_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="support examples per inner step, drawn without replacement in "
+        "reshuffled passes; null: the whole support set every step",
+    )
+    test_inner_batch_size: int | None = Field(
+        None, ge=1, le=100_000, description="inner batch size at test time; null: inner_batch_size"
+    )
+    epsilon: float = Field(1.0, gt=0.0, le=10.0, description="outer step size at the start")
+    epsilon_final: float | None = Field(
+        None,
+        ge=0.0,
+        le=10.0,
+        description="anneal epsilon linearly to this value over training (paper: 0); "
+        "null: constant epsilon",
+    )
+    transductive_eval: bool = Field(
+        True,
+        description="true: predict the query set in one batch (BatchNorm statistics of the "
+        "queries); false: classify each query in a batch with the support set only",
+    )
+    head_init: Literal["zero", "random"] = Field(
+        "zero",
+        description="head for a way count other than the trained one: zeros, or PyTorch's "
+        "default Linear initialisation (torch RNG)",
+    )
+
+
+def support_batches(
+    num_support: int, batch_size: int | None, steps: int
+) -> list[torch.Tensor | None]:
+    """Index tensors [batch_size] into the support set, one per inner step.
+
+    Passes over the support set are reshuffled with the global torch RNG and concatenated,
+    so a batch may straddle two passes. ``None`` entries mean "the whole support set"
+    (when ``batch_size`` is None or not smaller than the support set; no RNG is drawn).
+    """
+    if batch_size is None or batch_size >= num_support:
+        return [None] * steps
+    passes = math.ceil(steps * batch_size / num_support)
+    order = torch.cat([torch.randperm(num_support) for _ in range(passes)])
+    return list(order[: steps * batch_size].view(steps, batch_size))
+
+
+class ReptileLearner(MetaLearner):
+    """Reptile around any body/head network (``model(x [B,1,H,W]) -> logits [B, n_way]``).
+
+    The meta-parameters are ``model``'s parameters. BatchNorm layers must normalise with
+    batch statistics (as `Conv4` does), since the inner loop runs the shared module.
+    """
+
+    algorithm = "reptile"
+    # Contract with the train loop: the gradient already holds -epsilon * mean delta.
+    outer_optimizer = "sgd"
+    outer_lr = 1.0
+
+    def __init__(self, model: nn.Module, options: Options, use_bf16: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.options = options
+        self.use_bf16 = use_bf16
+
+    @property
+    def trained_n_way(self) -> int:
+        return self.model.head.out_features
+
+    def epsilon_at(self, progress: TrainProgress) -> float:
+        """Outer step size at ``progress``: linear from epsilon to epsilon_final."""
+        start = self.options.epsilon
+        if self.options.epsilon_final is None:
+            return start
+        return start + (self.options.epsilon_final - start) * progress.fraction
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """One group; step it with ``torch.optim.SGD(groups, lr=1.0)`` (see module doc)."""
+        return [
+            {
+                "name": "all",
+                "params": [p for p in self.parameters() if p.requires_grad],
+                "lr_multiplier": 1.0,
+            }
+        ]
+
+    def forward_with(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, N] of ``model`` with ``params`` substituted; x [B, 1, H, W]."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+            logits = functional_call(self.model, params, (x,))
+        return logits.float() if self.use_bf16 else logits
+
+    def _fresh_head(self, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.model.head.weight
+        if self.options.head_init == "zero":
+            head = nn.Linear(weight.shape[1], n_way)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        else:
+            head = nn.Linear(weight.shape[1], n_way)
+        head = head.to(dtype=weight.dtype, device=weight.device)
+        return head.weight.detach(), head.bias.detach()
+
+    def _inner_optimizer(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+        # A new optimizer per task: Adam's moments never carry over from one task to the next.
+        if self.options.inner_optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.options.inner_lr, betas=(0.0, 0.999))
+        return torch.optim.SGD(params, lr=self.options.inner_lr)
+
+    def fine_tune(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int,
+        batch_size: int | None,
+        n_way: int | None = None,
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Fine-tune a copy of the weights on one task's support set.
+
+        support_x float [S, 1, H, W], support_y int64 [S]. A way count ``n_way`` other than
+        the trained one replaces the head by a fresh one (``head_init``). Returns the adapted
+        weights (detached, by parameter name) and the support loss of the last step (nan if
+        ``steps`` is 0).
+        """
+        n_way = self.trained_n_way if n_way is None else n_way
+        params = {
+            name: p.detach().clone().requires_grad_(True)
+            for name, p in self.model.named_parameters()
+        }
+        if n_way != self.trained_n_way:
+            weight, bias = self._fresh_head(n_way)
+            params["head.weight"] = weight.clone().requires_grad_(True)
+            params["head.bias"] = bias.clone().requires_grad_(True)
+        optimizer = self._inner_optimizer(params.values())
+        last_loss = math.nan
+        with torch.enable_grad():
+            for indices in support_batches(support_x.shape[0], batch_size, steps):
+                batch_x = support_x if indices is None else support_x[indices]
+                batch_y = support_y if indices is None else support_y[indices]
+                loss = F.cross_entropy(self.forward_with(params, batch_x), batch_y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                last_loss = loss.item()
+        return {name: p.detach() for name, p in params.items()}, last_loss
+
+    def meta_gradients(self, episodes: Episodes, progress: TrainProgress) -> StepStats:
+        """Leave ``-epsilon_t * mean_t(adapted_t - theta)`` in ``.grad`` (accumulated).
+
+        The reported loss/accuracy are those of the adapted weights on each task's query
+        set (under no_grad, the query set predicted in one batch), averaged over tasks.
+        """
+        if episodes.n_way != self.trained_n_way:
+            raise ValueError(
+                f"Reptile was built for {self.trained_n_way}-way tasks, got {episodes.n_way}-way"
+            )
+        epsilon = self.epsilon_at(progress)
+        theta = dict(self.model.named_parameters())
+        delta_sum = {name: torch.zeros_like(p) for name, p in theta.items()}
+        query_loss = query_correct = support_loss = 0.0
+        num_tasks = episodes.num_tasks
+        for t in range(num_tasks):
+            adapted, last_support_loss = self.fine_tune(
+                episodes.support_x[t],
+                episodes.support_y[t],
+                self.options.inner_steps,
+                self.options.inner_batch_size,
+            )
+            for name, p in theta.items():
+                delta_sum[name] += adapted[name] - p.detach()
+            with torch.no_grad():
+                logits = self.forward_with(adapted, episodes.query_x[t])
+                query_loss += F.cross_entropy(logits, episodes.query_y[t]).item()
+                query_correct += (logits.argmax(1) == episodes.query_y[t]).float().mean().item()
+            support_loss += last_support_loss
+        for name, p in theta.items():
+            gradient = delta_sum[name] * (-epsilon / num_tasks)
+            p.grad = gradient if p.grad is None else p.grad + gradient
+        return StepStats(
+            loss=query_loss / num_tasks,
+            accuracy=query_correct / num_tasks,
+            extra={"epsilon": epsilon, "support_loss": support_loss / num_tasks},
+        )
+
+    def adapt(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> Predictor:
+        """Fine-tune for ``steps`` (default test_inner_steps) and return the predictor.
+
+        support_x float [S, 1, H, W], support_y int64 [S]; predictor(query_x [Q, 1, H, W])
+        -> logits [Q, N], transductive or not according to ``transductive_eval``.
+        """
+        steps = self.options.test_inner_steps if steps is None else steps
+        batch_size = self.options.test_inner_batch_size or self.options.inner_batch_size
+        n_way = int(support_y.max().item()) + 1
+        adapted, _ = self.fine_tune(support_x, support_y, steps, batch_size, n_way)
+        support_x = support_x.detach()
+
+        def predictor(query_x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                if self.options.transductive_eval:
+                    return self.forward_with(adapted, query_x)
+                return self.predict_with_support(adapted, support_x, query_x)
+
+        return predictor
+
+    def predict_with_support(
+        self, params: dict[str, torch.Tensor], support_x: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """Non-transductive logits [Q, N]: each query is classified in a batch made of the
+        support set [S, 1, H, W] plus that one query, so BatchNorm statistics never mix
+        queries (the Reptile paper's non-transductive protocol)."""
+
+        def last_logits(batch: torch.Tensor) -> torch.Tensor:
+            return self.forward_with(params, batch)[-1]
+
+        outputs = []
+        for chunk in query_x.split(NON_TRANSDUCTIVE_CHUNK):
+            support = support_x.unsqueeze(0).expand(chunk.shape[0], *support_x.shape)
+            batches = torch.cat([support, chunk.unsqueeze(1)], dim=1)  # [C, S + 1, 1, H, W]
+            outputs.append(vmap(last_logits)(batches))
+        return torch.cat(outputs)
+
+
+def build(options: Options, context: BuildContext) -> ReptileLearner:
+    model = build_model(context.model, context.n_way, context.image_size)
+    return ReptileLearner(model, options, use_bf16=context.precision == "bf16")

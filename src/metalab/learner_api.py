@@ -1,0 +1,283 @@
+"""The public way to use a trained model: load it, adapt it to a task, predict.
+
+    learner = metalab.load_learner("models/maml.pt")
+    support_x = torch.stack([learner.transform(image) for image in support_images])
+    adapted = learner.adapt(support_x, support_y)          # support_y: 0..N-1
+    logits = adapted.predict(torch.stack([learner.transform(image) for image in queries]))
+
+A model file is the Trainer's payload (`metalab.training.Trainer.model_payload`): the
+algorithm, its options, the network description, the trained way count and image size,
+and the best-validation weights. The evaluate stage uses exactly this path.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+
+from metalab.algorithms.base import BuildContext, MetaLearner
+from metalab.algorithms.registry import ALGORITHMS, build_learner, options_class
+from metalab.data.prefetch import decode_drawing
+from metalab.models.factory import ModelConfig
+
+REQUIRED_KEYS = ("format", "algorithm", "options", "model", "n_way", "image_size", "state_dict")
+
+
+class ModelFileError(ValueError):
+    """A file that cannot be loaded as a metalab model (wrong kind, version or content)."""
+
+
+class UnsupportedTaskError(ValueError):
+    """The learner cannot handle this task shape (e.g. more ways than it has outputs)."""
+
+
+class AdaptedLearner:
+    """A learner adapted to one task: `predict` maps query images to logits."""
+
+    def __init__(
+        self, predictor: Callable[[torch.Tensor], torch.Tensor], n_way: int, learner: Learner
+    ) -> None:
+        self._predictor = predictor
+        self.n_way = n_way
+        self._learner = learner
+
+    def predict(self, query_x: torch.Tensor) -> torch.Tensor:
+        """query_x float [Q, 1, S, S] (see `Learner.transform`) -> logits float [Q, n_way]."""
+        self._learner.check_images(query_x, "query_x")
+        try:
+            with torch.no_grad():
+                logits = self._predictor(query_x)
+        except (ValueError, RuntimeError) as error:
+            self._learner.raise_if_unsupported(self.n_way, error)
+            raise
+        if logits.shape != (query_x.shape[0], self.n_way):
+            raise RuntimeError(
+                f"{self._learner.algorithm} returned logits of shape {tuple(logits.shape)}, "
+                f"expected {(query_x.shape[0], self.n_way)}"
+            )
+        return logits
+
+    __call__ = predict
+
+
+class Learner:
+    """A trained meta-learner ready for new tasks (usually from `load_learner`).
+
+    Attributes: ``algorithm``, ``experiment``, ``n_way`` and ``k_shot`` (what it was
+    trained on), ``image_size`` (S), ``options`` (the algorithm's validated `Options`),
+    ``adapts_by_gradient`` (whether `adapt` takes gradient steps, so that ``steps=0`` means
+    "before adaptation"), ``default_adaptation_steps`` (None when not applicable) and
+    ``meta_learner`` (the underlying `MetaLearner` module, in eval mode).
+    """
+
+    def __init__(
+        self,
+        meta_learner: MetaLearner,
+        options: BaseModel,
+        n_way: int,
+        image_size: int,
+        k_shot: int | None = None,
+        experiment: str | None = None,
+    ) -> None:
+        self.meta_learner = meta_learner.eval()
+        self.options = options
+        self.algorithm: str = getattr(meta_learner, "algorithm", type(meta_learner).__name__)
+        self.experiment = experiment or self.algorithm
+        self.n_way = n_way
+        self.k_shot = k_shot
+        self.image_size = image_size
+        self.adapts_by_gradient, self.default_adaptation_steps = adaptation_declaration(
+            meta_learner, options
+        )
+
+    # ---------------------------------------------------------------------- images
+    def transform(self, image: Image.Image | str | Path) -> torch.Tensor:
+        """A PIL image (or an image file) -> float32 [1, S, S], ink = 1.0, paper = 0.0.
+
+        Exactly the training preprocessing (`metalab.data.prefetch.decode_drawing`):
+        convert to greyscale "L", Lanczos-resize to S x S, invert so dark strokes become
+        ink. Expects dark strokes on a light background, like Omniglot.
+        """
+        if isinstance(image, str | Path):
+            with Image.open(image) as opened:
+                return self.transform(opened)
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format="PNG")
+        except (OSError, KeyError) as error:
+            raise ValueError(
+                f"cannot use a mode {image.mode!r} image; convert it to 'L' or 'RGB' first"
+            ) from error
+        pixels = decode_drawing(buffer.getvalue(), self.image_size)
+        return torch.from_numpy(pixels).to(torch.float32).div_(255.0).unsqueeze(0)
+
+    def check_images(self, images: torch.Tensor, name: str) -> None:
+        """Raise ValueError unless ``images`` is float [B, 1, S, S] with B >= 1."""
+        expected = (1, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
+            raise ValueError(
+                f"{name} must have shape [B, 1, {self.image_size}, {self.image_size}] "
+                f"(images from `transform`, stacked), got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor (ink = 1.0), got {images.dtype}")
+
+    # ------------------------------------------------------------------- adaptation
+    def adapt(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> AdaptedLearner:
+        """Adapt to one N-way task from its labelled support set.
+
+        support_x float [N*K, 1, S, S]; support_y int64 [N*K] with every label 0..N-1
+        present. N and K need not be the trained ones. ``steps`` overrides the number of
+        test-time gradient steps (0 = the meta-learned starting point); learners that do
+        not adapt by gradient steps ignore it. Raises `UnsupportedTaskError` when the
+        learner cannot handle an N-way task (e.g. CAVIA beyond its trained way count).
+        """
+        self.check_images(support_x, "support_x")
+        n_way = check_labels(support_y, support_x.shape[0])
+        if steps is not None and steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        try:
+            predictor = self.meta_learner.adapt(support_x, support_y, steps)
+        except (ValueError, RuntimeError) as error:
+            self.raise_if_unsupported(n_way, error)
+            raise
+        return AdaptedLearner(predictor, n_way, self)
+
+    def raise_if_unsupported(self, n_way: int, error: Exception) -> None:
+        """Raise `UnsupportedTaskError` (caused by ``error``) when ``error`` arose on a way
+        count other than the trained one: the learner cannot do such tasks. Errors on the
+        trained way count are bugs or bad inputs and propagate unchanged."""
+        if n_way != self.n_way:
+            raise UnsupportedTaskError(
+                f"{self.experiment} ({self.algorithm}, trained {self.n_way}-way) cannot handle "
+                f"a {n_way}-way task: {error}"
+            ) from error
+
+
+def check_labels(support_y: torch.Tensor, num_support: int) -> int:
+    """The way count N of labels support_y int64 [S] that must cover exactly 0..N-1."""
+    if support_y.dim() != 1 or support_y.shape[0] != num_support:
+        raise ValueError(
+            f"support_y must have shape [{num_support}] (one label per support image), "
+            f"got {tuple(support_y.shape)}"
+        )
+    if support_y.dtype != torch.int64:
+        raise ValueError(f"support_y must be int64 class indices, got {support_y.dtype}")
+    n_way = int(support_y.max()) + 1
+    present = torch.bincount(support_y.clamp(min=0), minlength=n_way) > 0
+    if int(support_y.min()) < 0 or not bool(present.all()):
+        raise ValueError(
+            f"support labels must be 0..N-1 with every class present, got {support_y.tolist()}"
+        )
+    if n_way < 2:
+        raise ValueError("a task needs at least 2 classes")
+    return n_way
+
+
+def adaptation_declaration(
+    meta_learner: MetaLearner, options: BaseModel
+) -> tuple[bool, int | None]:
+    """(adapts_by_gradient, default test-time steps) as the learner declares them.
+
+    A learner may declare ``adapts_by_gradient`` and ``default_adaptation_steps``
+    attributes; otherwise an algorithm whose options have ``test_inner_steps`` is taken to
+    adapt by that many gradient steps, and any other (ProtoNets, Meta Networks) not at all.
+    """
+    declared_steps = getattr(meta_learner, "default_adaptation_steps", None)
+    option_steps = getattr(options, "test_inner_steps", None)
+    steps = declared_steps if declared_steps is not None else option_steps
+    declared = getattr(meta_learner, "adapts_by_gradient", None)
+    by_gradient = bool(declared) if declared is not None else option_steps is not None
+    return by_gradient, (int(steps) if by_gradient and steps is not None else None)
+
+
+# ----------------------------------------------------------------------------- files
+def read_model_payload(path: str | Path) -> dict[str, Any]:
+    """Read and check a models/<name>.pt file; clear errors for anything else.
+
+    Loads with ``weights_only=True``: a model file holds only tensors and plain values,
+    so no code from the file is ever executed.
+    """
+    # Imported here: metalab.training imports metalab.evaluation, which imports this module.
+    from metalab.training import MODEL_FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such model file (train it with `dvc repro train@<experiment>`)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    # torch.load raises many kinds of errors for foreign bytes (KeyError, UnpicklingError,
+    # RuntimeError, ...); each means the same thing here.
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise ModelFileError(f"{path}: not a metalab model file ({first_line})") from error
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise ModelFileError(f"{path}: not a metalab model file (no 'format' entry)")
+    if payload["format"] != MODEL_FORMAT:
+        raise ModelFileError(
+            f"{path}: model format {payload['format']!r}, but this metalab reads format "
+            f"{MODEL_FORMAT}; retrain the model or use the metalab version that wrote it"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise ModelFileError(f"{path}: not a metalab model file (missing {', '.join(missing)})")
+    if payload["algorithm"] not in ALGORITHMS:
+        raise ModelFileError(
+            f"{path}: unknown algorithm {payload['algorithm']!r}; "
+            f"this metalab knows {', '.join(sorted(ALGORITHMS))}"
+        )
+    return payload
+
+
+def learner_from_payload(payload: dict[str, Any], source: str = "model") -> Learner:
+    """Rebuild the learner a Trainer payload describes and load its weights."""
+    algorithm = payload["algorithm"]
+    try:
+        options = options_class(algorithm).model_validate(payload["options"])
+        model = ModelConfig.model_validate(payload["model"])
+    except ValidationError as error:
+        raise ModelFileError(
+            f"{source}: options do not fit this metalab's {algorithm} "
+            f"({error.error_count()} problem(s), first: {error.errors()[0]['msg']})"
+        ) from error
+    context = BuildContext(
+        model=model,
+        n_way=int(payload["n_way"]),
+        image_size=int(payload["image_size"]),
+        precision=payload.get("precision", "fp32"),
+    )
+    meta_learner = build_learner(algorithm, options, context)
+    try:
+        meta_learner.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ModelFileError(
+            f"{source}: weights do not fit a {algorithm} learner built from its own "
+            f"description ({str(error).splitlines()[0]})"
+        ) from error
+    return Learner(
+        meta_learner,
+        options,
+        n_way=context.n_way,
+        image_size=context.image_size,
+        k_shot=payload.get("k_shot"),
+        experiment=payload.get("experiment"),
+    )
+
+
+def load_learner(path: str | Path) -> Learner:
+    """Load models/<name>.pt (written by the train stage) as a ready-to-adapt `Learner`.
+
+    Raises FileNotFoundError for a missing file and `ModelFileError` for a file that is
+    not a metalab model, has an unknown format version, or does not fit its algorithm.
+    """
+    return learner_from_payload(read_model_payload(path), source=str(path))

@@ -1,0 +1,125 @@
+"""Build the whole comparison report: tables, markdown, plots, dvc-plots data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from metalab.io import write_text
+from metalab.report.collect import ReportInputs, collect_inputs
+from metalab.report.plots import (
+    experiment_colors,
+    plot_accuracy,
+    plot_pareto,
+    plot_speed_memory,
+    plot_training_loss,
+)
+from metalab.report.rl import plot_rl_adaptation, rl_markdown, rl_results
+from metalab.report.tables import (
+    comparison_table,
+    markdown,
+    paired_table,
+    setting_column,
+)
+
+ACCURACY_COLUMNS = ["experiment", "setting", "label", "accuracy", "ci95", "accuracy_before"]
+
+
+@dataclass
+class ReportFiles:
+    """Paths the report wrote (reports: markdown and CSVs; plots: PNGs)."""
+
+    markdown: Path
+    comparison_csv: Path
+    pairs_csv: Path
+    accuracy_csv: Path
+    plots: list[Path] = field(default_factory=list)
+    table: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[Path]:
+        return [
+            self.markdown,
+            self.comparison_csv,
+            self.pairs_csv,
+            self.accuracy_csv,
+            self.markdown.parent / "rl.csv",
+            *self.plots,
+        ]
+
+
+def accuracy_long_table(table: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
+    """One row per (experiment, setting) with a result, accuracies in percent: the data of
+    `dvc plots` (label = 'experiment setting', for a bar per row)."""
+    rows = []
+    for _, row in table.iterrows():
+        for setting in settings:
+            accuracy = row[setting_column(setting, "accuracy")]
+            if pd.isna(accuracy):
+                continue
+            rows.append(
+                {
+                    "experiment": row["experiment"],
+                    "setting": setting,
+                    "label": f"{row['experiment']} {setting}",
+                    "accuracy": 100 * accuracy,
+                    "ci95": 100 * row[setting_column(setting, "ci95")],
+                    "accuracy_before": 100 * row[setting_column(setting, "accuracy_before")],
+                }
+            )
+    return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+
+
+def build_report(
+    metrics_dir: str | Path,
+    plots_dir: str | Path,
+    reports_dir: str | Path,
+    sort_by: str,
+    pairs: list[list[str]],
+    experiments: dict[str, str] | list[str] | None = None,
+    settings: list[str] | None = None,
+) -> ReportFiles:
+    """Read metrics/{train,eval} and plots/train, write reports/comparison.{md,csv},
+    reports/pairs.csv, reports/accuracy.csv and the PNGs in `plots_dir`.
+
+    `experiments` ({name: algorithm} or names) and `settings` from params.yaml are always
+    shown, "-" where nothing was produced; others found on disk are added.
+    """
+    plots_dir, reports_dir = Path(plots_dir), Path(reports_dir)
+    inputs: ReportInputs = collect_inputs(metrics_dir, plots_dir, experiments, settings)
+    notes = list(inputs.notes)
+    if sort_by not in inputs.settings:
+        notes.append(f"report.sort_by = {sort_by!r} has no results; rows are not ranked")
+    table = comparison_table(inputs, sort_by)
+    pair_rows, pair_notes = paired_table(inputs, pairs)
+    notes += pair_notes
+    files = ReportFiles(
+        markdown=reports_dir / "comparison.md",
+        comparison_csv=reports_dir / "comparison.csv",
+        pairs_csv=reports_dir / "pairs.csv",
+        accuracy_csv=reports_dir / "accuracy.csv",
+        table=table,
+        notes=notes,
+    )
+    rl = rl_results(metrics_dir)
+    write_text(
+        files.markdown,
+        markdown(table, pair_rows, inputs.settings, sort_by, notes) + "\n" + rl_markdown(rl),
+    )
+    write_text(reports_dir / "rl.csv", rl.to_csv(index=False))
+    write_text(files.comparison_csv, table.to_csv(index=False))
+    write_text(files.pairs_csv, pair_rows.to_csv(index=False))
+    write_text(files.accuracy_csv, accuracy_long_table(table, inputs.settings).to_csv(index=False))
+    curves = {name: record.curve for name, record in inputs.experiments.items()}
+    colors = experiment_colors(list(inputs.experiments))
+    files.plots = [
+        plot_training_loss(curves, plots_dir / "training_loss.png", colors),
+        plot_accuracy(table, inputs.settings, plots_dir / "accuracy.png", colors),
+        plot_pareto(table, sort_by, plots_dir / "pareto.png"),
+        plot_speed_memory(table, plots_dir / "speed_memory.png", colors),
+        plot_rl_adaptation(rl, plots_dir / "rl_adaptation.png"),
+    ]
+    return files

@@ -1,0 +1,161 @@
+"""Read what the train and evaluate stages wrote, tolerating gaps.
+
+A missing or unreadable file becomes ``None`` plus a note, so the report still renders
+with "-" where a number is unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+EPISODES_SUFFIX = ".episodes.csv"
+
+
+@dataclass
+class ExperimentRecord:
+    """Everything known about one experiment (any part may be missing).
+
+    train: metrics/train/<name>.json; evaluation: metrics/eval/<name>.json; curve:
+    plots/train/<name>.csv (iteration, loss, ...); episodes: metrics/eval/<name>.episodes.csv
+    (setting, episode, accuracy_before, accuracy_after, seconds).
+    """
+
+    name: str
+    configured_algorithm: str | None = None  # from params.yaml, when the files are missing
+    train: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    curve: pd.DataFrame | None = None
+    episodes: pd.DataFrame | None = None
+
+    @property
+    def algorithm(self) -> str | None:
+        for source in (self.train, self.evaluation):
+            if source and source.get("algorithm"):
+                return source["algorithm"]
+        return self.configured_algorithm
+
+    def setting(self, setting: str) -> dict[str, Any] | None:
+        """The evaluation summary of `setting`, or None when it was not evaluated."""
+        if not self.evaluation:
+            return None
+        return (self.evaluation.get("settings") or {}).get(setting)
+
+    def episode_accuracies(self, setting: str) -> pd.Series | None:
+        """accuracy_after per episode of `setting`, indexed by episode, or None."""
+        if self.episodes is None:
+            return None
+        rows = self.episodes[self.episodes["setting"] == setting]
+        if rows.empty:
+            return None
+        return rows.set_index("episode")["accuracy_after"].sort_index()
+
+
+@dataclass
+class ReportInputs:
+    experiments: dict[str, ExperimentRecord]
+    settings: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        notes.append(f"{path}: unreadable, ignored ({error})")
+        return None
+    if not isinstance(content, dict):
+        notes.append(f"{path}: not a JSON object, ignored")
+        return None
+    return content
+
+
+def _read_csv(path: Path, required: set[str], notes: list[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as error:
+        notes.append(f"{path}: unreadable, ignored ({error})")
+        return None
+    missing = required - set(frame.columns)
+    if missing:
+        notes.append(f"{path}: missing columns {sorted(missing)}, ignored")
+        return None
+    return frame
+
+
+def _names_in(directory: Path, suffix: str) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(
+        path.name.removesuffix(suffix)
+        for path in directory.iterdir()
+        if path.name.endswith(suffix) and not path.name.endswith(EPISODES_SUFFIX)
+    )
+
+
+def collect_inputs(
+    metrics_dir: str | Path,
+    plots_dir: str | Path,
+    experiments: dict[str, str] | list[str] | None = None,
+    settings: list[str] | None = None,
+) -> ReportInputs:
+    """Gather every experiment's files under `metrics_dir` (train/, eval/) and
+    `plots_dir` (train/).
+
+    `experiments` (params.yaml order; a {name: algorithm} mapping or just names) are
+    always listed, even without any file; others found on disk follow in name order.
+    `settings` likewise come first, then any other setting found in an evaluation file.
+    """
+    configured = experiments if isinstance(experiments, dict) else {}
+    metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
+    notes: list[str] = []
+    names = list(experiments or [])
+    for found in (
+        _names_in(metrics_dir / "train", ".json")
+        + _names_in(metrics_dir / "eval", ".json")
+        + _names_in(plots_dir / "train", ".csv")
+    ):
+        if found not in names:
+            names.append(found)
+    records = {}
+    for name in names:
+        record = ExperimentRecord(
+            name=name,
+            configured_algorithm=configured.get(name),
+            train=_read_json(metrics_dir / "train" / f"{name}.json", notes),
+            evaluation=_read_json(metrics_dir / "eval" / f"{name}.json", notes),
+            curve=_read_csv(plots_dir / "train" / f"{name}.csv", {"iteration", "loss"}, notes),
+            episodes=_read_csv(
+                metrics_dir / "eval" / f"{name}{EPISODES_SUFFIX}",
+                {"setting", "episode", "accuracy_after"},
+                notes,
+            ),
+        )
+        if record.train is None:
+            notes.append(f"{name}: no training metrics (metrics/train/{name}.json)")
+        if record.evaluation is None:
+            notes.append(f"{name}: no evaluation metrics (metrics/eval/{name}.json)")
+        for setting, reason in ((record.evaluation or {}).get("unsupported") or {}).items():
+            notes.append(f"{name}: {setting} not evaluated: {reason}")
+        records[name] = record
+    all_settings = list(settings or [])
+    for record in records.values():
+        for setting in (record.evaluation or {}).get("settings") or {}:
+            if setting not in all_settings:
+                all_settings.append(setting)
+    for record in records.values():
+        if record.evaluation is None:
+            continue
+        unsupported = record.evaluation.get("unsupported") or {}
+        for setting in all_settings:
+            if record.setting(setting) is None and setting not in unsupported:
+                notes.append(f"{record.name}: {setting} not in metrics/eval/{record.name}.json")
+    return ReportInputs(records, all_settings, notes)

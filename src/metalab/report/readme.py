@@ -1,0 +1,80 @@
+"""The README's results block, rendered from reports/comparison.csv and updated in place
+between the markers ``<!-- results:start -->`` and ``<!-- results:end -->``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from metalab.io import write_text
+from metalab.report.tables import (
+    duration,
+    experiment_label,
+    markdown_table,
+    number,
+    percent,
+    setting_column,
+    text,
+)
+
+START_MARKER = "<!-- results:start -->"
+END_MARKER = "<!-- results:end -->"
+_ACCURACY_SUFFIX = "_accuracy"
+
+
+def table_settings(table: pd.DataFrame) -> list[str]:
+    """The settings of a comparison table, in column order ('5w1s_accuracy' -> '5w1s')."""
+    return [
+        column.removesuffix(_ACCURACY_SUFFIX)
+        for column in table.columns
+        if column.endswith(_ACCURACY_SUFFIX) and not column.endswith("_before" + _ACCURACY_SUFFIX)
+    ]
+
+
+def render_readme_table(
+    comparison: pd.DataFrame | str | Path, settings: list[str] | None = None
+) -> str:
+    """A compact markdown table of a comparison table (or reports/comparison.csv): per
+    experiment its accuracy ± 95% interval in each setting, training time and trainable
+    parameters, in the table's order, best marked."""
+    table = comparison if isinstance(comparison, pd.DataFrame) else pd.read_csv(comparison)
+    settings = table_settings(table) if settings is None else settings
+    if "best" not in table:
+        table = table.assign(best=False)
+    rows = []
+    for _, row in table.iterrows():
+        rows.append(
+            [experiment_label(row), text(row.get("algorithm"))]
+            + [
+                percent(row.get(setting_column(s, "accuracy")), row.get(setting_column(s, "ci95")))
+                for s in settings
+            ]
+            + [
+                duration(row.get("training_seconds")),
+                number(row.get("trainable_parameters"), thousands=True),
+            ]
+        )
+    header = ["Experiment", "Algorithm", *settings, "Training time", "Trainable parameters"]
+    return markdown_table(header, rows, "ll" + "r" * (len(settings) + 2))
+
+
+def update_readme(readme: str | Path, block: str) -> bool:
+    """Replace the text between the results markers of `readme` with `block`.
+
+    Returns True when the file changed. Raises ValueError when the markers are missing,
+    repeated or out of order (nothing is written then).
+    """
+    readme = Path(readme)
+    text = readme.read_text()
+    pattern = re.compile(re.escape(START_MARKER) + r".*?" + re.escape(END_MARKER), re.DOTALL)
+    if text.count(START_MARKER) != 1 or text.count(END_MARKER) != 1 or not pattern.search(text):
+        raise ValueError(
+            f"{readme}: needs exactly one '{START_MARKER}' followed by one '{END_MARKER}'"
+        )
+    updated = pattern.sub(lambda _: f"{START_MARKER}\n{block.strip()}\n{END_MARKER}", text, count=1)
+    if updated == text:
+        return False
+    write_text(readme, updated)
+    return True

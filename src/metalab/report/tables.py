@@ -1,0 +1,327 @@
+"""The comparison tables: one row per experiment, and paired per-episode comparisons.
+
+Tables hold raw numbers (accuracies as fractions, NaN where unknown); `markdown` turns
+them into text with percentages, 95% intervals and "-" for what is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from metalab.evaluation import paired_difference
+from metalab.report.collect import ReportInputs
+
+TRAIN_FIELDS = [
+    "total_parameters",
+    "trainable_parameters",
+    "parameters_per_training_task",
+    "final_loss",
+    "min_loss",
+    "training_seconds",
+    "tasks_per_s",
+    "peak_memory_mb",
+]
+SETTING_FIELDS = ["accuracy", "ci95", "accuracy_before", "ci95_before", "gain", "gain_ci95"]
+PAIR_COLUMNS = [
+    "a",
+    "b",
+    "setting",
+    "accuracy_a",
+    "accuracy_b",
+    "difference",
+    "ci95",
+    "episodes",
+    "verdict",
+    "note",
+]
+MISSING = "-"
+BEST_MARK = "★"
+
+
+def setting_column(setting: str, field: str) -> str:
+    return f"{setting}_{field}"
+
+
+def comparison_table(inputs: ReportInputs, sort_by: str) -> pd.DataFrame:
+    """One row per experiment: training cost, and per setting the accuracy after and
+    before adaptation with 95% half-widths and the gain (all fractions; NaN = unknown).
+
+    Sorted by `sort_by`'s accuracy (best first, unknown last); ``best`` marks the top row
+    (all rows tied with it). Without any `sort_by` result the order is unchanged.
+    """
+    rows = []
+    for record in inputs.experiments.values():
+        train = record.train or {}
+        row = {"experiment": record.name, "algorithm": record.algorithm}
+        row.update({key: train.get(key) for key in TRAIN_FIELDS})
+        row["evaluation_peak_memory_mb"] = (record.evaluation or {}).get("peak_memory_mb")
+        for setting in inputs.settings:
+            summary = record.setting(setting) or {}
+            for field in SETTING_FIELDS:
+                row[setting_column(setting, field)] = summary.get(field)
+        rows.append(row)
+    columns = ["experiment", "algorithm", *TRAIN_FIELDS, "evaluation_peak_memory_mb"] + [
+        setting_column(setting, field) for setting in inputs.settings for field in SETTING_FIELDS
+    ]
+    table = pd.DataFrame(rows, columns=columns)
+    numeric = columns[2:]
+    table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
+    key = setting_column(sort_by, "accuracy")
+    table["best"] = False
+    if key in table and table[key].notna().any():
+        table = table.sort_values(
+            [key, "experiment"], ascending=[False, True], na_position="last", kind="stable"
+        ).reset_index(drop=True)
+        table["best"] = table[key] == table[key].max()
+    return table
+
+
+def paired_table(
+    inputs: ReportInputs, groups: list[list[str]], settings: list[str] | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Paired comparisons on the shared episodes: for each group (2 or more experiments)
+    every pair (a, b) in listed order, per setting, the mean and 95% half-width of the
+    per-episode accuracy differences a - b.
+
+    Returns (table with `PAIR_COLUMNS`, notes). A pair that cannot be compared (missing
+    experiment or per-episode file, different episode sets) gets a row with NaNs and a
+    note saying why.
+    """
+    settings = inputs.settings if settings is None else settings
+    rows, notes = [], []
+    for group in groups:
+        if len(group) < 2:
+            notes.append(f"report.pairs entry {group}: needs at least two experiments")
+            continue
+        for a, b in itertools.combinations(group, 2):
+            for setting in settings:
+                row = {column: math.nan for column in PAIR_COLUMNS}
+                row.update(a=a, b=b, setting=setting, verdict=MISSING, note="")
+                reason = _pair_problem(inputs, a, b, setting)
+                if reason is None:
+                    accuracy_a = inputs.experiments[a].episode_accuracies(setting)
+                    accuracy_b = inputs.experiments[b].episode_accuracies(setting)
+                    difference = paired_difference(accuracy_a.to_numpy(), accuracy_b.to_numpy())
+                    row.update(
+                        accuracy_a=float(accuracy_a.mean()),
+                        accuracy_b=float(accuracy_b.mean()),
+                        difference=difference.mean,
+                        ci95=difference.ci95,
+                        episodes=difference.episodes,
+                        verdict=_verdict(a, b, difference.mean, difference.significant),
+                    )
+                else:
+                    row["note"] = reason
+                    notes.append(f"pair {a} vs {b}: {reason}")
+                rows.append(row)
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS), list(dict.fromkeys(notes))
+
+
+def _pair_problem(inputs: ReportInputs, a: str, b: str, setting: str) -> str | None:
+    """Why a and b cannot be paired on `setting`, or None when they can."""
+    for name in (a, b):
+        record = inputs.experiments.get(name)
+        if record is None:
+            return f"no experiment named {name!r}"
+        if record.episodes is None:
+            return f"{name} has no per-episode results (metrics/eval/{name}.episodes.csv)"
+        if record.episode_accuracies(setting) is None:
+            return f"{name} has no per-episode results for {setting}"
+    fingerprints = {
+        (inputs.experiments[name].setting(setting) or {}).get("episode_set") for name in (a, b)
+    }
+    if len(fingerprints) > 1:
+        return f"{setting} evaluated on different episode sets (rerun both evaluations)"
+    index_a = inputs.experiments[a].episode_accuracies(setting).index
+    index_b = inputs.experiments[b].episode_accuracies(setting).index
+    if not index_a.equals(index_b):
+        return f"{setting}: different episodes ({len(index_a)} vs {len(index_b)})"
+    return None
+
+
+def _verdict(a: str, b: str, mean: float, significant: bool) -> str:
+    if not significant:
+        return "no significant difference"
+    return f"{a} better" if mean > 0 else f"{b} better"
+
+
+# --------------------------------------------------------------------------- formatting
+def _known(value: float | None) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def percent(value: float | None, ci95: float | None = None, signed: bool = False) -> str:
+    """0.9521, 0.0042 -> '95.21 ± 0.42' (percent); '-' when unknown."""
+    if not _known(value):
+        return MISSING
+    text = f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+    return f"{text} ± {100 * ci95:.2f}" if _known(ci95) else text
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as '45.0 s', '12.5 min' or '3.40 h'."""
+    if not _known(seconds):
+        return MISSING
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def number(value: float | None, digits: int = 0, thousands: bool = False) -> str:
+    if not _known(value):
+        return MISSING
+    return f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` is one 'l'/'r' per column (default: l then r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if side == "r" else ":---" for side in align]
+    lines = [header, rule, *rows]
+    return "\n".join(
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines
+    )
+
+
+def text(value: object) -> str:
+    """A string cell, '-' for None/NaN/empty."""
+    return value if isinstance(value, str) and value else MISSING
+
+
+def experiment_label(row: pd.Series) -> str:
+    return f"{BEST_MARK} {row['experiment']}" if row["best"] else str(row["experiment"])
+
+
+def _best_formatter(table: pd.DataFrame, setting: str) -> Callable[[pd.Series], str]:
+    """Formats a row's accuracy for `setting`, in bold where it is the column's best."""
+    column = table[setting_column(setting, "accuracy")]
+    best = column.max() if column.notna().any() else np.nan
+
+    def render(row: pd.Series) -> str:
+        value = row[setting_column(setting, "accuracy")]
+        text = percent(value, row[setting_column(setting, "ci95")])
+        return f"**{text}**" if _known(value) and value == best else text
+
+    return render
+
+
+def markdown(
+    table: pd.DataFrame,
+    pairs: pd.DataFrame,
+    settings: list[str],
+    sort_by: str,
+    notes: list[str],
+) -> str:
+    """The full comparison report (reports/comparison.md)."""
+    sections = [
+        "# Meta-learner comparison",
+        "Generated by the `report` stage from `metrics/train`, `metrics/eval` and "
+        "`plots/train`. Accuracies are percentages: the mean over the fixed meta-test "
+        "episodes (the same tasks for every learner) ± the 95% interval "
+        "1.96 · s / √n (s: sample standard deviation, ddof = 1). "
+        f"Rows are sorted by {sort_by} accuracy after adaptation; {BEST_MARK} marks the "
+        "best, bold the best of each column; - means not available (see Notes).",
+        "## Accuracy after adaptation",
+        markdown_table(
+            ["Experiment", "Algorithm", *settings],
+            [
+                [experiment_label(row), text(row["algorithm"])]
+                + [_best_formatter(table, setting)(row) for setting in settings]
+                for _, row in table.iterrows()
+            ],
+            "ll" + "r" * len(settings),
+        ),
+        "## Before adaptation and gain",
+        "Before: the meta-learned starting point (0 adaptation steps), only for learners "
+        "that adapt by gradient steps. Gain: mean per-episode (after - before) ± 95% interval, "
+        "in percentage points.",
+        markdown_table(
+            ["Experiment"]
+            + [f"{setting} {what}" for setting in settings for what in ("before", "gain")],
+            [
+                [experiment_label(row)]
+                + [
+                    cell
+                    for setting in settings
+                    for cell in (
+                        percent(
+                            row[setting_column(setting, "accuracy_before")],
+                            row[setting_column(setting, "ci95_before")],
+                        ),
+                        percent(
+                            row[setting_column(setting, "gain")],
+                            row[setting_column(setting, "gain_ci95")],
+                            signed=True,
+                        ),
+                    )
+                ]
+                for _, row in table.iterrows()
+            ],
+        ),
+        "## Training cost",
+        markdown_table(
+            [
+                "Experiment",
+                "Parameters",
+                "Trainable",
+                "Trainable / training task",
+                "Final loss",
+                "Min loss",
+                "Training time",
+                "Tasks/s",
+                "Peak memory (MB)",
+            ],
+            [
+                [
+                    experiment_label(row),
+                    number(row["total_parameters"], thousands=True),
+                    number(row["trainable_parameters"], thousands=True),
+                    number(row["parameters_per_training_task"], 2),
+                    number(row["final_loss"], 4),
+                    number(row["min_loss"], 4),
+                    duration(row["training_seconds"]),
+                    number(row["tasks_per_s"], 1),
+                    number(row["peak_memory_mb"], 0, thousands=True),
+                ]
+                for _, row in table.iterrows()
+            ],
+        ),
+        "## Paired comparisons",
+    ]
+    if pairs.empty:
+        sections.append("No pairs configured (`report.pairs` in params.yaml).")
+    else:
+        sections.append(
+            "Mean per-episode accuracy difference A - B on the shared episodes ± its 95% "
+            "interval, in percentage points; a difference is significant when the interval "
+            "excludes 0."
+        )
+        sections.append(
+            markdown_table(
+                ["A", "B", "Setting", "A accuracy", "B accuracy", "A - B", "Episodes", "Verdict"],
+                [
+                    [
+                        row["a"],
+                        row["b"],
+                        row["setting"],
+                        percent(row["accuracy_a"]),
+                        percent(row["accuracy_b"]),
+                        percent(row["difference"], row["ci95"], signed=True),
+                        number(row["episodes"]),
+                        row["verdict"],
+                    ]
+                    for _, row in pairs.iterrows()
+                ],
+                "lllrrrrl",
+            )
+        )
+    sections.append("## Notes")
+    sections.append("\n".join(f"- {note}" for note in notes) if notes else "None.")
+    return "\n\n".join(sections) + "\n"

@@ -1,0 +1,341 @@
+"""The meta-training loop shared by every learner: sampling, optimizer, schedules,
+validation, checkpoints (resume), NaN guard, logging and the saved model.
+
+A learner only turns a meta-batch into meta-gradients (`MetaLearner.meta_gradients`);
+everything else lives here, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from metalab.algorithms.base import BuildContext, MetaLearner, TrainProgress
+from metalab.algorithms.registry import build_learner
+from metalab.cli import StageError
+from metalab.data.episodes import materialize, sample_episode_index
+from metalab.data.prefetch import OmniglotArrays
+from metalab.data.splits import Split
+from metalab.evaluation import evaluate_accuracy
+from metalab.io import save_torch
+from metalab.params import Params
+
+MODEL_FORMAT = 1
+
+
+class DivergedError(StageError):
+    """The meta-loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run reports (also written to metrics/train/<name>.json)."""
+
+    summary: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def scheduled_lr(group: dict[str, Any], base_lr: float, iteration: int) -> float:
+    """A parameter group's lr at `iteration`: base lr x its multiplier, 0 during its warmup."""
+    if iteration < group.get("warmup_iterations", 0):
+        return 0.0
+    return base_lr * group.get("lr_multiplier", 1.0)
+
+
+def base_lr_at(config, iteration: int) -> float:
+    """Meta lr at `iteration` under the configured schedule (constant or cosine)."""
+    if config.lr_schedule == "constant":
+        return config.meta_lr
+    floor = config.meta_lr * config.min_lr_fraction
+    cosine = 0.5 * (1 + math.cos(math.pi * iteration / max(1, config.iterations)))
+    return floor + (config.meta_lr - floor) * cosine
+
+
+def count_parameters(learner: MetaLearner) -> tuple[int, int]:
+    """(total, trainable) meta-parameters: trainable = in an optimizer group whose lr can be >0."""
+    total = sum(p.numel() for p in learner.parameters())
+    trainable_ids = {
+        id(p)
+        for group in learner.parameter_groups()
+        if group.get("lr_multiplier", 1.0) > 0
+        for p in group["params"]
+    }
+    trainable = sum(p.numel() for p in learner.parameters() if id(p) in trainable_ids)
+    return total, trainable
+
+
+def config_fingerprint(payload: dict[str, Any]) -> str:
+    """Hash of everything that determines a run: a checkpoint resumes only a run with the
+    same fingerprint."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Trainer:
+    """Meta-trains experiment `name` of `params` on `arrays` with class split `split`."""
+
+    def __init__(
+        self,
+        name: str,
+        params: Params,
+        arrays: OmniglotArrays,
+        split: Split,
+        checkpoint_dir: Path,
+        progress: bool = True,
+        on_log: Callable[[dict[str, float], int], None] | None = None,
+        pretrained_body: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.experiment = params.experiment(name)
+        self.config = params.train_config(name)
+        self.options = params.algorithm_options(name)
+        self.arrays = arrays
+        self.split = split
+        self.progress = progress
+        self.on_log = on_log or (lambda metrics, step: None)
+        self.checkpoint_path = checkpoint_dir / f"{name}.pt"
+        self.fingerprint = config_fingerprint(
+            {
+                "experiment": self.experiment.model_dump(),
+                "options": self.options.model_dump(),
+                "train": self.config.model_dump(),
+                "split": params.data.split.model_dump(),
+                "image_size": arrays.image_size,
+            }
+        )
+        torch.manual_seed(self.config.seed)
+        torch.set_num_threads(self.config.threads)
+        self.context = BuildContext(
+            model=self.experiment.model,
+            n_way=self.config.n_way,
+            image_size=arrays.image_size,
+            precision=self.config.precision,
+            seed=self.config.seed,
+        )
+        self.learner = build_learner(self.experiment.algorithm, self.options, self.context)
+        if self.experiment.pretrained.source != "none":
+            from metalab.models.pretrained import load_pretrained_body
+
+            path = self.experiment.pretrained.path
+            if self.experiment.pretrained.source == "background":
+                path = str(pretrained_body) if pretrained_body else path
+            load_pretrained_body(self.learner.model, self.experiment.pretrained.source, path)
+        self.optimizer = self._make_optimizer()
+        self.train_n_way = int(getattr(self.learner, "train_n_way", None) or self.config.n_way)
+        self.sampler = torch.Generator().manual_seed(self.config.seed)
+        validation_generator = torch.Generator().manual_seed(self.config.seed + 1)
+        self.validation_index = sample_episode_index(
+            split.validation,
+            arrays.drawings_per_character,
+            self.config.n_way,
+            self.config.k_shot,
+            self.config.query_per_class,
+            self.config.validation_episodes,
+            validation_generator,
+        )
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+        self.best_accuracy = -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_iteration = -1
+        self.busy_seconds = 0.0
+
+    # ------------------------------------------------------------------ setup
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = self.learner.parameter_groups()
+        kind = getattr(self.learner, "outer_optimizer", None) or self.config.optimizer
+        for group in groups:
+            group["lr"] = scheduled_lr(group, self._base_lr(0), 0)
+        if kind == "sgd":
+            return torch.optim.SGD(groups, lr=self._base_lr(0))
+        return torch.optim.Adam(groups, lr=self._base_lr(0))
+
+    def _base_lr(self, iteration: int) -> float:
+        fixed = getattr(self.learner, "outer_lr", None)  # e.g. Reptile folds epsilon into grads
+        return fixed if fixed is not None else base_lr_at(self.config, iteration)
+
+    # ------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "iteration": self.iteration,
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "best_accuracy": self.best_accuracy,
+            "best_state": self.best_state,
+            "best_iteration": self.best_iteration,
+            "busy_seconds": self.busy_seconds,
+        }
+
+    def save_checkpoint(self) -> None:
+        save_torch(self.checkpoint_path, self.state())
+
+    def try_resume(self) -> bool:
+        """Resume from the checkpoint if it belongs to this exact configuration."""
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"{self.checkpoint_path}: from a different configuration, starting afresh")
+            return False
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.set_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration = state["iteration"]
+        self.history = state["history"]
+        self.best_accuracy = state["best_accuracy"]
+        self.best_state = state["best_state"]
+        self.best_iteration = state["best_iteration"]
+        self.busy_seconds = state["busy_seconds"]
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def validate(self) -> float:
+        self.learner.eval()
+        accuracy = evaluate_accuracy(
+            self.learner, materialize(self.arrays.images, self.validation_index)
+        )
+        self.learner.train()
+        return float(accuracy.mean())
+
+    def step(self) -> dict[str, float]:
+        """One meta-iteration: sample, meta-gradients, NaN guard, clip, schedule, step."""
+        config = self.config
+        started = time.perf_counter()
+        index = sample_episode_index(
+            self.split.meta_train,
+            self.arrays.drawings_per_character,
+            self.train_n_way,
+            config.k_shot,
+            config.query_per_class,
+            config.meta_batch_size,
+            self.sampler,
+        )
+        episodes = materialize(self.arrays.images, index)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.learner.meta_gradients(
+            episodes, TrainProgress(self.iteration, config.iterations)
+        )
+        if not math.isfinite(stats.loss):
+            raise DivergedError(
+                f"experiment {self.name!r}: meta-loss is {stats.loss} at iteration "
+                f"{self.iteration}; stopped, keeping the last good checkpoint "
+                f"{self.checkpoint_path} "
+                "(lower train.meta_lr or the inner lr)"
+            )
+        if config.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.learner.parameters(), config.grad_clip_norm)
+        base_lr = self._base_lr(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = scheduled_lr(group, base_lr, self.iteration)
+        self.optimizer.step()
+        self.busy_seconds += time.perf_counter() - started
+        record = {
+            "iteration": self.iteration,
+            "loss": stats.loss,
+            "accuracy": stats.accuracy,
+            "lr": base_lr,
+        }
+        record.update(stats.extra or {})
+        return record
+
+    def run(self) -> TrainResult:
+        config = self.config
+        resumed = self.try_resume()
+        bar = tqdm(
+            total=config.iterations,
+            initial=self.iteration,
+            desc=f"train {self.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        if resumed:
+            bar.write(f"resumed {self.name} from iteration {self.iteration}")
+        while self.iteration < config.iterations:
+            record = self.step()
+            self.iteration += 1
+            done = self.iteration == config.iterations
+            if self.iteration % config.validate_every == 0 or done:
+                record["validation_accuracy"] = self.validate()
+                if record["validation_accuracy"] > self.best_accuracy:
+                    self.best_accuracy = record["validation_accuracy"]
+                    self.best_iteration = self.iteration
+                    self.best_state = {
+                        k: v.detach().clone() for k, v in self.learner.state_dict().items()
+                    }
+            self.history.append(record)
+            if self.iteration % config.log_every == 0 or "validation_accuracy" in record or done:
+                tasks_per_s = self.iteration * config.meta_batch_size / max(self.busy_seconds, 1e-9)
+                self.on_log(
+                    {
+                        **{k: v for k, v in record.items() if k != "iteration"},
+                        "tasks_per_s": tasks_per_s,
+                    },
+                    self.iteration,
+                )
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                acc=f"{record['accuracy']:.3f}",
+                val=f"{self.best_accuracy:.3f}" if self.best_accuracy >= 0 else "-",
+            )
+            bar.update(1)
+            if self.iteration % config.checkpoint_every == 0 or done:
+                self.save_checkpoint()
+        bar.close()
+        return TrainResult(self.summary(), self.history)
+
+    def summary(self) -> dict[str, Any]:
+        losses = [row["loss"] for row in self.history]
+        total, trainable = count_parameters(self.learner)
+        tasks = self.iteration * self.config.meta_batch_size
+        return {
+            "experiment": self.name,
+            "algorithm": self.experiment.algorithm,
+            "iterations": self.iteration,
+            "tasks": tasks,
+            "final_loss": losses[-1] if losses else None,
+            "min_loss": min(losses) if losses else None,
+            "final_train_accuracy": self.history[-1]["accuracy"] if self.history else None,
+            "best_validation_accuracy": self.best_accuracy,
+            "best_iteration": self.best_iteration,
+            "training_seconds": self.busy_seconds,
+            "tasks_per_s": tasks / max(self.busy_seconds, 1e-9),
+            "total_parameters": total,
+            "trainable_parameters": trainable,
+            "parameters_per_training_task": trainable / max(tasks, 1),
+            "precision": self.config.precision,
+        }
+
+    def model_payload(self) -> dict[str, Any]:
+        """What models/<name>.pt holds: enough to rebuild the learner anywhere."""
+        return {
+            "format": MODEL_FORMAT,
+            "experiment": self.name,
+            "algorithm": self.experiment.algorithm,
+            "options": self.options.model_dump(),
+            "model": self.experiment.model.model_dump(),
+            "n_way": self.config.n_way,
+            "k_shot": self.config.k_shot,
+            "image_size": self.arrays.image_size,
+            "precision": self.config.precision,
+            "state_dict": self.best_state
+            if self.best_state is not None
+            else self.learner.state_dict(),
+            "best_iteration": self.best_iteration,
+            "validation_accuracy": self.best_accuracy,
+        }
+
+    def save_model(self, path: Path) -> None:
+        save_torch(path, self.model_payload())

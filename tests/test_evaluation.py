@@ -1,0 +1,296 @@
+"""Held-out evaluation: interval formulas by hand, per-episode scores against a direct
+loop, before/after adaptation, unsupported settings and the evaluate stage's files."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from test_learner_api import AVAILABLE, trainer_like_payload
+
+from metalab import evaluation
+from metalab.data.episodes import materialize, save_episode_set, write_evaluation_episodes
+from metalab.data.prefetch import load_prefetched
+from metalab.data.splits import make_split
+from metalab.evaluation import (
+    EPISODE_COLUMNS,
+    evaluate_accuracy,
+    evaluate_learner,
+    evaluation_settings,
+    load_episode_sets,
+    mean_ci95,
+    paired_difference,
+)
+from metalab.io import save_torch
+from metalab.learner_api import learner_from_payload
+from metalab.params import EpisodesConfig, ParamsError, SplitConfig, validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["5w1s", "3w2s"]
+EPISODES = 6
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: tiny convolutions are far slower when several busy processes
+    share the cores and torch spins up a thread pool in each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------- statistics
+def test_mean_ci95_by_hand():
+    # mean 0.5; sample variance (0.09 + 0.01 + 0.01 + 0.09) / 3; half-width 1.96 s / 2
+    mean, ci95 = mean_ci95(np.array([0.2, 0.4, 0.6, 0.8]))
+    assert mean == pytest.approx(0.5)
+    assert ci95 == pytest.approx(1.96 * math.sqrt(0.2 / 3) / 2)
+    assert ci95 == pytest.approx(0.2530349, abs=1e-7)
+    assert mean_ci95(np.array([0.7, 0.7, 0.7])) == pytest.approx((0.7, 0.0))
+    one = mean_ci95(np.array([0.3]))
+    assert one[0] == 0.3 and math.isnan(one[1])
+    assert all(math.isnan(x) for x in mean_ci95(np.array([])))
+
+
+def test_paired_difference_by_hand():
+    # differences 0.5, 0.2, -0.1: mean 0.2, sample std 0.3, half-width 1.96 * 0.3 / sqrt(3)
+    paired = paired_difference(np.array([1.0, 0.8, 0.6]), np.array([0.5, 0.6, 0.7]))
+    assert paired.mean == pytest.approx(0.2)
+    assert paired.ci95 == pytest.approx(1.96 * 0.3 / math.sqrt(3))
+    assert paired.episodes == 3
+    assert not paired.significant  # 0.2 < 0.3395
+    # Pairing removes the shared per-episode difficulty: b = a - 0.1 +- tiny noise.
+    a = np.array([0.2, 0.9, 0.5, 0.7])
+    b = a - np.array([0.10, 0.12, 0.08, 0.10])
+    paired = paired_difference(a, b)
+    assert paired.mean == pytest.approx(0.1)
+    assert paired.significant
+    assert paired.ci95 < mean_ci95(a)[1] / 10
+    with pytest.raises(ValueError, match="equal 1-D shapes"):
+        paired_difference(np.zeros(3), np.zeros(4))
+
+
+# ------------------------------------------------------------------------- evaluation
+@pytest.fixture(scope="module")
+def omniglot(tiny_prefetched_28):
+    arrays = load_prefetched(tiny_prefetched_28)
+    split = make_split(arrays.character_origin, SplitConfig(validation_characters=5))
+    return arrays, split
+
+
+@pytest.fixture(scope="module")
+def episode_dir(omniglot, tmp_path_factory):
+    arrays, split = omniglot
+    directory = tmp_path_factory.mktemp("episodes")
+    config = EpisodesConfig(settings=SETTINGS, num_episodes=EPISODES, query_per_class=3, seed=5)
+    write_evaluation_episodes(directory, split, arrays.drawings_per_character, config)
+    return directory
+
+
+def make_learner(algorithm: str, options: dict | None = None):
+    payload, _ = trainer_like_payload(algorithm, options)
+    return learner_from_payload(payload)
+
+
+@pytest.mark.skipif("protonets" not in AVAILABLE, reason="protonets not written yet")
+def test_protonets_scores_match_a_direct_loop_and_have_no_before(
+    omniglot, episode_dir, monkeypatch
+):
+    arrays, _ = omniglot
+    monkeypatch.setattr(evaluation, "TASK_CHUNK", 4)  # 6 tasks: crosses a chunk boundary
+    learner = make_learner("protonets")
+    sets = load_episode_sets(SETTINGS, episode_dir)
+
+    result = evaluate_learner(learner, arrays.images, sets, progress=False)
+
+    for setting in SETTINGS:
+        direct = evaluate_accuracy(learner.meta_learner, materialize(arrays.images, sets[setting]))
+        scored = result.settings[setting]
+        np.testing.assert_allclose(scored.accuracy_after, direct.numpy(), atol=1e-7)
+        assert scored.accuracy_before is None
+    metrics = result.metrics(peak_memory_mb=12.5)
+    summary = metrics["settings"]["5w1s"]
+    mean, ci95 = mean_ci95(result.settings["5w1s"].accuracy_after)
+    assert summary["accuracy"] == pytest.approx(mean)
+    assert summary["ci95"] == pytest.approx(ci95)
+    assert summary["episodes"] == EPISODES and summary["n_way"] == 5 and summary["k_shot"] == 1
+    assert summary["accuracy_before"] is None and summary["gain"] is None
+    assert summary["adaptation_steps"] is None
+    assert metrics["episodes"] == 2 * EPISODES and metrics["peak_memory_mb"] == 12.5
+    assert metrics["unsupported"] == {}
+    json.dumps(metrics, allow_nan=False)  # strictly valid JSON
+    table = result.episode_table()
+    assert list(table.columns) == EPISODE_COLUMNS
+    assert len(table) == 2 * EPISODES
+    assert table["accuracy_before"].isna().all()
+    assert (table["seconds"] > 0).all()
+
+
+@pytest.mark.skipif("maml" not in AVAILABLE, reason="maml not written yet")
+def test_gradient_learner_gets_before_and_after_and_is_deterministic(omniglot, episode_dir):
+    arrays, _ = omniglot
+    sets = {"3w2s": load_episode_sets(["3w2s"], episode_dir)["3w2s"][:3]}
+    learner = make_learner("maml", {"test_inner_steps": 2, "inner_lr": 0.4})
+    assert learner.adapts_by_gradient
+
+    first = evaluate_learner(learner, arrays.images, sets, seed=3, progress=False)
+    second = evaluate_learner(learner, arrays.images, sets, seed=3, progress=False)
+
+    scored = first.settings["3w2s"]
+    np.testing.assert_array_equal(scored.accuracy_after, second.settings["3w2s"].accuracy_after)
+    episodes = materialize(arrays.images, sets["3w2s"])
+    unadapted = evaluate_accuracy(learner.meta_learner, episodes, steps=0).numpy()
+    np.testing.assert_allclose(scored.accuracy_before, unadapted, atol=1e-7)
+    summary = first.metrics()["settings"]["3w2s"]
+    assert summary["adaptation_steps"] == 2
+    assert summary["gain"] == pytest.approx(scored.accuracy_after.mean() - unadapted.mean())
+    differences = scored.accuracy_after - unadapted
+    assert summary["gain_ci95"] == pytest.approx(mean_ci95(differences)[1], nan_ok=True)
+    table = first.episode_table()
+    np.testing.assert_allclose(table["accuracy_before"], unadapted, atol=1e-7)
+
+
+@pytest.mark.skipif("cavia" not in AVAILABLE, reason="cavia not written yet")
+def test_setting_the_learner_cannot_do_is_reported_not_fatal(omniglot, tmp_path):
+    arrays, split = omniglot
+    config = EpisodesConfig(settings=["7w1s"], num_episodes=2, query_per_class=2, seed=1)
+    write_evaluation_episodes(tmp_path, split, arrays.drawings_per_character, config)
+    learner = make_learner("cavia", {"test_inner_steps": 1})  # trained 5-way
+
+    result = evaluate_learner(
+        learner, arrays.images, load_episode_sets(["7w1s"], tmp_path), progress=False
+    )
+
+    metrics = result.metrics()
+    assert metrics["settings"] == {}
+    assert "cannot handle a 7-way task" in metrics["unsupported"]["7w1s"]
+    assert result.episode_table().empty
+
+
+def test_image_size_mismatch_and_wrong_episode_file_are_clear_errors(
+    omniglot, episode_dir, tmp_path
+):
+    arrays, _ = omniglot
+    learner = make_learner(AVAILABLE[0])
+    sets = load_episode_sets(["5w1s"], episode_dir)
+    with pytest.raises(ValueError, match="trained on 28px images but the prefetched images"):
+        evaluate_learner(learner, torch.zeros(10, 32, 32, dtype=torch.uint8), sets)
+    shutil.copy(episode_dir / "3w2s.npz", tmp_path / "5w1s.npz")
+    with pytest.raises(ValueError, match="holds 3-way 2-shot tasks"):
+        load_episode_sets(["5w1s"], tmp_path)
+    index = sets["5w1s"]
+    save_episode_set(tmp_path / "4w1s.npz", index, setting="5w1s")
+    with pytest.raises(ValueError, match="rerun `dvc repro episodes`"):
+        load_episode_sets(["4w1s"], tmp_path)
+
+
+def test_evaluation_settings_default_to_all_and_must_exist():
+    params = validate_params({"episodes": {"settings": ["5w1s", "20w5s"]}})
+    assert evaluation_settings(params) == ["5w1s", "20w5s"]
+    params = validate_params(
+        {"episodes": {"settings": ["5w1s", "20w5s"]}, "evaluate": {"settings": ["20w5s"]}}
+    )
+    assert evaluation_settings(params) == ["20w5s"]
+    params = validate_params(
+        {"episodes": {"settings": ["5w1s"]}, "evaluate": {"settings": ["1w1s"]}}
+    )
+    with pytest.raises(ParamsError, match=r"evaluate.settings = \['1w1s'\]: not in episodes"):
+        evaluation_settings(params)
+
+
+# ------------------------------------------------------------------------------ stage
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_project(root: Path, episode_dir: Path, prefetched: Path, train_run: str | None) -> dict:
+    """A project directory as the evaluate stage sees it; returns its raw params."""
+    (root / "data" / "prefetched").mkdir(parents=True)
+    shutil.copy(prefetched, root / "data" / "prefetched" / "omniglot.npz")
+    shutil.copytree(episode_dir, root / "data" / "episodes")
+    payload, _ = trainer_like_payload("protonets")
+    save_torch(root / "models" / "tiny.pt", payload)
+    (root / "metrics" / "train").mkdir(parents=True)
+    (root / "metrics" / "train" / "tiny.json").write_text(json.dumps({"mlflow_run_id": train_run}))
+    raw = {
+        "episodes": {"settings": SETTINGS, "num_episodes": EPISODES, "query_per_class": 3},
+        "experiments": {"tiny": {"algorithm": "protonets", "model": {"hidden": 8}}},
+        "evaluate": {"settings": ["3w2s"]},
+        "train": {"threads": 1},
+        "tracking": {"enabled": False, "experiment_name": "unit"},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return raw
+
+
+@pytest.mark.skipif("protonets" not in AVAILABLE, reason="protonets not written yet")
+def test_evaluate_stage_writes_metrics_and_episodes(
+    omniglot, episode_dir, tiny_prefetched_28, tmp_path, monkeypatch
+):
+    project = tmp_path / "project"
+    raw = make_project(project, episode_dir, tiny_prefetched_28, train_run="abc")
+    monkeypatch.chdir(project)
+    stage = load_stage("evaluate")
+
+    stage.main(argparse.Namespace(experiment="tiny", no_progress=True), validate_params(raw))
+
+    metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
+    assert list(metrics["settings"]) == ["3w2s"]
+    assert metrics["experiment"] == "tiny" and metrics["algorithm"] == "protonets"
+    assert metrics["train_run_id"] == "abc" and metrics["mlflow_run_id"] is None
+    assert metrics["peak_memory_mb"] > 10
+    episodes = pd.read_csv(project / "metrics" / "eval" / "tiny.episodes.csv")
+    assert len(episodes) == EPISODES and set(episodes["setting"]) == {"3w2s"}
+    assert metrics["settings"]["3w2s"]["accuracy"] == pytest.approx(
+        episodes["accuracy_after"].mean()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("protonets" not in AVAILABLE, reason="protonets not written yet")
+def test_evaluate_stage_run_is_linked_to_its_train_run(
+    episode_dir, tiny_prefetched_28, tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    from metalab.tracking import stage_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Artifacts would otherwise go to ./mlruns of whatever the working directory is.
+    MlflowClient(uri).create_experiment("unit", (tmp_path / "artifacts").as_uri())
+    with stage_run("train@tiny", {}, "unit", tags={"experiment": "tiny"}) as train:
+        pass
+    project = tmp_path / "project"
+    raw = make_project(project, episode_dir, tiny_prefetched_28, train_run=train.run_id)
+    raw["tracking"]["enabled"] = True
+    monkeypatch.chdir(project)
+
+    load_stage("evaluate").main(
+        argparse.Namespace(experiment="tiny", no_progress=True), validate_params(raw)
+    )
+
+    metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
+    run = MlflowClient(uri).get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["train_run_id"] == train.run_id
+    assert run.data.tags["mlflow.parentRunId"] == train.run_id
+    assert run.data.tags["experiment"] == "tiny" and run.data.tags["dvc_stage"] == "evaluate@tiny"
+    assert run.data.metrics["settings.3w2s.accuracy"] == pytest.approx(
+        metrics["settings"]["3w2s"]["accuracy"]
+    )
+    artifacts = [item.path for item in MlflowClient(uri).list_artifacts(run.info.run_id)]
+    assert artifacts == ["tiny.episodes.csv"]
+    assert (tmp_path / "artifacts" / run.info.run_id / "artifacts" / "tiny.episodes.csv").is_file()
