@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from metalab.algorithms import maml
-from metalab.algorithms.base import BuildContext, TrainProgress
+from metalab.algorithms.base import BuildContext, TrainProgress, scheduled_lr
 from metalab.algorithms.functional import inner_loop
-from metalab.algorithms.maml import MAMLLearner, Options, multi_step_loss_weights, scheduled_lr
+from metalab.algorithms.maml import MAMLLearner, Options, multi_step_loss_weights
 from metalab.data.episodes import Episodes
 from metalab.models import Conv4, ModelConfig, ResNet18
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from metalab.algorithms.base import StepStats
+from metalab.algorithms.base import StepStats, scheduled_lr
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
 from metalab.params import TrainConfig, validate_params
-from metalab.training import DivergedError, Trainer, base_lr_at, scheduled_lr
+from metalab.training import DivergedError, Trainer, base_lr_at
 
 
 def tiny_params(**train):

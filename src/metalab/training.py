@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from metalab.algorithms.base import BuildContext, MetaLearner, TrainProgress
+from metalab.algorithms.base import BuildContext, MetaLearner, TrainProgress, scheduled_lr
 from metalab.algorithms.registry import build_learner
 from metalab.cli import StageError
 from metalab.data.episodes import materialize, sample_episode_index
@@ -42,13 +42,6 @@ class TrainResult:
 
     summary: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def scheduled_lr(group: dict[str, Any], base_lr: float, iteration: int) -> float:
-    """A parameter group's lr at `iteration`: base lr x its multiplier, 0 during its warmup."""
-    if iteration < group.get("warmup_iterations", 0):
-        return 0.0
-    return base_lr * group.get("lr_multiplier", 1.0)
 
 
 def base_lr_at(config, iteration: int) -> float:

@@ -85,3 +85,11 @@ class BuildContext:
     image_size: int
     precision: str = "fp32"  # "fp32" or "bf16" (CPU autocast)
     seed: int = 0
+
+
+def scheduled_lr(group: dict[str, Any], base_lr: float, iteration: int) -> float:
+    """A parameter group's lr at `iteration`: base lr x its ``lr_multiplier`` (default 1),
+    and 0 before its ``warmup_iterations``."""
+    if iteration < group.get("warmup_iterations", 0):
+        return 0.0
+    return base_lr * group.get("lr_multiplier", 1.0)

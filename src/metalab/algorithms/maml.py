@@ -42,7 +42,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from metalab.algorithms.base import BuildContext, MetaLearner, StepStats, TrainProgress
+from metalab.algorithms.base import (
+    BuildContext,
+    MetaLearner,
+    StepStats,
+    TrainProgress,
+)
 from metalab.algorithms.functional import (
     ParameterDict,
     batchnorm_parameter_names,
@@ -173,14 +178,6 @@ def multi_step_loss_weights(num_steps: int, iteration: int, anneal_iterations: i
     weights[:-1] = max(decay, MULTI_STEP_MIN_WEIGHT_FRACTION * uniform)
     weights[-1] = 1.0 - weights[:-1].sum()
     return weights
-
-
-def scheduled_lr(group: dict[str, Any], base_lr: float, iteration: int) -> float:
-    """A parameter group's outer lr at ``iteration``: base lr x ``lr_multiplier``, and 0
-    before its ``warmup_iterations``."""
-    if iteration < group.get("warmup_iterations", 0):
-        return 0.0
-    return base_lr * group.get("lr_multiplier", 1.0)
 
 
 def cpu_has_native_bf16() -> bool | None:
