@@ -20,16 +20,6 @@ from metalab.models import Conv4, ModelConfig, ResNet18
 SIZE = 16  # 16 -> 8 -> 4 -> 2 -> 1 through the four max-pooling blocks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: a second thread only adds synchronisation (and on a busy
-    machine, waiting), so run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_episodes(
     num_tasks: int = 2, n_way: int = 3, k_shot: int = 1, queries: int = 2, seed: int = 0
 ) -> Episodes:

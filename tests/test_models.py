@@ -20,14 +20,6 @@ from metalab.algorithms.functional import (
 from metalab.models import Conv4, ResNet18, draw_dropout_masks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     "image_size, downsample, feature_dim, last_block",
     [

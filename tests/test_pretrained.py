@@ -17,14 +17,6 @@ from metalab.models.pretrained import TORCHVISION_RESNET18_FILE, load_pretrained
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rgb_resnet18_state(path: Path) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     state = torchvision.models.resnet18(weights=None).state_dict()
