@@ -32,7 +32,7 @@ def main(args, params: Params) -> None:
     settings = evaluation_settings(params)
     learner = load_learner(MODELS_DIR / f"{name}.pt")
     arrays = load_prefetched(PREFETCHED_FILE)
-    episode_sets = load_episode_sets(settings, EPISODES_DIR)
+    episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
     parent_run = train_run_id(METRICS_DIR / "train" / f"{name}.json")
     torch.set_num_threads(params.train_config(name).threads)
     tags = {"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "evaluate"}

@@ -2,6 +2,9 @@
 
 Writes models/<name>.pt (best validation weights), metrics/train/<name>.json and
 plots/train/<name>.csv; resumes from checkpoints/<name>.pt after an interruption.
+
+Under ``torchrun --nproc_per_node=N stages/train.py <name>`` the meta-batch is split across
+the N processes (`metalab.distributed`); only rank 0 logs to MLflow and writes files.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import pandas as pd
 from metalab.cli import run_stage, stage_parser
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
+from metalab.distributed import DistributedContext, distributed_session
 from metalab.io import write_json, write_text
 from metalab.layout import (
     CHECKPOINTS_DIR,
@@ -26,6 +30,11 @@ from metalab.training import Trainer
 
 
 def main(args, params: Params) -> None:
+    with distributed_session() as distributed:
+        train(args, params, distributed)
+
+
+def train(args, params: Params, distributed: DistributedContext) -> None:
     name = args.experiment
     experiment = params.experiment(name)
     arrays = load_prefetched(PREFETCHED_FILE)
@@ -41,8 +50,13 @@ def main(args, params: Params) -> None:
         logged,
         params.tracking.experiment_name,
         run_name=f"train {name}",
-        tags={"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "train"},
-        enabled=params.tracking.enabled,
+        tags={
+            "experiment": name,
+            "algorithm": experiment.algorithm,
+            "stage_kind": "train",
+            "processes": distributed.world_size,
+        },
+        enabled=params.tracking.enabled and distributed.is_main,
     ) as run:
         trainer = Trainer(
             name,
@@ -53,8 +67,11 @@ def main(args, params: Params) -> None:
             progress=not args.no_progress,
             on_log=run.log_metrics,
             pretrained_body=PRETRAINED_BODY_FILE,
+            distributed=distributed,
         )
         result = trainer.run()
+        if not distributed.is_main:
+            return  # rank 0 holds the same weights and writes everything
         summary = result.summary
         run.meter.add_tasks(summary["tasks"], summary["training_seconds"])
         summary["peak_memory_mb"] = peak_memory_mb()

@@ -294,3 +294,13 @@ def test_evaluate_stage_run_is_linked_to_its_train_run(
     artifacts = [item.path for item in MlflowClient(uri).list_artifacts(run.info.run_id)]
     assert artifacts == ["tiny.episodes.csv"]
     assert (tmp_path / "artifacts" / run.info.run_id / "artifacts" / "tiny.episodes.csv").is_file()
+
+
+def test_max_episodes_keeps_the_first_tasks_of_every_set(episode_dir):
+    full = load_episode_sets(SETTINGS, episode_dir)
+    limited = load_episode_sets(SETTINGS, episode_dir, max_episodes=2)
+    for setting in SETTINGS:
+        assert limited[setting].num_tasks == 2
+        torch.testing.assert_close(limited[setting].image_index, full[setting].image_index[:2])
+    with pytest.raises(ParamsError, match="evaluate.max_episodes"):
+        validate_params({"evaluate": {"max_episodes": 1}})

@@ -18,6 +18,20 @@ def test_repository_params_file_is_valid():
     assert params.episodes.num_episodes >= 1
 
 
+def test_paper_params_file_covers_every_experiment_with_paper_budgets():
+    default = load_params(ROOT / "params.yaml")
+    paper = load_params(ROOT / "params" / "paper.yaml")
+    assert set(paper.experiments) == set(default.experiments)
+    assert paper.data.split.protocol == "vinyals"
+    assert paper.evaluate.max_episodes is None
+    maml = paper.train_config("maml")
+    assert (maml.meta_batch_size, maml.iterations) == (32, 60000)
+    assert paper.algorithm_options("maml").inner_lr == 0.4
+    assert paper.algorithm_options("protonets").train_n_way == 60
+    for name in default.experiments:
+        assert paper.train_config(name).iterations > default.train_config(name).iterations
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

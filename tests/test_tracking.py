@@ -1,9 +1,18 @@
 """MLflow tracking: a stage run's params, curves, tags and resource figures read back."""
 
+import sqlite3
+
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from metalab.tracking import flatten, stage_run
+from metalab.tracking import (
+    flatten,
+    resolve_tracking_uri,
+    stage_run,
+    tracking_uri,
+    with_store_retries,
+)
 
 
 @pytest.fixture
@@ -55,3 +64,53 @@ def test_disabled_tracking_still_measures(tmp_path, monkeypatch):
 
 def test_flatten_nested_params():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+def test_relative_sqlite_store_resolves_against_the_project_root(tmp_path):
+    root = tmp_path / "project"
+    assert resolve_tracking_uri("sqlite:///mlflow.db", root) == f"sqlite:///{root}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///runs/m.db?mode=rw", root) == (
+        f"sqlite:///{root}/runs/m.db?mode=rw"
+    )
+    for unchanged in ("sqlite:////abs/mlflow.db", "sqlite://", "http://127.0.0.1:5000"):
+        assert resolve_tracking_uri(unchanged, root) == unchanged
+
+
+def test_queued_experiment_logs_to_dvc_root_not_its_workspace(tmp_path, monkeypatch):
+    project, workspace = tmp_path / "project", tmp_path / "project/.dvc/tmp/exps/tmp123"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    assert tracking_uri() == f"sqlite:///{project}/mlflow.db"
+    monkeypatch.delenv("DVC_ROOT")
+    assert tracking_uri() == f"sqlite:///{workspace}/mlflow.db"
+
+
+def test_store_is_in_wal_mode_and_artifacts_live_next_to_it(store, tmp_path):
+    with stage_run("report", {}, "unit"):
+        pass
+    with sqlite3.connect(tmp_path / "mlflow.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    experiment = MlflowClient(store).get_experiment_by_name("unit")
+    assert experiment.artifact_location == str(tmp_path / "mlruns" / experiment.experiment_id)
+
+
+def test_locked_database_is_retried_other_errors_are_not(monkeypatch):
+    monkeypatch.setattr("metalab.tracking.time.sleep", lambda seconds: None)
+    attempts = []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "logged"
+
+    def missing_run() -> None:
+        attempts.append(1)
+        raise MlflowException("Run 'abc' not found")
+
+    assert with_store_retries(flaky, "test") == "logged" and len(attempts) == 3
+    with pytest.raises(MlflowException, match="not found"):
+        with_store_retries(missing_run, "test")
+    assert len(attempts) == 4  # not retried

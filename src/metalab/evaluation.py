@@ -333,9 +333,12 @@ def evaluation_settings(params: Params) -> list[str]:
     return list(settings)
 
 
-def load_episode_sets(settings: list[str], directory: str | Path) -> dict[str, EpisodeIndex]:
+def load_episode_sets(
+    settings: list[str], directory: str | Path, max_episodes: int | None = None
+) -> dict[str, EpisodeIndex]:
     """{setting: stored episode index} from `directory`/<setting>.npz, checking that each
-    file holds the N-way K-shot tasks its name promises."""
+    file holds the N-way K-shot tasks its name promises. With `max_episodes`, only the
+    first that many tasks of each set (the same ones for every learner)."""
     sets = {}
     for setting in settings:
         index, metadata = load_episode_set(Path(directory) / f"{setting}.npz")
@@ -347,7 +350,7 @@ def load_episode_sets(settings: list[str], directory: str | Path) -> dict[str, E
                 f"{directory}/{setting}.npz holds {index.n_way}-way {index.k_shot}-shot tasks "
                 f"(setting {metadata.get('setting')!r}); rerun `dvc repro episodes`"
             )
-        sets[setting] = index
+        sets[setting] = index if max_episodes is None else index[:max_episodes]
     return sets
 
 

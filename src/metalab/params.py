@@ -183,6 +183,12 @@ class EvaluateConfig(Strict):
     adaptation_steps: int | None = Field(
         None, ge=0, description="test-time adaptation steps; null = each learner's default"
     )
+    max_episodes: int | None = Field(
+        None,
+        ge=2,
+        description="evaluate the first N tasks of each stored episode set (every learner "
+        "gets the same N, so comparisons stay paired); null = all of them",
+    )
 
 
 class ReportConfig(Strict):

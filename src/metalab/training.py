@@ -2,7 +2,10 @@
 validation, checkpoints (resume), NaN guard, logging and the saved model.
 
 A learner only turns a meta-batch into meta-gradients (`MetaLearner.meta_gradients`);
-everything else lives here, once.
+everything else lives here, once. Under torchrun the meta-batch is split across the
+processes (`metalab.distributed`): every process samples the same tasks, computes the
+meta-gradients of its own slice, the gradients are all-reduced and every process takes the
+same step; rank 0 alone validates, logs, checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,19 @@ from metalab.cli import StageError
 from metalab.data.episodes import materialize, sample_episode_index
 from metalab.data.prefetch import OmniglotArrays
 from metalab.data.splits import Split
+from metalab.distributed import (
+    DistributedContext,
+    RandomUse,
+    all_reduce_gradients,
+    all_reduce_stats,
+    broadcast_buffers,
+    broadcast_module,
+    broadcast_object,
+    check_splittable,
+    current_context,
+    slice_random_stream,
+    threads_per_process,
+)
 from metalab.evaluation import evaluate_accuracy
 from metalab.io import save_torch
 from metalab.params import Params
@@ -73,7 +90,11 @@ def config_fingerprint(payload: dict[str, Any]) -> str:
 
 
 class Trainer:
-    """Meta-trains experiment `name` of `params` on `arrays` with class split `split`."""
+    """Meta-trains experiment `name` of `params` on `arrays` with class split `split`.
+
+    ``distributed`` says which process of a torchrun job this is (default: the process
+    group this process is in, or a single process); ``on_log`` is called on rank 0 only.
+    """
 
     def __init__(
         self,
@@ -85,14 +106,16 @@ class Trainer:
         progress: bool = True,
         on_log: Callable[[dict[str, float], int], None] | None = None,
         pretrained_body: Path | None = None,
+        distributed: DistributedContext | None = None,
     ) -> None:
         self.name = name
+        self.distributed = distributed or current_context()
         self.experiment = params.experiment(name)
         self.config = params.train_config(name)
         self.options = params.algorithm_options(name)
         self.arrays = arrays
         self.split = split
-        self.progress = progress
+        self.progress = progress and self.distributed.is_main
         self.on_log = on_log or (lambda metrics, step: None)
         self.checkpoint_path = checkpoint_dir / f"{name}.pt"
         self.fingerprint = config_fingerprint(
@@ -105,7 +128,7 @@ class Trainer:
             }
         )
         torch.manual_seed(self.config.seed)
-        torch.set_num_threads(self.config.threads)
+        torch.set_num_threads(threads_per_process(self.config.threads, self.distributed))
         self.context = BuildContext(
             model=self.experiment.model,
             n_way=self.config.n_way,
@@ -121,6 +144,7 @@ class Trainer:
             if self.experiment.pretrained.source == "background":
                 path = str(pretrained_body) if pretrained_body else path
             load_pretrained_body(self.learner.model, self.experiment.pretrained.source, path)
+        check_splittable(self.learner, self.config.meta_batch_size, self.distributed)
         self.optimizer = self._make_optimizer()
         self.train_n_way = int(getattr(self.learner, "train_n_way", None) or self.config.n_way)
         self.sampler = torch.Generator().manual_seed(self.config.seed)
@@ -140,6 +164,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_iteration = -1
         self.busy_seconds = 0.0
+        self._warned_about_randomness = False
 
     # ------------------------------------------------------------------ setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -172,15 +197,29 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        save_torch(self.checkpoint_path, self.state())
+        """Write the checkpoint (rank 0 only: the other processes hold the same state)."""
+        if self.distributed.is_main:
+            save_torch(self.checkpoint_path, self.state())
 
-    def try_resume(self) -> bool:
-        """Resume from the checkpoint if it belongs to this exact configuration."""
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint's state if it belongs to this exact configuration, else None."""
         if not self.checkpoint_path.exists():
-            return False
+            return None
         state = torch.load(self.checkpoint_path, weights_only=False)
         if state.get("fingerprint") != self.fingerprint:
             print(f"{self.checkpoint_path}: from a different configuration, starting afresh")
+            return None
+        return state
+
+    def try_resume(self) -> bool:
+        """Resume from the checkpoint if it belongs to this exact configuration.
+
+        Under torchrun rank 0 reads it and sends it to every process, so all resume from
+        the same state even on machines that do not share rank 0's filesystem.
+        """
+        state = self._read_checkpoint() if self.distributed.is_main else None
+        state = broadcast_object(state)
+        if state is None:
             return False
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -204,8 +243,14 @@ class Trainer:
         return float(accuracy.mean())
 
     def step(self) -> dict[str, float]:
-        """One meta-iteration: sample, meta-gradients, NaN guard, clip, schedule, step."""
+        """One meta-iteration: sample, meta-gradients, NaN guard, clip, schedule, step.
+
+        Under torchrun every process samples the whole meta-batch (the same tasks as a
+        single process, since all share the sampler's seed) but materialises and computes
+        only its slice; the all-reduced gradients and statistics are the meta-batch's.
+        """
         config = self.config
+        distributed = self.distributed
         started = time.perf_counter()
         index = sample_episode_index(
             self.split.meta_train,
@@ -216,11 +261,21 @@ class Trainer:
             config.meta_batch_size,
             self.sampler,
         )
-        episodes = materialize(self.arrays.images, index)
+        episodes = materialize(self.arrays.images, index[distributed.task_slice(index.num_tasks)])
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self.learner.meta_gradients(
-            episodes, TrainProgress(self.iteration, config.iterations)
-        )
+        with slice_random_stream(config.seed, self.iteration, distributed) as random_use:
+            stats = self.learner.meta_gradients(
+                episodes, TrainProgress(self.iteration, config.iterations)
+            )
+        if distributed.enabled:
+            weight = distributed.task_weight(index.num_tasks)
+            all_reduce_gradients(self.learner.parameters(), weight)
+            stats = all_reduce_stats(stats, weight)
+            # No learner here updates buffers while training; if one did (e.g. BatchNorm
+            # running statistics), each process would update them from its own slice, so
+            # rank 0's are kept everywhere (as DistributedDataParallel does) and saved.
+            broadcast_buffers(self.learner)
+            self._warn_if_random(random_use)
         if not math.isfinite(stats.loss):
             raise DivergedError(
                 f"experiment {self.name!r}: meta-loss is {stats.loss} at iteration "
@@ -244,9 +299,26 @@ class Trainer:
         record.update(stats.extra or {})
         return record
 
+    def _warn_if_random(self, random_use: RandomUse) -> None:
+        """Say once (rank 0) that this learner's random draws differ from a single process."""
+        if random_use.consumed and self.distributed.is_main and not self._warned_about_randomness:
+            self._warned_about_randomness = True
+            warnings.warn(
+                f"experiment {self.name!r}: the learner draws from the global torch RNG while "
+                "meta-training (e.g. Meta Dropout masks); across processes each slice draws "
+                "from its own stream seeded by (seed, iteration, rank), so this run is "
+                "reproducible for the same number of processes but not bit-identical to a "
+                "single-process run",
+                stacklevel=2,
+            )
+
     def run(self) -> TrainResult:
         config = self.config
+        main = self.distributed.is_main
         resumed = self.try_resume()
+        # Every process starts from rank 0's weights (the same seed already gives the same
+        # initialisation; this guards against any process-dependent initialisation).
+        broadcast_module(self.learner)
         bar = tqdm(
             total=config.iterations,
             initial=self.iteration,
@@ -254,13 +326,16 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        if resumed:
+        if resumed and main:
             bar.write(f"resumed {self.name} from iteration {self.iteration}")
         while self.iteration < config.iterations:
             record = self.step()
             self.iteration += 1
             done = self.iteration == config.iterations
-            if self.iteration % config.validate_every == 0 or done:
+            # Validation is rank 0's alone: its tasks are fixed at start-up, and under
+            # several processes training takes no randomness from the global RNG that
+            # `adapt` might use (see slice_random_stream), so the processes stay in step.
+            if main and (self.iteration % config.validate_every == 0 or done):
                 record["validation_accuracy"] = self.validate()
                 if record["validation_accuracy"] > self.best_accuracy:
                     self.best_accuracy = record["validation_accuracy"]
@@ -269,7 +344,8 @@ class Trainer:
                         k: v.detach().clone() for k, v in self.learner.state_dict().items()
                     }
             self.history.append(record)
-            if self.iteration % config.log_every == 0 or "validation_accuracy" in record or done:
+            logging_due = self.iteration % config.log_every == 0 or done
+            if main and (logging_due or "validation_accuracy" in record):
                 tasks_per_s = self.iteration * config.meta_batch_size / max(self.busy_seconds, 1e-9)
                 self.on_log(
                     {
@@ -309,6 +385,7 @@ class Trainer:
             "trainable_parameters": trainable,
             "parameters_per_training_task": trainable / max(tasks, 1),
             "precision": self.config.precision,
+            "processes": self.distributed.world_size,
         }
 
     def model_payload(self) -> dict[str, Any]:

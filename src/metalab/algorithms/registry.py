@@ -22,6 +22,8 @@ ALGORITHMS: dict[str, str] = {
     "metanets": "metalab.algorithms.metanets",
     "metanets_embedding": "metalab.algorithms.metanets_embedding",
     "leo": "metalab.algorithms.leo",
+    # TAML: entropy / inequality terms on the MAML core, or the task-encoder variant.
+    "taml": "metalab.algorithms.taml",
 }
 
 

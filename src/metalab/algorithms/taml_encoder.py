@@ -1,0 +1,269 @@
+"""TAML ``variant: encoder``: the seed project's task-encoder design on the MAML core.
+
+A shared body f (Conv4) embeds the images; a task encoder reads the support set's
+embeddings and produces, per task,
+
+* a FiLM modulation of the embedding, f(x) * scale + shift (scale, shift [D]), and
+* inner learning rates of the head: one per feature for the weight [D] and one for the
+  bias, each inner_lr x a multiplier in (0, 2).
+
+The inner loop then adapts only the linear head (ANIL-style) on the modulated features
+with those rates, first or second order. The task encoder is an encoder (per support
+example), class means, a relation network over all ordered pairs of class codes (averaged,
+so any way count and label order work) and a decoder, as in LEO. Its decoder starts at
+zero (scale 1, shift 0, multipliers 1), so training starts exactly from ANIL.
+
+FiLM on the head's input is folded into the head: W (f * s + b_s) + b =
+(W * s) f + (W b_s + b), so the body features are computed once per task and split, and
+the inner loop differentiates through the modulation like through any head weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalab.algorithms.functional import (
+    ParameterDict,
+    conv4_grouped_features,
+    inner_loop,
+    linear_per_task,
+    module_features,
+    per_task_cross_entropy,
+    stack_for_tasks,
+)
+from metalab.algorithms.maml import MAMLLearner, TaskOutcome
+from metalab.models import Conv4
+
+if TYPE_CHECKING:  # taml imports this module to build the encoder variant
+    from metalab.algorithms.taml import Options
+
+HEAD_NAMES = ("head.weight", "head.bias")
+
+
+@dataclass
+class TaskModulation:
+    """What the task encoder produces for T tasks (D = feature size).
+
+    scale, shift [T, D]: features become f * scale + shift.
+    weight_lr_multiplier [T, D], bias_lr_multiplier [T, 1]: multiply ``inner_lr``.
+    """
+
+    scale: Tensor
+    shift: Tensor
+    weight_lr_multiplier: Tensor
+    bias_lr_multiplier: Tensor
+
+
+class TaskEncoder(nn.Module):
+    """Support embeddings [T, S, D] and labels [T, S] -> a `TaskModulation` of T tasks."""
+
+    def __init__(self, feature_dim: int, width: int) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.encoder = nn.Sequential(nn.Linear(feature_dim, width), nn.ReLU())
+        self.relation = nn.Sequential(
+            nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
+        )
+        # scale offset, shift and weight-lr logits [D] each, bias-lr logit [1].
+        self.decoder = nn.Linear(width, 3 * feature_dim + 1)
+        nn.init.zeros_(self.decoder.weight)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, support_features: Tensor, support_y: Tensor, n_way: int) -> TaskModulation:
+        codes = self.encoder(support_features)  # [T, S, E]
+        one_hot = F.one_hot(support_y, n_way).to(codes.dtype)  # [T, S, N]
+        class_codes = one_hot.transpose(1, 2) @ codes / one_hot.sum(dim=1).unsqueeze(-1)
+        num_tasks, _, width = class_codes.shape
+        pairs = torch.cat(  # every ordered pair (i, j) of class codes: [T, N, N, 2E]
+            [
+                class_codes.unsqueeze(2).expand(num_tasks, n_way, n_way, width),
+                class_codes.unsqueeze(1).expand(num_tasks, n_way, n_way, width),
+            ],
+            dim=-1,
+        )
+        task_code = self.relation(pairs).mean(dim=(1, 2))  # [T, E]
+        dim = self.feature_dim
+        scale_offset, shift, weight_logit, bias_logit = self.decoder(task_code).split(
+            [dim, dim, dim, 1], dim=-1
+        )
+        # Multipliers in (0, 2), 1 at the zero start: a task can slow its head's steps
+        # down or speed them up, but never make a step blow up.
+        return TaskModulation(
+            scale=1.0 + scale_offset,
+            shift=shift,
+            weight_lr_multiplier=2.0 * torch.sigmoid(weight_logit),
+            bias_lr_multiplier=2.0 * torch.sigmoid(bias_logit),
+        )
+
+
+def modulated_logits(features: Tensor, head: ParameterDict, modulation: TaskModulation) -> Tensor:
+    """Head logits on FiLM-modulated features of T tasks.
+
+    features [T, B, D]; head ``head.weight`` [T, N, D], ``head.bias`` [T, N] -> [T, B, N].
+    Equal to linear_per_task(features * scale + shift, weight, bias), computed with the
+    modulation folded into the head (cheaper: N x D instead of B x D values).
+    """
+    weight, bias = head["head.weight"], head["head.bias"]
+    folded_weight = weight * modulation.scale.unsqueeze(1)
+    folded_bias = bias + torch.einsum("tnd,td->tn", weight, modulation.shift)
+    return linear_per_task(features, folded_weight, folded_bias)
+
+
+class TAMLEncoderLearner(MAMLLearner):
+    """TAML ``encoder`` variant (module docstring). Meta-parameters: the model's and the
+    task encoder's (``task_encoder.*``, always outer-trainable). Runs through the MAML
+    core's meta-batch loop, Meta Dropout, precision and optimizer groups."""
+
+    algorithm = "taml"
+
+    def __init__(
+        self, model: nn.Module, n_way: int, options: Options, precision: str = "fp32"
+    ) -> None:
+        super().__init__(model, n_way, options, precision=precision)
+        self.task_encoder = TaskEncoder(model.head.in_features, options.encoder_width)
+
+    # -------------------------------------------------------------------- pieces
+    def body_features(self, x: Tensor, dropout_masks: list[list[Tensor | None]] | None) -> Tensor:
+        """Body features of T tasks, BatchNorm statistics per task: x [T, B, C, H, W] ->
+        [T, B, D] in the model's dtype. ``dropout_masks[t]``: task t's per-block masks."""
+        body = {n: p for n, p in self.model.named_parameters() if n.startswith("body.")}
+        num_tasks = x.shape[0]
+        with self._autocast():
+            if self.vectorised and isinstance(self.model, Conv4):
+                stacked_masks = None
+                if dropout_masks is not None:
+                    per_block = zip(*dropout_masks, strict=True)
+                    stacked_masks = [None if m[0] is None else torch.cat(m) for m in per_block]
+                features = conv4_grouped_features(
+                    self.model,
+                    stack_for_tasks(body, num_tasks),
+                    x,
+                    stacked_masks,
+                    self.options.channels_last,
+                )
+            else:
+                masks = dropout_masks or [None] * num_tasks
+                features = torch.stack(
+                    [module_features(self.model, body, x[t], masks[t]) for t in range(num_tasks)]
+                )
+        # The encoder and the head's inner steps run in full precision.
+        return features.to(self.model.head.weight.dtype)
+
+    def adapt_head(
+        self,
+        head: ParameterDict,
+        support_features: Tensor,
+        support_y: Tensor,
+        modulation: TaskModulation,
+        steps: int,
+        second_order: bool,
+    ) -> list[ParameterDict]:
+        """Inner loop on the head only: head stacked [T, ...], support_features [T, S, D],
+        support_y [T, S]. Returns the trajectory [head_0, ..., head_steps]."""
+
+        def support_loss(params: ParameterDict, step: int) -> Tensor:
+            logits = modulated_logits(support_features, params, modulation)
+            return per_task_cross_entropy(logits, support_y).sum()
+
+        lrs = {
+            "head.weight": self.options.inner_lr * modulation.weight_lr_multiplier.unsqueeze(1),
+            "head.bias": self.options.inner_lr * modulation.bias_lr_multiplier,  # [T, 1]
+        }
+        return inner_loop(
+            head, list(HEAD_NAMES), support_loss, lambda name, step: lrs[name], steps, second_order
+        )
+
+    # ------------------------------------------------------------ meta-training
+    def run_tasks(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        dropout_masks: list[list[Tensor | None]] | None,
+        second_order: bool,
+        step_weights: Tensor,
+    ) -> TaskOutcome:
+        """Encoder, head inner loop and query losses of T tasks (the MAML core's hook).
+
+        support_x [T, S, C, H, W], support_y [T, S], query_x [T, Q, C, H, W], query_y [T, Q].
+        """
+        support_features = self.body_features(support_x, dropout_masks)
+        query_features = self.body_features(query_x, dropout_masks)
+        modulation = self.task_encoder(support_features, support_y, self.n_way)
+        head = stack_for_tasks(
+            {name: self.model.get_parameter(name) for name in HEAD_NAMES}, support_x.shape[0]
+        )
+        trajectory = self.adapt_head(
+            head, support_features, support_y, modulation, self.options.inner_steps, second_order
+        )
+        # Query loss after step k, weighted (MAML++ multi-step loss; otherwise only k = K).
+        weighted_losses = []
+        for step, weight in enumerate(step_weights.tolist(), start=1):
+            if weight == 0.0 and step < len(trajectory) - 1:
+                continue
+            logits = modulated_logits(query_features, trajectory[step], modulation)
+            losses = per_task_cross_entropy(logits, query_y)
+            weighted_losses.append(weight * losses)
+        meta_losses = torch.stack(weighted_losses).sum(dim=0)
+        return TaskOutcome(meta_losses, logits, losses, None)
+
+    # ------------------------------------------------------------------ testing
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """Adapt to one task: support_x [S, 1, H, W], support_y [S] in 0..N-1.
+
+        ``steps`` (default ``test_inner_steps``) first-order head steps at the task's
+        encoded rates, without meta dropout. For N other than the trained way count the
+        head starts from zeros [N, D] (the encoder works for any N).
+        Returns predictor(query_x [Q, 1, H, W]) -> logits [Q, N].
+        """
+        steps = self.options.test_inner_steps if steps is None else steps
+        dtype = self.model.head.weight.dtype
+        n_way = int(support_y.max().item()) + 1
+        support_y = support_y.unsqueeze(0)
+        with torch.no_grad():
+            support_features = self.body_features(support_x.to(dtype).unsqueeze(0), None)
+            modulation = self.task_encoder(support_features, support_y, n_way)
+        if n_way == self.n_way:
+            head = {name: self.model.get_parameter(name).detach() for name in HEAD_NAMES}
+        else:
+            feature_dim = self.model.head.in_features
+            head = {
+                "head.weight": torch.zeros(n_way, feature_dim, dtype=dtype),
+                "head.bias": torch.zeros(n_way, dtype=dtype),
+            }
+        head = stack_for_tasks({n: p.clone().requires_grad_(True) for n, p in head.items()}, 1)
+        with torch.enable_grad():
+            trajectory = self.adapt_head(
+                head, support_features, support_y, modulation, steps, second_order=False
+            )
+        adapted = {name: p.detach() for name, p in trajectory[-1].items()}
+
+        def predictor(query_x: Tensor) -> Tensor:
+            with torch.no_grad():
+                features = self.body_features(query_x.to(dtype).unsqueeze(0), None)
+                return modulated_logits(features, adapted, modulation)[0]
+
+        return predictor
+
+    # --------------------------------------------------------------- optimizer
+    def named_meta_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The MAML core's meta-parameters plus ``task_encoder.*``."""
+        return super().named_meta_parameters() + [
+            (f"task_encoder.{name}", p) for name, p in self.task_encoder.named_parameters()
+        ]
+
+    def _section(self, name: str) -> str:
+        return "task_encoder" if name.startswith("task_encoder.") else super()._section(name)
+
+    def _outer_trainable(self, section: str) -> bool:
+        # Like the head, the task encoder is what a frozen-body setting still learns.
+        return section == "task_encoder" or super()._outer_trainable(section)

@@ -1,0 +1,380 @@
+"""TAML (Jamal & Qi 2019): the entropy and inequality regularisers against hand-computed
+values, meta-gradients against finite differences, the task-encoder variant (shapes, any
+way count, head-only inner loop, ANIL at initialisation), training progress, determinism,
+options and model files."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from synthetic import (
+    as_float64,
+    build_context,
+    central_differences,
+    class_patterns,
+    held_out_losses_around_training,
+    meta_train,
+    sample_episodes,
+)
+from test_learner_api import task, trainer_like_payload
+
+from metalab.algorithms import taml, taml_encoder
+from metalab.algorithms.base import TrainProgress
+from metalab.algorithms.functional import linear_per_task
+from metalab.algorithms.maml import MAMLLearner
+from metalab.algorithms.maml import Options as MAMLOptions
+from metalab.algorithms.taml import (
+    Options,
+    generalized_entropy_index,
+    gini_coefficient,
+    prediction_entropy,
+    theil_index,
+)
+from metalab.algorithms.taml_encoder import TaskModulation, modulated_logits
+from metalab.learner_api import learner_from_payload
+from metalab.params import ParamsError, validate_params
+
+VARIANTS = {
+    "entropy": {"variant": "entropy"},
+    "theil": {"variant": "inequality"},
+    "encoder": {"variant": "encoder"},
+}
+
+
+def build(n_way: int = 5, seed: int = 0, **options) -> MAMLLearner:
+    """A TAML learner on the small synthetic Conv4 (8 channels, 16x16 images)."""
+    torch.manual_seed(seed)
+    options.setdefault("inner_lr", 0.4)
+    return taml.build(Options(**options), build_context(n_way=n_way))
+
+
+def small_episodes(num_tasks: int = 3, n_way: int = 3, queries: int = 2, seed: int = 2):
+    return sample_episodes(class_patterns(24, seed=1), num_tasks, n_way, 1, queries, seed=seed)
+
+
+# ------------------------------------------------------------------ regularisers
+LOSSES = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+
+
+def test_inequality_measures_equal_hand_computed_values():
+    # mu = 2, ratios l/mu = 0.5, 1, 1.5.
+    # Theil: (0.5 ln 0.5 + 1 ln 1 + 1.5 ln 1.5) / 3 = (-0.346574 + 0 + 0.608198) / 3 = 0.087208
+    assert theil_index(LOSSES).item() == pytest.approx(0.0872080, abs=1e-6)
+    # GE(2): ((0.25 - 1) + (1 - 1) + (2.25 - 1)) / (3 * 2 * 1) = 0.5 / 6
+    assert generalized_entropy_index(LOSSES, 2.0).item() == pytest.approx(0.5 / 6)
+    # GE(0), mean log deviation: -(ln 0.5 + ln 1 + ln 1.5) / 3 = 0.287682 / 3 = 0.095894
+    assert generalized_entropy_index(LOSSES, 0.0).item() == pytest.approx(0.0958940, abs=1e-6)
+    # GE(1) is the Theil index, and GE(alpha) tends to it as alpha -> 1.
+    assert generalized_entropy_index(LOSSES, 1.0).item() == theil_index(LOSSES).item()
+    assert generalized_entropy_index(LOSSES, 1.0001).item() == pytest.approx(0.087208, abs=1e-4)
+    # Gini: sum_ij |l_i - l_j| = 2 (1 + 2 + 1) = 8, over 2 n^2 mu = 2 * 9 * 2 = 36.
+    assert gini_coefficient(LOSSES).item() == pytest.approx(8 / 36)
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [theil_index, gini_coefficient, lambda x: generalized_entropy_index(x, 2.0)],
+    ids=["theil", "gini", "ge2"],
+)
+def test_inequality_is_zero_for_equal_losses_and_finite_at_zero_losses(measure):
+    assert measure(torch.full((4,), 0.7, dtype=torch.float64)).item() == pytest.approx(0, abs=1e-15)
+    # One task carrying all the loss is the most unequal meta-batch.
+    assert measure(torch.tensor([0.0, 0.0, 0.0, 2.0])) > measure(torch.tensor([0.1, 0.5, 1, 2.0]))
+    losses = torch.tensor([0.0, 1e-12, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    value = measure(losses)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(losses.grad).all()
+
+
+def test_prediction_entropy_hand_value_and_maximum_at_uniform_predictions():
+    # Logits [0, ln 3] -> p = [1/4, 3/4]: H = 0.25 ln 4 + 0.75 ln(4/3) = 0.346574 + 0.215762.
+    two_class = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    assert prediction_entropy(two_class).item() == pytest.approx(0.5623351, abs=1e-6)
+    uniform = torch.full((2, 4, 5), 3.0)  # [T, Q, N]: any constant row is uniform
+    torch.testing.assert_close(prediction_entropy(uniform), torch.full((2,), math.log(5)))
+    random = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    assert (prediction_entropy(random) < math.log(5)).all()
+
+
+def test_entropy_terms_reward_uniform_initial_and_confident_adapted_predictions():
+    learner = build(entropy_weight=0.5, adapted_entropy_weight=0.2)
+    uniform = torch.zeros(3, 4, 5, dtype=torch.float64)  # [T, Q, N]
+    confident = torch.tensor([9.0, 0, 0, 0, 0], dtype=torch.float64).expand(3, 4, 5)
+    # Uniform before and after: -0.5 ln 5 + 0.2 ln 5 per task.
+    torch.testing.assert_close(
+        learner.task_regularisers(uniform, uniform),
+        torch.full((3,), -0.3 * math.log(5), dtype=torch.float64),
+    )
+    # The best case: uniform before (H = ln 5), one-hot-like after (H ~ 0).
+    best = learner.task_regularisers(uniform, confident)
+    assert (best < -0.5 * math.log(5) + 1e-2).all()
+    assert (learner.task_regularisers(confident, uniform) > best).all()
+
+
+def test_inequality_meta_loss_is_mean_loss_plus_weighted_measure():
+    theil = build(variant="inequality", inequality_weight=2.0)
+    assert theil.combine_task_losses(LOSSES, []).item() == pytest.approx(2 + 2 * 0.0872080)
+    gini = build(variant="inequality", inequality="gini", inequality_weight=1.0)
+    assert gini.combine_task_losses(LOSSES, []).item() == pytest.approx(2 + 8 / 36)
+
+
+@pytest.mark.parametrize("variant", ["entropy", "theil"])
+def test_reported_meta_loss_matches_an_independent_computation(variant: str):
+    weights = {"entropy_weight": 0.5} if variant == "entropy" else {}
+    learner = build(n_way=3, **weights, **VARIANTS[variant]).double()
+    maml_learner = MAMLLearner(copy.deepcopy(learner.model), 3, MAMLOptions(inner_lr=0.4))
+    episodes = as_float64(small_episodes(num_tasks=3))
+    stats = learner.meta_gradients(episodes, TrainProgress(0, 10))
+    # Each task's adapted query loss, by plain MAML one task at a time.
+    losses = torch.tensor(
+        [
+            maml_learner.meta_gradients(episodes.task(t), TrainProgress(0, 10)).loss
+            for t in range(3)
+        ],
+        dtype=torch.float64,
+    )
+    if variant == "entropy":
+        # Un-adapted network on each task's query set, straight through the nn.Module.
+        with torch.no_grad():
+            entropies = torch.stack(
+                [prediction_entropy(learner.model(x)) for x in episodes.query_x]
+            )
+        expected = losses.mean() - 0.5 * entropies.mean()
+        assert stats.extra["initial_entropy"] == pytest.approx(entropies.mean().item(), rel=1e-10)
+    else:
+        expected = losses.mean() + 0.1 * theil_index(losses)
+        assert stats.extra["inequality"] == pytest.approx(theil_index(losses).item(), rel=1e-10)
+    assert stats.loss == pytest.approx(losses.mean().item(), rel=1e-10)
+    assert stats.extra["meta_loss"] == pytest.approx(expected.item(), rel=1e-10)
+
+
+# ---------------------------------------------------------------- meta-gradients
+FINITE_DIFFERENCE_CASES = {
+    "entropy": {"entropy_weight": 0.5, "adapted_entropy_weight": 0.2},
+    "theil": {"variant": "inequality", "inequality_weight": 2.0},
+    "theil_loop": {"variant": "inequality", "inequality_weight": 2.0, "vectorise_tasks": False},
+    "generalized_entropy": {
+        "variant": "inequality",
+        "inequality": "generalized_entropy",
+        "generalized_entropy_alpha": 0.5,
+        "inequality_weight": 2.0,
+    },
+    "encoder": {"variant": "encoder"},
+}
+CHECKED_PARAMETERS = (
+    "body.0.0.weight",
+    "body.2.1.weight",
+    "head.weight",
+    "head.bias",
+    "task_encoder.encoder.0.weight",
+    "task_encoder.decoder.weight",
+)
+
+
+@pytest.mark.parametrize("case", list(FINITE_DIFFERENCE_CASES))
+def test_second_order_meta_gradient_matches_central_differences(case: str):
+    learner = build(n_way=3, inner_lr=0.3, inner_steps=2, **FINITE_DIFFERENCE_CASES[case])
+    learner = learner.double()
+    if case == "encoder":  # leave the zero start, so that every encoder part matters
+        with torch.no_grad():
+            learner.task_encoder.decoder.weight.normal_(0, 0.3)
+            learner.task_encoder.decoder.bias.normal_(0, 0.3)
+    episodes = as_float64(small_episodes())
+    learner.zero_grad(set_to_none=True)
+    learner.meta_gradients(episodes, TrainProgress(0, 10))
+    # Cloned now: every finite-difference evaluation accumulates into .grad again.
+    grads = {name: p.grad.clone() for name, p in learner.named_meta_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    checked = 0
+    for name, parameter in learner.named_meta_parameters():
+        if name not in CHECKED_PARAMETERS:
+            continue
+        indices = torch.randint(parameter.numel(), (2,), generator=generator)
+        analytic = grads[name].view(-1)[indices]
+
+        def meta_loss() -> torch.Tensor:
+            stats = learner.meta_gradients(episodes, TrainProgress(0, 10))
+            return torch.tensor(stats.extra["meta_loss"], dtype=torch.float64)
+
+        numeric = central_differences(meta_loss, parameter, indices)
+        torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8, msg=name)
+        checked += 1
+    assert checked == (6 if case == "encoder" else 4)
+
+
+def test_first_order_taml_differs_from_second_order_only_in_the_inner_steps():
+    episodes = small_episodes()
+    results = []
+    for first_order in (False, True):
+        learner = build(variant="inequality", first_order=first_order)
+        results.append(learner.meta_gradients(episodes, TrainProgress(0, 10)))
+    # Same forward computation, so the same meta-loss; the gradients differ.
+    assert results[0].extra["meta_loss"] == pytest.approx(results[1].extra["meta_loss"])
+    assert results[0].extra["second_order"] == 1.0 and results[1].extra["second_order"] == 0.0
+
+
+# ------------------------------------------------------------------- encoder variant
+def test_folded_film_equals_modulating_the_features():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 7, 6, generator=generator, dtype=torch.float64)
+    weight = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
+    bias = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    scale = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    shift = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    modulation = TaskModulation(scale, shift, torch.ones(2, 6), torch.ones(2, 1))
+    folded = modulated_logits(features, {"head.weight": weight, "head.bias": bias}, modulation)
+    direct = linear_per_task(features * scale.unsqueeze(1) + shift.unsqueeze(1), weight, bias)
+    torch.testing.assert_close(folded, direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("vectorise", [False, True], ids=["loop", "vectorised"])
+def test_encoder_starts_exactly_as_anil(vectorise: bool):
+    # Zero decoder: scale 1, shift 0, lr multipliers 1, and no gradient into the body
+    # through the encoder, so meta-loss and model gradients are ANIL's.
+    learner = build(n_way=3, variant="encoder", inner_steps=2, vectorise_tasks=vectorise).double()
+    anil = MAMLLearner(
+        copy.deepcopy(learner.model),
+        3,
+        MAMLOptions(
+            inner_lr=0.4, inner_steps=2, adapt_parameters="head", vectorise_tasks=vectorise
+        ),
+    )
+    episodes = as_float64(small_episodes())
+    ours = learner.meta_gradients(episodes, TrainProgress(0, 10))
+    reference = anil.meta_gradients(episodes, TrainProgress(0, 10))
+    assert ours.extra["meta_loss"] == pytest.approx(reference.extra["meta_loss"], rel=1e-12)
+    for (name, parameter), reference_parameter in zip(
+        learner.model.named_parameters(), anil.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(parameter.grad, reference_parameter.grad, msg=name)
+    assert learner.task_encoder.decoder.weight.grad.abs().sum() > 0  # it does learn
+
+
+def test_encoder_shapes_on_five_way_one_shot_and_twenty_way_tasks():
+    learner = build(variant="encoder")
+    five_way = sample_episodes(class_patterns(24, seed=1), 2, 5, 1, 15, seed=2)
+    stats = learner.meta_gradients(five_way, TrainProgress(0, 1))
+    assert math.isfinite(stats.loss) and 0 <= stats.accuracy <= 1
+    for name, parameter in learner.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    logits = learner.adapt(five_way.support_x[0], five_way.support_y[0])(five_way.query_x[0])
+    assert logits.shape == (75, 5)
+    # A 20-way task for the 5-way learner: a fresh zero head, adapted at the encoded rates.
+    twenty_way = sample_episodes(class_patterns(24, seed=1), 1, 20, 1, 2, seed=3)
+    predictor = learner.adapt(twenty_way.support_x[0], twenty_way.support_y[0], steps=2)
+    logits = predictor(twenty_way.query_x[0])
+    assert logits.shape == (40, 20) and torch.isfinite(logits).all()
+    assert learner.model.head.weight.shape == (5, learner.model.head.in_features)
+    # And a learner trained 20-way.
+    twenty = build(n_way=20, variant="encoder")
+    stats = twenty.meta_gradients(twenty_way, TrainProgress(0, 1))
+    assert math.isfinite(stats.loss)
+
+
+def test_encoder_inner_loop_changes_only_the_head(monkeypatch):
+    trajectories = []
+    original = taml_encoder.inner_loop
+
+    def recording_inner_loop(*args, **kwargs):
+        trajectories.append(original(*args, **kwargs))
+        return trajectories[-1]
+
+    monkeypatch.setattr(taml_encoder, "inner_loop", recording_inner_loop)
+    learner = build(n_way=3, variant="encoder", inner_steps=2)
+    episodes = small_episodes()
+    learner.meta_gradients(episodes, TrainProgress(0, 1))
+    learner.zero_grad(set_to_none=True)
+    before = {name: p.detach().clone() for name, p in learner.named_parameters()}
+    learner.adapt(episodes.support_x[0], episodes.support_y[0], steps=3)(episodes.query_x[0])
+    # Two chunks of tasks (task_chunk_size 2) with 2 steps each, then adapt with 3 steps.
+    assert [len(trajectory) for trajectory in trajectories] == [3, 3, 4]
+    for trajectory in trajectories:
+        assert all(set(params) == {"head.weight", "head.bias"} for params in trajectory)
+        assert not torch.equal(trajectory[-1]["head.weight"], trajectory[0]["head.weight"])
+    for name, parameter in learner.named_parameters():  # adapt moves no meta-parameter
+        assert torch.equal(parameter, before[name]) and parameter.grad is None, name
+
+
+def test_encoder_parameter_groups_include_the_task_encoder():
+    learner = build(variant="encoder", outer_trainable="head")
+    groups = {group["name"]: group for group in learner.parameter_groups()}
+    assert set(groups) == {"head x1", "task_encoder x1"}
+    names = set(groups["task_encoder x1"]["parameter_names"])
+    assert {f"task_encoder.{n}" for n, _ in learner.task_encoder.named_parameters()} == names
+
+
+# ----------------------------------------------------------------- training runs
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_few_dozen_meta_steps_reduce_the_held_out_loss(variant: str):
+    learner = build(seed=0, head_init="zeros", **VARIANTS[variant])
+    before, after, losses = held_out_losses_around_training(learner, steps=30)
+    assert after < 0.6 * before, (before, after)  # measured: 0.36, 0.37, 0.26
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_same_seed_gives_identical_parameters(variant: str):
+    states = []
+    for _ in range(2):
+        learner = build(seed=5, meta_dropout_rates=[0.1, 0.1, 0.1, 0.1], **VARIANTS[variant])
+        meta_train(learner, class_patterns(12, seed=3), steps=3, seed=0)
+        states.append(learner.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.filterwarnings("ignore:precision bf16")  # emulated-bf16 CPUs warn
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bf16_meta_gradients_are_finite(variant: str):
+    torch.manual_seed(0)
+    learner = taml.build(Options(**VARIANTS[variant]), build_context(precision="bf16"))
+    stats = learner.meta_gradients(small_episodes(n_way=5), TrainProgress(0, 1))
+    assert math.isfinite(stats.extra["meta_loss"])
+    assert all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------- options and files
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"variant": "inequality", "entropy_weight": 0.5}, "applies only to variant 'entropy'"),
+        ({"encoder_width": 8}, "applies only to variant 'encoder', not 'entropy'"),
+        ({"variant": "inequality", "generalized_entropy_alpha": 3.0}, "'generalized_entropy'"),
+        ({"variant": "encoder", "adapt_parameters": "all"}, "adapt_parameters must be head"),
+        ({"variant": "encoder", "inner_lr_mode": "per_parameter"}, "inner_lr_mode must be fixed"),
+        ({"variant": "inequality", "inequality": "atkinson"}, "theil"),
+        ({"lambda": 0.1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_options_reject_what_the_variant_does_not_use(options: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        Options(**options)
+
+
+def test_options_round_trip_and_params_errors_name_the_key():
+    for variant in VARIANTS.values():
+        options = Options(**variant)
+        assert Options.model_validate(options.model_dump()) == options
+    assert Options(variant="encoder").adapt_parameters == "head"
+    raw = {"experiments": {"t": {"algorithm": "taml", "options": {"variant": "inequality"}}}}
+    raw["experiments"]["t"]["options"]["entropy_weight"] = 0.3
+    with pytest.raises(ParamsError, match=r"experiments\.t\.options\.entropy_weight = 0\.3"):
+        validate_params(raw).algorithm_options("t")
+
+
+@pytest.mark.parametrize("variant", ["theil", "encoder"])
+def test_model_file_round_trip_and_other_way_counts(variant: str):
+    options = {**VARIANTS[variant], "test_inner_steps": 2}
+    payload, original = trainer_like_payload("taml", options)
+    learner = learner_from_payload(payload)
+    assert type(learner.meta_learner) is type(original)
+    assert learner.adapts_by_gradient and learner.default_adaptation_steps == 2
+    support_x, support_y, query_x = task(5)
+    expected = original.eval().adapt(support_x, support_y)(query_x)
+    torch.testing.assert_close(learner.adapt(support_x, support_y).predict(query_x), expected)
+    support_x, support_y, query_x = task(3, k_shot=1, queries=4)
+    assert learner.adapt(support_x, support_y).predict(query_x).shape == (12, 3)
