@@ -40,7 +40,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from throughput import random_episodes  # noqa: E402  (the same synthetic tasks)
+from throughput import print_table, random_episodes  # noqa: E402  (the same synthetic tasks)
 
 from metalab.algorithms.base import TrainProgress  # noqa: E402
 from metalab.algorithms.maml import MAMLLearner, Options  # noqa: E402
@@ -194,18 +194,20 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=2) + "\n")
 
-    header = (
-        f"{'config':6} {'procs':>5} {'threads':>7} {'tasks/s':>8} {'cpu t/s':>8} "
-        f"{'RSS MB':>7} {'allreduce ms':>12} {'x 1x2':>6} {'other load':>10}"
+    print_table(
+        rows,
+        [
+            ("config", "config", "<6"),
+            ("processes", "procs", ">5d"),
+            ("threads_per_process", "threads", ">7d"),
+            ("tasks_per_s", "tasks/s", ">8.2f"),
+            ("cpu_tasks_per_s", "cpu t/s", ">8.2f"),
+            ("peak_rss_mb", "RSS MB", ">7.0f"),
+            ("allreduce_ms", "allreduce ms", ">12.2f"),
+            ("ratio_vs_1x2", "x 1x2", ">6.2f"),
+            ("other_load", "other load", ">10.2f"),
+        ],
     )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(
-            f"{row['config']:6} {row['processes']:5d} {row['threads_per_process']:7d} "
-            f"{row['tasks_per_s']:8.2f} {row['cpu_tasks_per_s']:8.2f} {row['peak_rss_mb']:7.0f} "
-            f"{row['allreduce_ms']:12.2f} {row['ratio_vs_1x2']:6.2f} {row['other_load']:10.2f}"
-        )
     print(f"load average before: {load_before:.2f} on {os.cpu_count()} CPUs; wrote {args.output}")
 
 

@@ -73,6 +73,20 @@ RUNS = [
 ]
 
 
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print rows as an aligned table; columns: (row key, header, format spec such as
+    ">8.2f"); headers take the spec's alignment and width."""
+    widths = [(spec[0], spec[1:].split(".")[0].rstrip("df")) for _, _, spec in columns]
+    header = " ".join(
+        f"{title:{align}{width}}"
+        for (_, title, _), (align, width) in zip(columns, widths, strict=True)
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(" ".join(f"{row[key]:{spec}}" for key, _, spec in columns))
+
+
 def random_episodes(num_tasks: int, seed: int = 0) -> Episodes:
     """Binary images with Omniglot-like ink density (~20%), labels class-major."""
     generator = torch.Generator().manual_seed(seed)
@@ -208,18 +222,19 @@ def main() -> None:
     check_path = args.output.with_name(args.output.stem + "_bf16_check.json")
     check_path.write_text(json.dumps(check, indent=2) + "\n")
 
-    header = (
-        f"{'config':8} {'variant':17} {'prec':5} {'tasks/s':>8} {'cpu t/s':>8} {'RSS MB':>8} "
-        f"{'x loop':>7} {'cpu x':>6}"
+    print_table(
+        rows,
+        [
+            ("config", "config", "<8"),
+            ("variant", "variant", "<17"),
+            ("precision", "prec", "<5"),
+            ("tasks_per_s", "tasks/s", ">8.2f"),
+            ("cpu_tasks_per_s", "cpu t/s", ">8.2f"),
+            ("peak_rss_mb", "RSS MB", ">8.0f"),
+            ("ratio_vs_loop", "x loop", ">7.2f"),
+            ("cpu_ratio_vs_loop", "cpu x", ">6.2f"),
+        ],
     )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(
-            f"{row['config']:8} {row['variant']:17} {row['precision']:5} {row['tasks_per_s']:8.2f} "
-            f"{row['cpu_tasks_per_s']:8.2f} {row['peak_rss_mb']:8.0f} {row['ratio_vs_loop']:7.2f} "
-            f"{row['cpu_ratio_vs_loop']:6.2f}"
-        )
     print(
         "ANIL-5 vectorised vs MAML-5 vectorised: "
         f"{anil['tasks_per_s'] / maml5['tasks_per_s']:.2f}x, "
