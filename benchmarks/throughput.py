@@ -14,13 +14,20 @@ Adam step on a fixed random meta-batch. Configs share 5-way 1-shot, 15 queries p
 
 Variants: ``loop`` = the plain per-task loop (functional_call of the nn.Module, NCHW,
 ``vectorise_tasks: false``), the baseline of ``ratio_vs_loop``; ``vectorised`` = the
-default fast path (grouped convolutions over chunks of 2 tasks, channels_last);
-``vectorised-chunkN`` the same with N tasks per pass (for tuning ``task_chunk_size``). Rows are
-printed as a table and written to benchmarks/results/throughput.json; ``cpu_tasks_per_s``
-(tasks per CPU-second of the process) is less sensitive to other load on the machine than
-wall-clock ``tasks_per_s``. With ``--rounds R`` the subprocesses run R times, interleaved,
-and the best round counts. A cheap bf16 check (meta-gradient cosine similarity to fp32 on
-one meta-batch) goes to benchmarks/results/throughput_bf16_check.json.
+default fast path (grouped convolutions over chunks of 2 tasks, channels_last, the chunks
+shared between the torch threads, ``task_parallel``); ``vectorised-serial`` the same with
+every kernel split between the threads instead (``task_parallel: false``);
+``vectorised-chunkN`` N tasks per pass (for tuning ``task_chunk_size``). Every process
+reuses freed memory as the stages do (`metalab.runtime.keep_freed_memory`), except
+``loop-glibc-default`` and ``vectorised-glibc-default``, which show what the C allocator's
+defaults cost (``page_faults_per_iteration``).
+
+Rows are printed as a table and written to benchmarks/results/throughput.json, with the
+CPU's model and bf16 support (AMX / AVX512-BF16 decide whether bf16 pays off);
+``cpu_tasks_per_s`` (tasks per CPU-second of the process) is less sensitive to other load
+on the machine than wall-clock ``tasks_per_s``. With ``--rounds R`` the subprocesses run R
+times, interleaved, and the best round counts. A cheap bf16 check (meta-gradient cosine
+similarity to fp32 on one meta-batch) goes to benchmarks/results/throughput_bf16_check.json.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from metalab.algorithms.base import TrainProgress  # noqa: E402
 from metalab.algorithms.maml import MAMLLearner, Options  # noqa: E402
 from metalab.data.episodes import Episodes  # noqa: E402
 from metalab.models import Conv4  # noqa: E402
+from metalab.runtime import keep_freed_memory  # noqa: E402
 
 N_WAY, K_SHOT, QUERIES, IMAGE_SIZE, HIDDEN = 5, 1, 15, 28, 64
 CONFIGS: dict[str, dict] = {
@@ -50,26 +58,35 @@ CONFIGS: dict[str, dict] = {
     "MAML-5": {"inner_steps": 5},
     "ANIL-5": {"inner_steps": 5, "adapt_parameters": "head"},
 }
+LOOP = {"vectorise_tasks": False, "channels_last": False}
 VARIANTS: dict[str, dict] = {
-    "loop": {"vectorise_tasks": False, "channels_last": False},
-    "vectorised": {},  # the defaults: task_chunk_size 2, channels_last
+    "loop": LOOP,
+    "loop-glibc-default": LOOP,
+    "vectorised": {},  # the defaults: task_chunk_size 2, channels_last, task_parallel
+    "vectorised-glibc-default": {},
+    "vectorised-serial": {"task_parallel": False},
     "vectorised-chunk1": {"task_chunk_size": 1},
     "vectorised-chunk4": {"task_chunk_size": 4},
-    "vectorised-chunk8": {"task_chunk_size": 8},
 }
 RUNS = [
     ("C1", "loop", "fp32"),
+    ("C1", "loop-glibc-default", "fp32"),
     ("C1", "vectorised", "fp32"),
     ("C1", "vectorised", "bf16"),
+    ("C1", "vectorised-glibc-default", "fp32"),
+    ("C1", "vectorised-serial", "fp32"),
+    ("C1", "vectorised-serial", "bf16"),
     ("C1", "vectorised-chunk1", "fp32"),
     ("C1", "vectorised-chunk4", "fp32"),
-    ("C1", "vectorised-chunk8", "fp32"),
+    ("C1", "vectorised-chunk4", "bf16"),
     ("C1-FO", "loop", "fp32"),
     ("C1-FO", "vectorised", "fp32"),
     ("MAML-5", "loop", "fp32"),
     ("MAML-5", "vectorised", "fp32"),
+    ("MAML-5", "vectorised", "bf16"),
     ("ANIL-5", "loop", "fp32"),
     ("ANIL-5", "vectorised", "fp32"),
+    ("ANIL-5", "vectorised", "bf16"),
 ]
 
 
@@ -123,15 +140,36 @@ def measure(config: str, variant: str, precision: str, tasks: int, warmup: int, 
 
     for index in range(warmup):
         iteration(index)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     wall, cpu = time.perf_counter(), time.process_time()
     for index in range(timed):
         iteration(warmup + index)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "tasks_per_s": tasks * timed / wall,
         "cpu_tasks_per_s": tasks * timed / cpu,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "page_faults_per_iteration": (usage.ru_minflt - faults) / timed,
     }
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the bf16-relevant instruction sets it advertises."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": "unknown", "bf16_flags": []}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    flags = set(info.split())
+    return {"model": model, "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})}
 
 
 def bf16_gradient_check(tasks: int) -> dict:
@@ -159,6 +197,8 @@ def run_worker(args: argparse.Namespace) -> None:
         print(json.dumps(bf16_gradient_check(args.tasks)))
         return
     config, variant, precision = args.worker.split(",")
+    if not variant.endswith("glibc-default"):
+        keep_freed_memory()
     print(json.dumps(measure(config, variant, precision, args.tasks, args.warmup, args.timed)))
 
 
@@ -184,6 +224,8 @@ def main() -> None:
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         return json.loads(result.stdout.strip().splitlines()[-1])
 
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}; bf16 instructions: {', '.join(cpu['bf16_flags']) or 'none'}")
     best: dict[tuple[str, str, str], dict] = {}
     for round_index in range(args.rounds):
         for run in RUNS:
@@ -210,11 +252,12 @@ def main() -> None:
                 "cpu_ratio_vs_loop": round(
                     measured["cpu_tasks_per_s"] / baseline["cpu_tasks_per_s"], 3
                 ),
+                "page_faults_per_iteration": round(measured["page_faults_per_iteration"]),
                 "tasks": tasks,
                 "threads": args.threads,
+                "cpu": cpu,
             }
         )
-    anil, maml5 = best[("ANIL-5", "vectorised", "fp32")], best[("MAML-5", "vectorised", "fp32")]
     maml5_loop = best[("MAML-5", "loop", "fp32")]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=2) + "\n")
@@ -233,15 +276,18 @@ def main() -> None:
             ("peak_rss_mb", "RSS MB", ">8.0f"),
             ("ratio_vs_loop", "x loop", ">7.2f"),
             ("cpu_ratio_vs_loop", "cpu x", ">6.2f"),
+            ("page_faults_per_iteration", "faults/it", ">9d"),
         ],
     )
-    print(
-        "ANIL-5 vectorised vs MAML-5 vectorised: "
-        f"{anil['tasks_per_s'] / maml5['tasks_per_s']:.2f}x, "
-        f"vs MAML-5 loop: {anil['tasks_per_s'] / maml5_loop['tasks_per_s']:.2f}x (wall); "
-        f"cpu: {anil['cpu_tasks_per_s'] / maml5['cpu_tasks_per_s']:.2f}x / "
-        f"{anil['cpu_tasks_per_s'] / maml5_loop['cpu_tasks_per_s']:.2f}x"
-    )
+    for precision in ("fp32", "bf16"):
+        anil = best[("ANIL-5", "vectorised", precision)]
+        maml5 = best[("MAML-5", "vectorised", precision)]
+        print(
+            f"ANIL-5 vectorised {precision} vs MAML-5 vectorised {precision}: "
+            f"{anil['tasks_per_s'] / maml5['tasks_per_s']:.2f}x, "
+            f"vs MAML-5 loop fp32: {anil['tasks_per_s'] / maml5_loop['tasks_per_s']:.2f}x "
+            f"(cpu: {anil['cpu_tasks_per_s'] / maml5_loop['cpu_tasks_per_s']:.2f}x)"
+        )
     print(
         f"bf16 vs fp32 C1 meta-gradient: cosine {check['gradient_cosine_similarity']:.4f}, "
         f"relative error {check['relative_gradient_error']:.3f}"

@@ -7,8 +7,8 @@ ImageNet weights cannot be downloaded here. Writes models/pretrain/body.pt.
 from __future__ import annotations
 
 import torch
-from metalab.algorithms.pretrain import pretrain_body
 
+from metalab.algorithms.pretrain import pretrain_body
 from metalab.cli import run_stage, stage_parser
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split

@@ -196,6 +196,55 @@ def test_meta_gradients_are_deterministic_given_the_seed():
         assert torch.equal(results[0][name], results[1][name])
 
 
+@pytest.mark.parametrize("case", ["maml", "per_step_batchnorm", "meta_sgd_dropout", "anil"])
+def test_task_parallel_threads_equal_the_per_task_loop_and_repeat_exactly(monkeypatch, case):
+    """With two torch threads the vectorised path splits the chunks between two worker
+    threads (each single-threaded); gradients still equal the loop's, reruns are bitwise
+    identical, the caller's thread count is restored and existing .grad is added to."""
+    episodes = make_episodes(num_tasks=5)
+    shares = []
+    original = MAMLLearner._run_chunks_in_threads
+
+    def recording(self, run, chunks, workers, inputs, num_tasks):
+        shares.append((len(chunks), workers))
+        return original(self, run, chunks, workers, inputs, num_tasks)
+
+    monkeypatch.setattr(MAMLLearner, "_run_chunks_in_threads", recording)
+    loop_learner = make_learner(vectorise_tasks=False, **EQUIVALENCE_CASES[case])
+    torch.manual_seed(7)  # the same meta-dropout masks on every run
+    loop_stats, loop_grads = meta_gradients(loop_learner, episodes)
+    torch.set_num_threads(2)
+    parallel = []
+    for _ in range(2):
+        learner = make_learner(task_chunk_size=2, **EQUIVALENCE_CASES[case])
+        torch.manual_seed(7)
+        parallel.append(meta_gradients(learner, episodes))
+        assert torch.get_num_threads() == 2
+    assert shares == [(3, 2), (3, 2)]  # 5 tasks in chunks of 2 -> 3 chunks, 2 threads
+    stats, grads = parallel[0]
+    assert loop_stats.loss == pytest.approx(stats.loss, rel=1e-12)
+    assert loop_stats.accuracy == stats.accuracy
+    assert_same_gradients(loop_grads, grads)
+    for name in grads:
+        assert torch.equal(grads[name], parallel[1][1][name]), name
+    # .grad accumulates like backward(): a second call adds the same gradient again.
+    torch.manual_seed(7)
+    learner.meta_gradients(episodes, TrainProgress(0, 100))
+    for name, p in learner.named_meta_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, 2 * grads[name], rtol=1e-12, atol=1e-15)
+
+
+def test_task_parallel_is_off_for_one_thread_and_for_the_loop():
+    torch.set_num_threads(2)
+    assert make_learner()._task_workers(num_chunks=8) == 2
+    assert make_learner()._task_workers(num_chunks=1) == 1
+    assert make_learner(task_parallel=False)._task_workers(num_chunks=8) == 1
+    assert make_learner(vectorise_tasks=False)._task_workers(num_chunks=8) == 1
+    torch.set_num_threads(1)
+    assert make_learner()._task_workers(num_chunks=8) == 1
+
+
 # ----------------------------------------------------------------- MAML++ schedules
 def test_multi_step_loss_weights_sum_to_one_and_anneal_to_the_last_step():
     previous = None

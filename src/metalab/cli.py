@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from metalab.params import Params, ParamsError, load_params
+from metalab.runtime import keep_freed_memory
 
 
 class StageError(RuntimeError):
@@ -30,8 +31,11 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 def run_stage(
     main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser
 ) -> None:
-    """Parse arguments, load params, call `main`; map known failures to exit codes."""
+    """Parse arguments, load params, call `main`; map known failures to exit codes.
+
+    Every stage process reuses freed memory (`metalab.runtime.keep_freed_memory`)."""
     args = parser.parse_args()
+    keep_freed_memory()
     try:
         params = load_params(args.params)
         main(args, params)

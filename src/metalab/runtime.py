@@ -1,0 +1,59 @@
+"""Process-wide CPU settings for fast meta-training.
+
+Meta-training allocates and frees the same large activation tensors (tens of MB) every
+task chunk. glibc's malloc serves blocks above its mmap threshold with fresh ``mmap``
+pages and returns them to the kernel on free, so every allocation page-faults again on
+first touch: measured here, about 360,000 minor page faults per MAML meta-iteration (32
+tasks) and a quarter of its wall-clock time. Raising the mmap threshold to its maximum and
+never trimming the heap lets freed blocks be reused instead (faults per iteration: ~0).
+The cost is that the process keeps its peak heap until it exits, which a training process
+does anyway. All threads share the one heap (one malloc arena): allocations are few and
+large here, so the arena lock costs nothing measurable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+# mallopt parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Blocks up to 1 GiB come from the heap (a chunk of 4 fp32 tasks has 60 MB activations).
+# Older glibc rejects thresholds above 32 MiB (DEFAULT_MMAP_THRESHOLD_MAX); then that.
+MMAP_THRESHOLD = 1024 * 1024 * 1024
+MMAP_THRESHOLD_FALLBACK = 32 * 1024 * 1024
+TRIM_THRESHOLD = 2**31 - 1  # largest int: in practice never give the heap back
+TOP_PAD = 64 * 1024 * 1024  # grow the heap in 64 MiB steps
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make the C allocator reuse freed memory instead of returning it to the kernel.
+
+    Idempotent; returns whether the settings took effect (False off glibc, e.g. macOS or
+    musl, where nothing is changed).
+    """
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(path).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    threshold_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    if not threshold_set:
+        threshold_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_FALLBACK) == 1
+    settings = (
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (_M_TOP_PAD, TOP_PAD),
+        # One arena: worker threads (task-parallel meta-batches) reuse the same kept heap
+        # instead of per-thread arenas that grow, shrink and fault on their own.
+        (_M_ARENA_MAX, 1),
+    )
+    return all([mallopt(parameter, value) == 1 for parameter, value in settings]) and threshold_set
