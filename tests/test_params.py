@@ -32,6 +32,23 @@ def test_paper_params_file_covers_every_experiment_with_paper_budgets():
         assert paper.train_config(name).iterations > default.train_config(name).iterations
 
 
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", ROOT / "params" / "paper.yaml"])
+def test_maml_bf16_differs_from_maml_only_in_precision(path):
+    # The report's [maml, maml_bf16] pair measures bf16's effect only if nothing else differs.
+    params = load_params(path)
+    fp32, bf16 = params.experiment("maml"), params.experiment("maml_bf16")
+    assert (fp32.algorithm, fp32.model, fp32.pretrained) == (
+        bf16.algorithm,
+        bf16.model,
+        bf16.pretrained,
+    )
+    assert params.algorithm_options("maml") == params.algorithm_options("maml_bf16")
+    fp32_train, bf16_train = params.train_config("maml"), params.train_config("maml_bf16")
+    assert (fp32_train.precision, bf16_train.precision) == ("fp32", "bf16")
+    assert fp32_train.model_copy(update={"precision": "bf16"}) == bf16_train
+    assert ["maml", "maml_bf16"] in [list(pair) for pair in params.report.pairs]
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
