@@ -26,7 +26,9 @@ Rows are printed as a table and written to benchmarks/results/throughput.json, w
 CPU's model and bf16 support (AMX / AVX512-BF16 decide whether bf16 pays off);
 ``cpu_tasks_per_s`` (tasks per CPU-second of the process) is less sensitive to other load
 on the machine than wall-clock ``tasks_per_s``. With ``--rounds R`` the subprocesses run R
-times, interleaved, and the best round counts. A cheap bf16 check (meta-gradient cosine
+times, interleaved, and the best round counts; ``tasks_per_s_rounds`` keeps every round's
+value (the printed ``spread`` is max/min - 1), because run-to-run noise on a shared
+machine can exceed the differences being measured. A cheap bf16 check (meta-gradient cosine
 similarity to fp32 on one meta-batch) goes to benchmarks/results/throughput_bf16_check.json.
 """
 
@@ -227,12 +229,14 @@ def main() -> None:
     cpu = cpu_description()
     print(f"CPU: {cpu['model']}; bf16 instructions: {', '.join(cpu['bf16_flags']) or 'none'}")
     best: dict[tuple[str, str, str], dict] = {}
+    every_round: dict[tuple[str, str, str], list[float]] = {run: [] for run in RUNS}
     for round_index in range(args.rounds):
         for run in RUNS:
             measured = spawn(",".join(run))
             print(
                 f"round {round_index + 1}: {run} {measured['tasks_per_s']:.2f} tasks/s", flush=True
             )
+            every_round[run].append(round(measured["tasks_per_s"], 3))
             if run not in best or measured["tasks_per_s"] > best[run]["tasks_per_s"]:
                 best[run] = measured
 
@@ -240,12 +244,15 @@ def main() -> None:
     for config, variant, precision in RUNS:
         baseline = best[(config, "loop", "fp32")]
         measured = best[(config, variant, precision)]
+        rounds = every_round[(config, variant, precision)]
         rows.append(
             {
                 "config": config,
                 "variant": variant,
                 "precision": precision,
                 "tasks_per_s": round(measured["tasks_per_s"], 3),
+                "tasks_per_s_rounds": rounds,
+                "spread": round(max(rounds) / min(rounds) - 1, 3),
                 "cpu_tasks_per_s": round(measured["cpu_tasks_per_s"], 3),
                 "peak_rss_mb": round(measured["peak_rss_mb"], 1),
                 "ratio_vs_loop": round(measured["tasks_per_s"] / baseline["tasks_per_s"], 3),
@@ -277,6 +284,7 @@ def main() -> None:
             ("ratio_vs_loop", "x loop", ">7.2f"),
             ("cpu_ratio_vs_loop", "cpu x", ">6.2f"),
             ("page_faults_per_iteration", "faults/it", ">9d"),
+            ("spread", "spread", ">6.0%"),
         ],
     )
     for precision in ("fp32", "bf16"):
