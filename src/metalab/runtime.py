@@ -3,11 +3,12 @@
 Meta-training allocates and frees the same large activation tensors (tens of MB) every
 task chunk. glibc's malloc serves blocks above its mmap threshold with fresh ``mmap``
 pages and returns them to the kernel on free, so every allocation page-faults again on
-first touch, and it trims the freed top of the heap likewise: measured here, 150,000 to
+first touch, and it trims the freed top of the heap likewise: measured here, up to
 380,000 minor page faults per MAML C1 meta-iteration (32 tasks; benchmarks/throughput.py,
-``glibc-default`` rows) and up to a quarter of its wall-clock time. Serving blocks up to
-1 GiB from the heap and never trimming it lets freed blocks be reused instead (under
-2,500 faults per iteration).
+``glibc-default`` rows; 18,000-380,000 across runs, as the heap layout varies) and up to
+a quarter of its wall-clock time. Serving blocks up to 1 GiB from the heap and never
+trimming it lets freed blocks be reused instead (at most a few thousand faults per
+iteration in those runs).
 The cost is that the process keeps its peak heap until it exits, which a training process
 does anyway. All threads share the one heap (one malloc arena): allocations are few and
 large here, so the arena lock costs nothing measurable.
