@@ -30,6 +30,12 @@ times, interleaved, and the best round counts; ``tasks_per_s_rounds`` keeps ever
 value (the printed ``spread`` is max/min - 1), because run-to-run noise on a shared
 machine can exceed the differences being measured. A cheap bf16 check (meta-gradient cosine
 similarity to fp32 on one meta-batch) goes to benchmarks/results/throughput_bf16_check.json.
+
+``--paired N`` measures the targets' ratios differently: one process per comparison builds
+the baseline and its contenders side by side and times one meta-iteration of each in turn,
+N rounds (the order rotating every round), so that the machine's slow swings hit every
+variant of a round alike. It reports the median and quartiles of the per-round ratios (and
+the ratio of the best times) in benchmarks/results/throughput_paired.json.
 """
 
 from __future__ import annotations
@@ -37,9 +43,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,6 +98,16 @@ RUNS = [
     ("ANIL-5", "vectorised", "fp32"),
     ("ANIL-5", "vectorised", "bf16"),
 ]
+
+# Paired comparisons: the baseline first, then its contenders (the issue's targets).
+PAIRED: dict[str, list[tuple[str, str, str]]] = {
+    "C1": [("C1", "loop", "fp32"), ("C1", "vectorised", "fp32"), ("C1", "vectorised", "bf16")],
+    "ANIL-5 vs MAML-5": [
+        ("MAML-5", "loop", "fp32"),
+        ("ANIL-5", "vectorised", "fp32"),
+        ("ANIL-5", "vectorised", "bf16"),
+    ],
+}
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
@@ -156,6 +174,57 @@ def measure(config: str, variant: str, precision: str, tasks: int, warmup: int, 
     }
 
 
+def measure_paired(group: str, tasks: int, warmup: int, rounds: int) -> list[dict]:
+    """Run in a worker process: every run of ``PAIRED[group]`` side by side, one timed
+    meta-iteration each per round, and each contender's per-round time ratio to the
+    baseline (the group's first run)."""
+    runs = PAIRED[group]
+    episodes = random_episodes(tasks)
+    steppers = []
+    for config, variant, precision in runs:
+        learner = make_learner(config, variant, precision)
+        optimizer = torch.optim.Adam(learner.parameter_groups(), lr=1e-3)
+
+        def iteration(index: int, learner=learner, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            learner.meta_gradients(episodes, TrainProgress(index, 1000))
+            optimizer.step()
+
+        steppers.append(iteration)
+    for iteration in steppers:
+        for index in range(warmup):
+            iteration(index)
+    seconds: list[list[float]] = [[] for _ in runs]
+    for round_index in range(rounds):
+        for offset in range(len(runs)):
+            which = (round_index + offset) % len(runs)
+            start = time.perf_counter()
+            steppers[which](warmup + round_index)
+            seconds[which].append(time.perf_counter() - start)
+    rows = []
+    for (config, variant, precision), times in zip(runs[1:], seconds[1:], strict=True):
+        ratios = [base / own for base, own in zip(seconds[0], times, strict=True)]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        rows.append(
+            {
+                "group": group,
+                "config": config,
+                "variant": variant,
+                "precision": precision,
+                "baseline": "/".join(runs[0]),
+                "rounds": rounds,
+                "ratio_median": round(statistics.median(ratios), 3),
+                "ratio_q1": round(quartiles[0], 3),
+                "ratio_q3": round(quartiles[-1], 3),
+                "ratio_of_best": round(min(seconds[0]) / min(times), 3),
+                "ratios": [round(r, 3) for r in ratios],
+                "tasks_per_s_median": round(tasks / statistics.median(times), 3),
+                "baseline_tasks_per_s_median": round(tasks / statistics.median(seconds[0]), 3),
+            }
+        )
+    return rows
+
+
 def cpu_description() -> dict:
     """The CPU's model name and the bf16-relevant instruction sets it advertises."""
     try:
@@ -198,6 +267,11 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.worker == "bf16-check":
         print(json.dumps(bf16_gradient_check(args.tasks)))
         return
+    if args.worker.startswith("paired:"):
+        keep_freed_memory()
+        group = args.worker.removeprefix("paired:")
+        print(json.dumps(measure_paired(group, args.tasks, args.warmup, args.timed)))
+        return
     config, variant, precision = args.worker.split(",")
     if not variant.endswith("glibc-default"):
         keep_freed_memory()
@@ -209,6 +283,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 tasks, 1 warmup, 1 timed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
+    parser.add_argument(
+        "--paired", type=int, metavar="N", help="only the paired target ratios, N rounds"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/throughput.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, help=argparse.SUPPRESS)
@@ -220,7 +297,7 @@ def main() -> None:
         return
     tasks, warmup, timed = (8, 1, 1) if args.quick else (32, 1, 3)
 
-    def spawn(worker: str) -> dict:
+    def spawn(worker: str, timed: int = timed) -> dict | list:
         command = [sys.executable, __file__, "--worker", worker, "--threads", str(args.threads)]
         command += ["--tasks", str(tasks), "--warmup", str(warmup), "--timed", str(timed)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -228,6 +305,9 @@ def main() -> None:
 
     cpu = cpu_description()
     print(f"CPU: {cpu['model']}; bf16 instructions: {', '.join(cpu['bf16_flags']) or 'none'}")
+    if args.paired:
+        run_paired(args, spawn, tasks, cpu)
+        return
     best: dict[tuple[str, str, str], dict] = {}
     every_round: dict[tuple[str, str, str], list[float]] = {run: [] for run in RUNS}
     for round_index in range(args.rounds):
@@ -301,6 +381,38 @@ def main() -> None:
         f"relative error {check['relative_gradient_error']:.3f}"
     )
     print(f"wrote {args.output} and {check_path}")
+
+
+def run_paired(args: argparse.Namespace, spawn: Callable, tasks: int, cpu: dict) -> None:
+    """``--paired N``: each comparison of ``PAIRED`` in its own process, N rounds."""
+    rows = []
+    for group in PAIRED:
+        measured = spawn(f"paired:{group}", timed=args.paired)
+        for row in measured:
+            print(
+                f"{group}: {row['config']} {row['variant']} {row['precision']} "
+                f"ratios {', '.join(f'{r:.2f}' for r in row['ratios'])}",
+                flush=True,
+            )
+        rows += [{**row, "tasks": tasks, "threads": args.threads, "cpu": cpu} for row in measured]
+    output = args.output.with_name(args.output.stem + "_paired.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(rows, indent=2) + "\n")
+    print_table(
+        rows,
+        [
+            ("config", "config", "<8"),
+            ("variant", "variant", "<11"),
+            ("precision", "prec", "<5"),
+            ("baseline", "baseline", "<18"),
+            ("tasks_per_s_median", "tasks/s", ">8.2f"),
+            ("ratio_median", "x median", ">9.2f"),
+            ("ratio_q1", "x q1", ">6.2f"),
+            ("ratio_q3", "x q3", ">6.2f"),
+            ("ratio_of_best", "x best", ">7.2f"),
+        ],
+    )
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":
