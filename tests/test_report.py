@@ -17,6 +17,7 @@ from test_evaluation import load_stage
 from metalab.params import validate_params
 from metalab.report import build_report, render_readme_table, update_readme
 from metalab.report.plots import pareto_front
+from metalab.report.tables import durations
 
 SETTINGS = ["5w1s", "20w1s"]
 CONFIGURED = {
@@ -306,3 +307,12 @@ def test_report_stage_writes_outputs(project, monkeypatch):
     for name in ("training_loss", "accuracy", "pareto", "speed_memory"):
         assert (project / "plots" / f"{name}.png").stat().st_size > 10_000
     assert "| ★ protonets |" in readme.read_text()
+
+
+def test_durations_share_one_unit_per_column():
+    # The longest value picks the unit, so a column never mixes '117.3 s' and '2.8 min'.
+    assert durations([117.3, 168.0, None, float("nan")]) == ["2.0 min", "2.8 min", "-", "-"]
+    assert durations([45.0, 3.25]) == ["45.0 s", "3.2 s"]
+    assert durations([90.0, 7200.0]) == ["0.03 h", "2.00 h"]
+    assert durations([None]) == ["-"]
+    assert durations([]) == []

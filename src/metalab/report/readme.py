@@ -10,7 +10,7 @@ import pandas as pd
 
 from metalab.io import write_text
 from metalab.report.tables import (
-    duration,
+    durations,
     experiment_label,
     markdown_table,
     number,
@@ -44,7 +44,8 @@ def render_readme_table(
     if "best" not in table:
         table = table.assign(best=False)
     rows = []
-    for _, row in table.iterrows():
+    training_times = durations(table.get("training_seconds", [None] * len(table)))
+    for (_, row), training_time in zip(table.iterrows(), training_times, strict=True):
         rows.append(
             [experiment_label(row), text(row.get("algorithm"))]
             + [
@@ -52,7 +53,7 @@ def render_readme_table(
                 for s in settings
             ]
             + [
-                duration(row.get("training_seconds")),
+                training_time,
                 number(row.get("trainable_parameters"), thousands=True),
             ]
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from metalab.report.plots import _empty, _save, experiment_colors, plt
-from metalab.report.tables import duration, markdown_table, number
+from metalab.report.tables import durations, markdown_table, number
 
 STEP_KEYS = {"before_adaptation": 0, "after_1_steps": 1, "after_2_steps": 2, "after_3_steps": 3}
 
@@ -70,7 +70,9 @@ def rl_markdown(results: pd.DataFrame) -> str:
     header += ["before" if s == 0 else f"after {s} step{'s' if s > 1 else ''}" for s in steps]
     header += ["gain (1 step)", "training", "tasks/s", "peak MB"]
     rows = []
-    for (experiment, env), group in results.groupby(["experiment", "env"], sort=False):
+    groups = list(results.groupby(["experiment", "env"], sort=False))
+    training_times = durations(group.iloc[0]["training_seconds"] for _, group in groups)
+    for ((experiment, env), group), training_time in zip(groups, training_times, strict=True):
         by_step = group.set_index("steps")
         cells = [experiment, env]
         cells += [
@@ -85,7 +87,7 @@ def rl_markdown(results: pd.DataFrame) -> str:
             cells.append("-")
         first = group.iloc[0]
         cells += [
-            duration(first["training_seconds"]),
+            training_time,
             number(first["tasks_per_s"], 1),
             number(first["peak_memory_mb"]),
         ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -163,15 +163,20 @@ def percent(value: float | None, ci95: float | None = None, signed: bool = False
     return f"{text} ± {100 * ci95:.2f}" if _known(ci95) else text
 
 
-def duration(seconds: float | None) -> str:
-    """Seconds as '45.0 s', '12.5 min' or '3.40 h'."""
-    if not _known(seconds):
-        return MISSING
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
+def durations(seconds: Iterable[float | None]) -> list[str]:
+    """A column of durations in one unit, so that they compare at a glance: seconds if the
+    longest is under 2 minutes, else minutes if under 2 hours, else hours ('117.3 s' next
+    to '2.8 min' becomes '2.0 min' next to '2.8 min'). Missing values become '-'."""
+    values = list(seconds)
+    known = [value for value in values if _known(value)]
+    longest = max(known, default=0.0)
+    if longest < 120:
+        scale, unit, digits = 1, "s", 1
+    elif longest < 7200:
+        scale, unit, digits = 60, "min", 1
+    else:
+        scale, unit, digits = 3600, "h", 2
+    return [f"{v / scale:.{digits}f} {unit}" if _known(v) else MISSING for v in values]
 
 
 def number(value: float | None, digits: int = 0, thousands: bool = False) -> str:
@@ -286,11 +291,13 @@ def markdown(
                     number(row["parameters_per_training_task"], 2),
                     number(row["final_loss"], 4),
                     number(row["min_loss"], 4),
-                    duration(row["training_seconds"]),
+                    training_time,
                     number(row["tasks_per_s"], 1),
                     number(row["peak_memory_mb"], 0, thousands=True),
                 ]
-                for _, row in table.iterrows()
+                for (_, row), training_time in zip(
+                    table.iterrows(), durations(table["training_seconds"]), strict=True
+                )
             ],
         ),
         "## Paired comparisons",
