@@ -147,17 +147,25 @@ def make_learner(config: str, variant: str, precision: str) -> MAMLLearner:
     return MAMLLearner(model, N_WAY, options, precision=precision)
 
 
-def measure(config: str, variant: str, precision: str, tasks: int, warmup: int, timed: int) -> dict:
-    """Run in a worker process: tasks/s over ``timed`` meta-iterations after ``warmup``."""
+def make_stepper(
+    config: str, variant: str, precision: str, episodes: Episodes
+) -> Callable[[int], None]:
+    """One meta-iteration (zero_grad + meta_gradients + Adam step) on ``episodes``, as a
+    function of the iteration index."""
     learner = make_learner(config, variant, precision)
     optimizer = torch.optim.Adam(learner.parameter_groups(), lr=1e-3)
-    episodes = random_episodes(tasks)
 
     def iteration(index: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         learner.meta_gradients(episodes, TrainProgress(index, 1000))
         optimizer.step()
 
+    return iteration
+
+
+def measure(config: str, variant: str, precision: str, tasks: int, warmup: int, timed: int) -> dict:
+    """Run in a worker process: tasks/s over ``timed`` meta-iterations after ``warmup``."""
+    iteration = make_stepper(config, variant, precision, random_episodes(tasks))
     for index in range(warmup):
         iteration(index)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -180,17 +188,7 @@ def measure_paired(group: str, tasks: int, warmup: int, rounds: int) -> list[dic
     baseline (the group's first run)."""
     runs = PAIRED[group]
     episodes = random_episodes(tasks)
-    steppers = []
-    for config, variant, precision in runs:
-        learner = make_learner(config, variant, precision)
-        optimizer = torch.optim.Adam(learner.parameter_groups(), lr=1e-3)
-
-        def iteration(index: int, learner=learner, optimizer=optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            learner.meta_gradients(episodes, TrainProgress(index, 1000))
-            optimizer.step()
-
-        steppers.append(iteration)
+    steppers = [make_stepper(*run, episodes) for run in runs]
     for iteration in steppers:
         for index in range(warmup):
             iteration(index)
