@@ -50,6 +50,7 @@ from metalab.distributed import (  # noqa: E402
     broadcast_module,
     distributed_session,
 )
+from metalab.io import write_json  # noqa: E402
 from metalab.models import Conv4  # noqa: E402
 
 N_WAY, IMAGE_SIZE, HIDDEN, TASKS = 5, 28, 64, 32  # random_episodes: 1 shot, 15 queries
@@ -191,8 +192,7 @@ def main() -> None:
         }
         for processes, threads in RUNS
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(args.output, rows)
 
     print_table(
         rows,

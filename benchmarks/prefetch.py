@@ -11,7 +11,6 @@ and the 1-minute load average at the start, since the machine may be shared).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch  # imported up front so that the load timings do not include import
 
 from metalab.data.download import ARCHIVE_NAMES
 from metalab.data.prefetch import load_prefetched, prefetch_omniglot
+from metalab.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefetch.json"
 DEFAULT_ARCHIVES = Path("data/raw")
@@ -93,8 +93,7 @@ def main() -> None:
     print(" | ".join(f"{column:>17}" for column in columns))
     for row in rows:
         print(" | ".join(f"{row[column]:>17}" for column in columns))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(RESULTS, rows)
     print(f"wrote {RESULTS}")
 
 

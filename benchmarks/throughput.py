@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from metalab.algorithms.base import TrainProgress  # noqa: E402
 from metalab.algorithms.maml import MAMLLearner, Options  # noqa: E402
 from metalab.data.episodes import Episodes  # noqa: E402
+from metalab.io import write_json  # noqa: E402
 from metalab.models import Conv4  # noqa: E402
 from metalab.runtime import keep_freed_memory  # noqa: E402
 
@@ -344,11 +345,10 @@ def main() -> None:
             }
         )
     maml5_loop = best[("MAML-5", "loop", "fp32")]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(args.output, rows)
     check = spawn("bf16-check")
     check_path = args.output.with_name(args.output.stem + "_bf16_check.json")
-    check_path.write_text(json.dumps(check, indent=2) + "\n")
+    write_json(check_path, check)
 
     print_table(
         rows,
@@ -394,8 +394,7 @@ def run_paired(args: argparse.Namespace, spawn: Callable, tasks: int, cpu: dict)
             )
         rows += [{**row, "tasks": tasks, "threads": args.threads, "cpu": cpu} for row in measured]
     output = args.output.with_name(args.output.stem + "_paired.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(output, rows)
     print_table(
         rows,
         [
