@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch  # imported up front so that the load timings do not include importing torch
 
-from metalab.data.download import ARCHIVE_NAMES
+from metalab.data.archives import ARCHIVE_NAMES
 from metalab.data.prefetch import load_prefetched, prefetch_omniglot
 from metalab.io import write_json
 

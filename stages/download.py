@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 from metalab.cli import StageError, run_stage, stage_parser
-from metalab.data.download import ArchiveError, DownloadError, ExpectedCounts, fetch_archives
-from metalab.io import write_json
-from metalab.layout import METRICS_DIR, RAW_DIR
-from metalab.params import Params
+from metalab.data.archives import ArchiveError
+from metalab.data.config import DataParams, load_data_params
+from metalab.data.download import DownloadError, fetch_archives
+from metalab.layout import DATA_METRICS_FILE, RAW_DIR
+from metalab.records import DataMetrics
 from metalab.tracking import stage_run
 
 
-def main(args, params: Params) -> None:
+def main(args, params: DataParams) -> None:
     data = params.data
-    expected = {
-        name: ExpectedCounts(**counts.model_dump()) for name, counts in data.expected.items()
-    }
-    with stage_run(
-        "download",
-        {"data": data.model_dump(include={"sources", "download_timeout", "expected"})},
-        params.tracking.experiment_name,
-        enabled=params.tracking.enabled,
-    ) as run:
+    logged = {"data": data.model_dump(include={"sources", "download_timeout", "expected"})}
+    with stage_run("download", logged, params.tracking) as run:
         try:
             summaries = fetch_archives(
                 data.sources,
                 RAW_DIR,
-                expected,
+                data.expected,
                 timeout=data.download_timeout,
                 progress=not args.no_progress,
             )
@@ -42,7 +36,7 @@ def main(args, params: Params) -> None:
             }
             for name, summary in summaries.items()
         }
-        write_json(METRICS_DIR / "data.json", report)
+        DataMetrics.model_validate(report).write(DATA_METRICS_FILE)
         for name, row in report.items():
             run.log_metrics(
                 {f"{name}.drawings": row["drawings"], f"{name}.mb": row["size_bytes"] / 2**20}
@@ -54,4 +48,4 @@ def main(args, params: Params) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, stage_parser(__doc__))
+    run_stage(main, stage_parser(__doc__), load_data_params)

@@ -15,25 +15,31 @@ from metalab.cli import run_stage, stage_parser
 from metalab.data.prefetch import load_prefetched
 from metalab.evaluation import (
     evaluate_learner,
-    evaluation_settings,
     load_episode_sets,
     numeric_metrics,
     train_run_id,
 )
-from metalab.io import write_json, write_text
-from metalab.layout import EPISODES_DIR, METRICS_DIR, MODELS_DIR, PREFETCHED_FILE
-from metalab.params import Params
+from metalab.io import write_text
+from metalab.layout import (
+    EPISODES_DIR,
+    PREFETCHED_FILE,
+    eval_episodes_file,
+    eval_metrics_file,
+    model_file,
+    train_metrics_file,
+)
+from metalab.params import Params, load_params
 from metalab.tracking import peak_memory_mb, stage_run
 
 
 def main(args, params: Params) -> None:
     name = args.experiment
     experiment = params.experiment(name)
-    settings = evaluation_settings(params)
-    learner = load_learner(MODELS_DIR / f"{name}.pt")
+    settings = params.evaluation_settings()
+    learner = load_learner(model_file(name))
     arrays = load_prefetched(PREFETCHED_FILE)
     episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
-    parent_run = train_run_id(METRICS_DIR / "train" / f"{name}.json")
+    parent_run = train_run_id(train_metrics_file(name))
     torch.set_num_threads(params.train_config(name).threads)
     tags = {"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "evaluate"}
     if parent_run:
@@ -45,14 +51,7 @@ def main(args, params: Params) -> None:
         "episodes": params.episodes.model_dump(),
         "model": {"algorithm": learner.algorithm, "n_way": learner.n_way},
     }
-    with stage_run(
-        f"evaluate@{name}",
-        logged,
-        params.tracking.experiment_name,
-        run_name=f"evaluate {name}",
-        tags=tags,
-        enabled=params.tracking.enabled,
-    ) as run:
+    with stage_run(f"evaluate@{name}", logged, params.tracking, tags=tags) as run:
         evaluation = evaluate_learner(
             learner,
             arrays.images,
@@ -62,28 +61,28 @@ def main(args, params: Params) -> None:
             progress=not args.no_progress,
             experiment=name,
         )
-        metrics = evaluation.metrics(
+        metrics = evaluation.record(
             peak_memory_mb=peak_memory_mb(), train_run_id=parent_run, mlflow_run_id=run.run_id
         )
-        run.meter.add_tasks(metrics["episodes"], metrics["evaluation_seconds"])
+        run.meter.add_tasks(metrics.episodes, metrics.evaluation_seconds)
         run.log_metrics(numeric_metrics(metrics))
-        episodes_file = METRICS_DIR / "eval" / f"{name}.episodes.csv"
+        episodes_file = eval_episodes_file(name)
         write_text(episodes_file, evaluation.episode_table().to_csv(index=False))
-        write_json(METRICS_DIR / "eval" / f"{name}.json", metrics)
+        metrics.write(eval_metrics_file(name))
         run.log_artifact(episodes_file)
-        for setting, summary in metrics["settings"].items():
-            before, ci95 = summary["accuracy_before"], summary["ci95"]
+        for setting, summary in metrics.settings.items():
+            before, ci95 = summary.accuracy_before, summary.ci95
             ci_text = f" +- {ci95:.4f}" if ci95 is not None else ""
             before_text = f", before adaptation {before:.4f}" if before is not None else ""
             print(
-                f"{name} {setting}: accuracy {summary['accuracy']:.4f}{ci_text}{before_text} "
-                f"({summary['episodes']} episodes)"
+                f"{name} {setting}: accuracy {summary.accuracy:.4f}{ci_text}{before_text} "
+                f"({summary.episodes} episodes)"
             )
-        for setting, reason in metrics["unsupported"].items():
+        for setting, reason in metrics.unsupported.items():
             print(f"{name} {setting}: not evaluated: {reason}")
 
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("experiment", help="name of an entry under `experiments` in params.yaml")
-    run_stage(main, parser)
+    run_stage(main, parser, load_params)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from metalab.cli import run_stage, stage_parser
-from metalab.data.download import ARCHIVE_NAMES
+from metalab.data.archives import ARCHIVE_NAMES
+from metalab.data.config import DataParams, load_data_params
 from metalab.data.prefetch import prefetch_omniglot
-from metalab.io import write_json
-from metalab.layout import METRICS_DIR, PREFETCHED_FILE, RAW_DIR
-from metalab.params import Params
+from metalab.layout import PREFETCH_METRICS_FILE, PREFETCHED_FILE, RAW_DIR
+from metalab.records import PrefetchMetrics
 from metalab.tracking import stage_run
 
 
-def main(args, params: Params) -> None:
+def main(args, params: DataParams) -> None:
     data = params.data
-    with stage_run(
-        "prefetch",
-        {"data": {"image_size": data.image_size, "prefetch_workers": data.prefetch_workers}},
-        params.tracking.experiment_name,
-        enabled=params.tracking.enabled,
-    ) as run:
+    logged = {"data": {"image_size": data.image_size, "prefetch_workers": data.prefetch_workers}}
+    with stage_run("prefetch", logged, params.tracking) as run:
         summary = prefetch_omniglot(
             {name: RAW_DIR / f"{name}.zip" for name in ARCHIVE_NAMES},
             data.image_size,
@@ -35,7 +31,7 @@ def main(args, params: Params) -> None:
             "seconds": round(summary.seconds, 2),
         }
         run.log_metrics({"images": summary.images, "prefetch_seconds": summary.seconds})
-        write_json(METRICS_DIR / "prefetch.json", figures)
+        PrefetchMetrics.model_validate(figures).write(PREFETCH_METRICS_FILE)
         print(
             f"prefetched {summary.images} images ({summary.characters} characters) at "
             f"{summary.image_size}x{summary.image_size} in {summary.seconds:.1f} s "
@@ -44,4 +40,4 @@ def main(args, params: Params) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, stage_parser(__doc__))
+    run_stage(main, stage_parser(__doc__), load_data_params)

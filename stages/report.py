@@ -11,22 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from metalab.cli import run_stage, stage_parser
-from metalab.evaluation import evaluation_settings
 from metalab.layout import METRICS_DIR, PLOTS_DIR, REPORTS_DIR
-from metalab.params import Params
+from metalab.params import Params, load_params
 from metalab.report import build_report, render_readme_table, update_readme
 from metalab.tracking import stage_run
 
 
 def main(args, params: Params) -> None:
-    settings = evaluation_settings(params)
-    with stage_run(
-        "report",
-        {"report": params.report.model_dump(), "settings": ",".join(settings)},
-        params.tracking.experiment_name,
-        tags={"stage_kind": "report"},
-        enabled=params.tracking.enabled,
-    ) as run:
+    settings = params.evaluation_settings()
+    logged = {"report": params.report.model_dump(), "settings": ",".join(settings)}
+    with stage_run("report", logged, params.tracking, tags={"stage_kind": "report"}) as run:
         files = build_report(
             METRICS_DIR,
             PLOTS_DIR,
@@ -54,4 +48,4 @@ if __name__ == "__main__":
         metavar="README",
         help="also rewrite the results block of this README (not part of `dvc repro`)",
     )
-    run_stage(main, parser)
+    run_stage(main, parser, load_params)

@@ -14,89 +14,76 @@ import pandas as pd
 from metalab.cli import run_stage, stage_parser
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
-from metalab.distributed import DistributedContext, distributed_session
-from metalab.io import write_json, write_text
+from metalab.distributed import distributed_session
+from metalab.io import write_text
 from metalab.layout import (
     CHECKPOINTS_DIR,
-    METRICS_DIR,
-    MODELS_DIR,
-    PLOTS_DIR,
     PREFETCHED_FILE,
     PRETRAINED_BODY_FILE,
+    model_file,
+    train_curve_file,
+    train_metrics_file,
 )
-from metalab.params import Params
+from metalab.params import Params, load_params
+from metalab.records import TrainSummary
 from metalab.tracking import peak_memory_mb, stage_run
 from metalab.training import Trainer
 
 
 def main(args, params: Params) -> None:
-    with distributed_session() as distributed:
-        train(args, params, distributed)
-
-
-def train(args, params: Params, distributed: DistributedContext) -> None:
     name = args.experiment
     experiment = params.experiment(name)
-    arrays = load_prefetched(PREFETCHED_FILE)
-    split = make_split(arrays.character_origin, params.data.split)
     logged = {
-        "experiment": experiment.model_dump(),
-        "options": params.algorithm_options(name).model_dump(),
+        "experiment": experiment.model_dump(exclude={"train"}),
         "train": params.train_config(name).model_dump(),
-        "data": {"image_size": arrays.image_size, "split": params.data.split.model_dump()},
+        "data": {"split": params.data.split.model_dump()},
     }
-    with stage_run(
-        f"train@{name}",
-        logged,
-        params.tracking.experiment_name,
-        run_name=f"train {name}",
-        tags={
-            "experiment": name,
-            "algorithm": experiment.algorithm,
-            "stage_kind": "train",
-            "processes": distributed.world_size,
-        },
-        enabled=params.tracking.enabled and distributed.is_main,
-    ) as run:
-        trainer = Trainer(
-            name,
-            params,
-            arrays,
-            split,
-            CHECKPOINTS_DIR,
-            progress=not args.no_progress,
-            on_log=run.log_metrics,
-            pretrained_body=PRETRAINED_BODY_FILE,
-            distributed=distributed,
-        )
-        result = trainer.run()
-        if not distributed.is_main:
-            return  # rank 0 holds the same weights and writes everything
-        summary = result.summary
-        run.meter.add_tasks(summary["tasks"], summary["training_seconds"])
-        summary["peak_memory_mb"] = peak_memory_mb()
-        summary["mlflow_run_id"] = run.run_id
-        run.log_metrics(
-            {
-                "total_parameters": summary["total_parameters"],
-                "trainable_parameters": summary["trainable_parameters"],
-                "best_validation_accuracy": summary["best_validation_accuracy"],
-            }
-        )
-        trainer.save_model(MODELS_DIR / f"{name}.pt")
-        write_json(METRICS_DIR / "train" / f"{name}.json", summary)
-        write_text(
-            PLOTS_DIR / "train" / f"{name}.csv", pd.DataFrame(result.history).to_csv(index=False)
-        )
-        print(
-            f"{name}: {summary['iterations']} iterations, {summary['tasks_per_s']:.1f} tasks/s, "
-            f"best validation accuracy {summary['best_validation_accuracy']:.3f} "
-            f"(iteration {summary['best_iteration']}), "
-            f"peak memory {summary['peak_memory_mb']:.0f} MB"
-        )
+    tags = {"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "train"}
+    with distributed_session() as distributed:
+        arrays = load_prefetched(PREFETCHED_FILE)
+        split = make_split(arrays.character_origin, params.data.split)
+        logged["data"]["image_size"] = arrays.image_size
+        tags["processes"] = distributed.world_size
+        with stage_run(
+            f"train@{name}", logged, params.tracking, tags=tags, enabled=distributed.is_main
+        ) as run:
+            trainer = Trainer(
+                name,
+                params,
+                arrays,
+                split,
+                CHECKPOINTS_DIR,
+                progress=not args.no_progress,
+                on_log=run.log_metrics,
+                pretrained_body=PRETRAINED_BODY_FILE,
+                distributed=distributed,
+            )
+            result = trainer.run()
+            if not distributed.is_main:
+                return  # rank 0 holds the same weights and writes everything
+            summary = TrainSummary(
+                **result.summary, peak_memory_mb=peak_memory_mb(), mlflow_run_id=run.run_id
+            )
+            run.meter.add_tasks(summary.tasks, summary.training_seconds)
+            run.log_metrics(
+                {
+                    "total_parameters": summary.total_parameters,
+                    "trainable_parameters": summary.trainable_parameters,
+                    "best_validation_accuracy": summary.best_validation_accuracy,
+                }
+            )
+            trainer.save_model(model_file(name))
+            summary.write(train_metrics_file(name))
+            history = pd.DataFrame(result.history).to_csv(index=False)
+            write_text(train_curve_file(name), history)
+    print(
+        f"{name}: {summary.iterations} iterations, {summary.tasks_per_s:.1f} tasks/s, "
+        f"best validation accuracy {summary.best_validation_accuracy:.3f} "
+        f"(iteration {summary.best_iteration}), peak memory {summary.peak_memory_mb:.0f} MB"
+    )
 
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("experiment", help="name of an entry under `experiments` in params.yaml")
-    run_stage(main, parser)
+    run_stage(main, parser, load_params)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omniglot_fixture import expected_counts, make_omniglot_archives
 
-from metalab.data.download import ExpectedCounts
+from metalab.data.archives import ArchiveCounts
 from metalab.data.prefetch import prefetch_omniglot
 
 
@@ -33,7 +33,7 @@ def tiny_omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_expected_counts() -> dict[str, ExpectedCounts]:
+def tiny_expected_counts() -> dict[str, ArchiveCounts]:
     """The counts of the archives in ``tiny_omniglot_dir``."""
     return expected_counts()
 

@@ -134,7 +134,7 @@ def train_experiment(
         "losses": [row["loss"] for row in finished.history],
         "best_accuracy": finished.best_accuracy,
         "logged_steps": logged_steps,
-        "checkpoint_written": finished.checkpoint_path.exists(),
+        "checkpoint_written": finished.checkpoint.path.exists(),
     }
 
 

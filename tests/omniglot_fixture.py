@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from metalab.data.download import ExpectedCounts
+from metalab.data.archives import ArchiveCounts
 
 IMAGE_SIZE = 105
 _TIMESTAMP = (1980, 1, 1, 0, 0, 0)
@@ -32,10 +32,14 @@ def expected_counts(
     background: tuple[int, int] = (4, 5),
     evaluation: tuple[int, int] = (3, 4),
     drawings: int = 20,
-) -> dict[str, ExpectedCounts]:
+) -> dict[str, ArchiveCounts]:
     """Counts of archives made by ``make_omniglot_archives`` with the same arguments."""
     return {
-        name: ExpectedCounts(alphabets, alphabets * characters, alphabets * characters * drawings)
+        name: ArchiveCounts(
+            alphabets=alphabets,
+            characters=alphabets * characters,
+            drawings=alphabets * characters * drawings,
+        )
         for name, (alphabets, characters) in (
             ("images_background", background),
             ("images_evaluation", evaluation),

@@ -1,8 +1,12 @@
-"""verify_archive and fetch_archives on tiny archives in the official Omniglot layout."""
+"""verify_archive and fetch_archives on tiny archives in the official Omniglot layout, and the
+atomic file helpers they rely on."""
 
 import hashlib
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -12,17 +16,19 @@ from pathlib import Path
 
 import pytest
 from omniglot_fixture import corrupt_member, drawing_members, remove_entries, truncate_archive
+from pydantic import ValidationError
 
 import metalab.data.download as download
-from metalab.data.download import (
+from metalab.data.archives import (
     ARCHIVE_NAMES,
     OFFICIAL_COUNTS,
+    OFFICIAL_URL,
+    ArchiveCounts,
     ArchiveError,
-    DownloadError,
-    ExpectedCounts,
-    fetch_archives,
     verify_archive,
 )
+from metalab.data.download import DownloadError, fetch_archives
+from metalab.io import atomic_output, atomic_path
 
 BACKGROUND = "images_background"
 
@@ -77,6 +83,13 @@ def sha256(path: Path) -> str:
 
 def files_in(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
+
+
+def new_file_mode() -> int:
+    """Permissions of a file created by plain open() here, i.e. under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # verify_archive ---------------------------------------------------------------------
@@ -159,7 +172,7 @@ def test_verify_rejects_characters_with_unequal_numbers_of_drawings(mirror):
     remove_entries(path, f"{BACKGROUND}/Background_Script_01/character02/")
     last_drawing = drawing_members(path)[-1]
     remove_entries(path, last_drawing)
-    counts_as_found = ExpectedCounts(alphabets=4, characters=19, drawings=379)
+    counts_as_found = ArchiveCounts(alphabets=4, characters=19, drawings=379)
     with pytest.raises(ArchiveError, match="same number of drawings") as raised:
         verify_archive(path, BACKGROUND, counts_as_found)
     assert last_drawing.rsplit("/", 2)[0].split("/", 1)[1] in str(raised.value)
@@ -346,3 +359,115 @@ def test_a_failed_fetch_does_not_touch_an_existing_archive(
         fetch_archives([str(corrupt_mirror)], destination, tiny_expected_counts, progress=False)
     assert sha256(existing) == before
     assert files_in(destination) == [f"{BACKGROUND}.zip"]
+
+
+def test_fetched_archives_get_ordinary_file_permissions(
+    tmp_path, tiny_omniglot_dir, tiny_expected_counts
+):
+    destination = tmp_path / "raw"
+    fetch_archives([str(tiny_omniglot_dir)], destination, tiny_expected_counts, progress=False)
+    for name in ARCHIVE_NAMES:  # not the owner-only 0600 of the temporary file
+        assert (destination / f"{name}.zip").stat().st_mode & 0o777 == new_file_mode()
+
+
+# ArchiveCounts and the official constants --------------------------------------------
+
+
+def test_official_counts_and_url():
+    assert OFFICIAL_URL == "https://github.com/brendenlake/omniglot/raw/master/python/"
+    assert download.OFFICIAL_COUNTS is OFFICIAL_COUNTS  # fetch_archives' default
+    assert OFFICIAL_COUNTS == {
+        "images_background": ArchiveCounts(alphabets=30, characters=964, drawings=19280),
+        "images_evaluation": ArchiveCounts(alphabets=20, characters=659, drawings=13180),
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"alphabets": 1, "characters": 1, "drawings": 0},
+        {"alphabets": 1, "characters": 1},
+        {"alphabets": 1, "characters": 1, "drawings": 1, "pngs": 1},
+    ],
+)
+def test_archive_counts_rejects_non_positive_missing_and_unknown_fields(fields):
+    with pytest.raises(ValidationError):
+        ArchiveCounts(**fields)
+
+
+def test_archive_counts_are_immutable():
+    counts = ArchiveCounts(alphabets=1, characters=2, drawings=3)
+    with pytest.raises(ValidationError):
+        counts.drawings = 4
+
+
+def test_verify_reports_zero_found_counts(tmp_path):
+    path = tmp_path / f"{BACKGROUND}.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{BACKGROUND}/", b"")
+    with pytest.raises(ArchiveError, match="found 0 / 0 / 0"):
+        verify_archive(path, BACKGROUND, ArchiveCounts(alphabets=1, characters=1, drawings=1))
+
+
+# import layering ---------------------------------------------------------------------
+
+
+def test_the_download_modules_do_not_import_torch_or_learners():
+    # The download stage must start fast: no torch, no model / algorithm / RL code.
+    script = (
+        "import sys, metalab.data.archives, metalab.data.download, metalab.io\n"
+        "heavy = ('torch', 'metalab.models', 'metalab.algorithms', 'metalab.rl')\n"
+        "print(sorted(name for name in sys.modules if name.startswith(heavy)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+# atomic_path / atomic_output ---------------------------------------------------------
+
+
+def test_atomic_path_replaces_the_file_only_when_the_block_succeeds(tmp_path):
+    target = tmp_path / "out" / "archive.zip"
+    with atomic_path(target, suffix=".part") as temporary:
+        assert temporary.parent == target.parent and temporary.name.endswith(".part")
+        assert temporary.exists() and not target.exists()
+        temporary.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert files_in(target.parent) == ["archive.zip"]
+    assert target.stat().st_mode & 0o777 == 0o600  # mkstemp's mode unless asked otherwise
+
+
+@pytest.mark.parametrize("failure", [ValueError, KeyboardInterrupt])
+@pytest.mark.parametrize("helper", ["atomic_path", "atomic_output"])
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, failure, helper):
+    target = tmp_path / "metrics.json"
+    target.write_bytes(b"old")
+    with pytest.raises(failure):
+        if helper == "atomic_path":
+            with atomic_path(target) as temporary:
+                temporary.write_bytes(b"half")
+                raise failure
+        else:
+            with atomic_output(target) as handle:
+                handle.write(b"half")
+                raise failure
+    assert target.read_bytes() == b"old"
+    assert files_in(tmp_path) == ["metrics.json"]
+
+
+def test_a_failed_atomic_write_creates_no_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    with pytest.raises(ValueError), atomic_output(target) as handle:
+        handle.write(b"half")
+        raise ValueError
+    assert files_in(tmp_path) == []
+
+
+def test_atomic_output_with_umask_permissions(tmp_path):
+    target = tmp_path / "data.npz"
+    with atomic_output(target, umask_permissions=True) as handle:
+        handle.write(b"payload")
+    assert target.read_bytes() == b"payload"
+    assert target.stat().st_mode & 0o777 == new_file_mode()

@@ -18,6 +18,7 @@ import yaml
 from test_learner_api import AVAILABLE, trainer_like_payload
 
 from metalab import evaluation
+from metalab.data.config import EpisodesConfig, SplitConfig
 from metalab.data.episodes import materialize, save_episode_set, write_evaluation_episodes
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
@@ -25,14 +26,13 @@ from metalab.evaluation import (
     EPISODE_COLUMNS,
     evaluate_accuracy,
     evaluate_learner,
-    evaluation_settings,
     load_episode_sets,
-    mean_ci95,
-    paired_difference,
 )
 from metalab.io import save_torch
 from metalab.learner_api import learner_from_payload
-from metalab.params import EpisodesConfig, ParamsError, SplitConfig, validate_params
+from metalab.params import ParamsError, validate_params
+from metalab.schema import TrackingConfig
+from metalab.statistics import mean_ci95, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["5w1s", "3w2s"]
@@ -196,16 +196,16 @@ def test_image_size_mismatch_and_wrong_episode_file_are_clear_errors(
 
 def test_evaluation_settings_default_to_all_and_must_exist():
     params = validate_params({"episodes": {"settings": ["5w1s", "20w5s"]}})
-    assert evaluation_settings(params) == ["5w1s", "20w5s"]
+    assert params.evaluation_settings() == ["5w1s", "20w5s"]
     params = validate_params(
         {"episodes": {"settings": ["5w1s", "20w5s"]}, "evaluate": {"settings": ["20w5s"]}}
     )
-    assert evaluation_settings(params) == ["20w5s"]
+    assert params.evaluation_settings() == ["20w5s"]
     params = validate_params(
         {"episodes": {"settings": ["5w1s"]}, "evaluate": {"settings": ["1w1s"]}}
     )
     with pytest.raises(ParamsError, match=r"evaluate.settings = \['1w1s'\]: not in episodes"):
-        evaluation_settings(params)
+        params.evaluation_settings()
 
 
 # ------------------------------------------------------------------------------ stage
@@ -272,7 +272,9 @@ def test_evaluate_stage_run_is_linked_to_its_train_run(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # Artifacts would otherwise go to ./mlruns of whatever the working directory is.
     MlflowClient(uri).create_experiment("unit", (tmp_path / "artifacts").as_uri())
-    with stage_run("train@tiny", {}, "unit", tags={"experiment": "tiny"}) as train:
+    with stage_run(
+        "train@tiny", {}, TrackingConfig(experiment_name="unit"), tags={"experiment": "tiny"}
+    ) as train:
         pass
     project = tmp_path / "project"
     raw = make_project(project, episode_dir, tiny_prefetched_28, train_run=train.run_id)

@@ -17,14 +17,14 @@ from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
 from metalab.io import save_torch
 from metalab.learner_api import (
+    MODEL_FORMAT,
     ModelFileError,
     UnsupportedTaskError,
-    adaptation_declaration,
     load_learner,
 )
-from metalab.models.factory import ModelConfig
+from metalab.models.config import ModelConfig
 from metalab.params import validate_params
-from metalab.training import MODEL_FORMAT, Trainer
+from metalab.training import Trainer
 
 IMAGE_SIZE = 28
 TRAINED_WAYS = 5
@@ -126,16 +126,6 @@ def test_more_ways_than_cavia_has_outputs_is_a_clear_error(tmp_path):
 
     with pytest.raises(UnsupportedTaskError, match=r"trained 5-way\) cannot handle a 7-way"):
         learner.adapt(support_x, support_y, steps=1)
-
-
-@pytest.mark.skipif("protonets" not in AVAILABLE, reason="protonets not written yet")
-def test_declared_adaptation_kind():
-    protonets = trainer_like_payload("protonets")[1]
-    options = options_class("protonets")()
-    assert adaptation_declaration(protonets, options) == (False, None)
-    protonets.adapts_by_gradient = True  # an explicit declaration wins over the options
-    protonets.default_adaptation_steps = 7
-    assert adaptation_declaration(protonets, options) == (True, 7)
 
 
 @pytest.mark.skipif("reptile" not in AVAILABLE, reason="reptile not written yet")

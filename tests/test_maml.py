@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metalab.algorithms import maml
+from metalab.algorithms import maml, task_forward, task_runner
 from metalab.algorithms.base import BuildContext, TrainProgress, scheduled_lr
-from metalab.algorithms.functional import inner_loop
-from metalab.algorithms.maml import MAMLLearner, Options, multi_step_loss_weights
+from metalab.algorithms.functional import inner_loop, multi_step_loss_weights
+from metalab.algorithms.maml import MAMLLearner, Options
 from metalab.data.episodes import Episodes
 from metalab.models import Conv4, ModelConfig, ResNet18
 
@@ -203,13 +203,13 @@ def test_task_parallel_threads_equal_the_per_task_loop_and_repeat_exactly(monkey
     identical, the caller's thread count is restored and existing .grad is added to."""
     episodes = make_episodes(num_tasks=5)
     shares = []
-    original = MAMLLearner._run_chunks_in_threads
+    original = task_runner.run_chunks_in_threads
 
-    def recording(self, run, chunks, workers, inputs, num_tasks):
+    def recording(run, chunks, workers, inputs, num_tasks):
         shares.append((len(chunks), workers))
-        return original(self, run, chunks, workers, inputs, num_tasks)
+        return original(run, chunks, workers, inputs, num_tasks)
 
-    monkeypatch.setattr(MAMLLearner, "_run_chunks_in_threads", recording)
+    monkeypatch.setattr(task_runner, "run_chunks_in_threads", recording)
     loop_learner = make_learner(vectorise_tasks=False, **EQUIVALENCE_CASES[case])
     torch.manual_seed(7)  # the same meta-dropout masks on every run
     loop_stats, loop_grads = meta_gradients(loop_learner, episodes)
@@ -237,12 +237,12 @@ def test_task_parallel_threads_equal_the_per_task_loop_and_repeat_exactly(monkey
 
 def test_task_parallel_is_off_for_one_thread_and_for_the_loop():
     torch.set_num_threads(2)
-    assert make_learner()._task_workers(num_chunks=8) == 2
-    assert make_learner()._task_workers(num_chunks=1) == 1
-    assert make_learner(task_parallel=False)._task_workers(num_chunks=8) == 1
-    assert make_learner(vectorise_tasks=False)._task_workers(num_chunks=8) == 1
+    assert make_learner().task_runner.workers(num_chunks=8) == 2
+    assert make_learner().task_runner.workers(num_chunks=1) == 1
+    assert make_learner(task_parallel=False).task_runner.workers(num_chunks=8) == 1
+    assert make_learner(vectorise_tasks=False).task_runner.workers(num_chunks=8) == 1
     torch.set_num_threads(1)
-    assert make_learner()._task_workers(num_chunks=8) == 1
+    assert make_learner().task_runner.workers(num_chunks=8) == 1
 
 
 # ----------------------------------------------------------------- MAML++ schedules
@@ -342,8 +342,10 @@ def test_anil_inner_loop_adapts_only_the_head_on_features_computed_once(monkeypa
         return wrapper
 
     monkeypatch.setattr(maml, "inner_loop", recording_inner_loop)
-    monkeypatch.setattr(maml, "module_features", counting(maml.module_features))
-    monkeypatch.setattr(maml, "conv4_grouped_features", counting(maml.conv4_grouped_features))
+    monkeypatch.setattr(task_forward, "module_features", counting(task_forward.module_features))
+    monkeypatch.setattr(
+        task_forward, "conv4_grouped_features", counting(task_forward.conv4_grouped_features)
+    )
     learner = make_learner(adapt_parameters="head", inner_steps=4, vectorise_tasks=vectorise)
     body_before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     episodes = make_episodes(num_tasks=2)
@@ -469,8 +471,10 @@ def test_meta_dropout_masks_fixed_within_a_task_and_different_across_tasks(monke
 
         return wrapper
 
-    monkeypatch.setattr(maml, "module_features", spying(maml.module_features, 3))
-    monkeypatch.setattr(maml, "conv4_grouped_features", spying(maml.conv4_grouped_features, 3))
+    monkeypatch.setattr(task_forward, "module_features", spying(task_forward.module_features, 3))
+    monkeypatch.setattr(
+        task_forward, "conv4_grouped_features", spying(task_forward.conv4_grouped_features, 3)
+    )
     learner = make_learner(
         inner_steps=2, vectorise_tasks=vectorise, meta_dropout_rates=[0.5, 0.5, 0.5, 0.5]
     )

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
+from metalab.schema import TrackingConfig
 from metalab.tracking import stage_run
 
 pytestmark = pytest.mark.slow
@@ -91,8 +92,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
     with stage_run(
         "train@tiny",
         {"train": {"meta_lr": 0.001}},
-        EXPERIMENT_NAME,
-        run_name=RUN_NAME,
+        TrackingConfig(experiment_name=EXPERIMENT_NAME),
         tags={"experiment": "tiny", "stage_kind": "train"},
     ) as run:
         for step in range(3):

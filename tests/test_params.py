@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metalab.params import ParamsError, load_params, parse_setting, validate_params
+from metalab.data.config import parse_setting
+from metalab.params import ParamsError, load_params, validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,8 @@ def test_paper_params_file_covers_every_experiment_with_paper_budgets():
     assert paper.evaluate.max_episodes is None
     maml = paper.train_config("maml")
     assert (maml.meta_batch_size, maml.iterations) == (32, 60000)
-    assert paper.algorithm_options("maml").inner_lr == 0.4
-    assert paper.algorithm_options("protonets").train_n_way == 60
+    assert paper.experiment("maml").options.inner_lr == 0.4
+    assert paper.experiment("protonets").options.train_n_way == 60
     for name in default.experiments:
         assert paper.train_config(name).iterations > default.train_config(name).iterations
 
@@ -42,7 +43,7 @@ def test_maml_bf16_differs_from_maml_only_in_precision(path):
         bf16.model,
         bf16.pretrained,
     )
-    assert params.algorithm_options("maml") == params.algorithm_options("maml_bf16")
+    assert params.experiment("maml").options == params.experiment("maml_bf16").options
     fp32_train, bf16_train = params.train_config("maml"), params.train_config("maml_bf16")
     assert (fp32_train.precision, bf16_train.precision) == ("fp32", "bf16")
     assert fp32_train.model_copy(update={"precision": "bf16"}) == bf16_train

@@ -1,8 +1,11 @@
 """prefetch_omniglot / load_prefetched on tiny archives in the official Omniglot layout."""
 
 import io
+import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import torch
 from omniglot_fixture import corrupt_member, make_omniglot_archives, remove_entries
 from PIL import Image
 
-from metalab.data.download import ARCHIVE_NAMES, ArchiveError
+import metalab.data.prefetch as prefetch
+from metalab.data.archives import ARCHIVE_NAMES, ArchiveError
 from metalab.data.prefetch import PrefetchError, load_prefetched, prefetch_omniglot
 
 CHARACTERS = 4 * 5 + 3 * 4  # background then evaluation, as in conftest
@@ -217,3 +221,37 @@ def test_load_prefetched_missing_file(tmp_path):
     path = tmp_path / "nothing.npz"
     with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
         load_prefetched(path)
+
+
+def test_prefetched_file_gets_ordinary_permissions(tiny_prefetched_28):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tiny_prefetched_28.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(
+    tmp_path, tiny_omniglot_dir, monkeypatch
+):
+    output = tmp_path / "omniglot.npz"
+    output.write_bytes(b"previous prefetch")
+
+    def interrupted_savez(file: object, **arrays: object) -> None:
+        file.write(b"half an npz")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prefetch.np, "savez", interrupted_savez)
+    with pytest.raises(KeyboardInterrupt):
+        prefetch_omniglot(archives_in(tiny_omniglot_dir), 28, output, workers=1, progress=False)
+    assert output.read_bytes() == b"previous prefetch"
+    assert [path.name for path in tmp_path.iterdir()] == [output.name]
+
+
+def test_prefetch_imports_archive_checks_but_not_the_downloader():
+    script = (
+        "import sys, metalab.data.prefetch\n"
+        "print('metalab.data.archives' in sys.modules, 'metalab.data.download' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["True", "False"]

@@ -17,6 +17,7 @@ from synthetic import (
 
 from metalab.algorithms import protonets
 from metalab.algorithms.base import TrainProgress
+from metalab.algorithms.embedding import class_means, squared_euclidean_logits
 
 SEED_RATES = [0.05, 0.10, 0.15, 0.05]
 
@@ -25,14 +26,14 @@ def test_class_means_are_exact_support_means_for_any_label_order():
     embeddings = torch.tensor([[1.0, 2.0], [4.0, -2.0], [3.0, 6.0], [0.5, 0.25], [-1.0, 8.0]])
     labels = torch.tensor([1, 0, 1, 2, 0])
     expected = torch.tensor([[1.5, 3.0], [2.0, 4.0], [0.5, 0.25]])
-    assert torch.equal(protonets.class_means(embeddings, labels, 3), expected)
+    assert torch.equal(class_means(embeddings, labels, 3), expected)
 
 
 def test_squared_euclidean_logits_by_hand():
     query = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
     prototypes = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     expected = torch.tensor([[-1.0, -25.0], [-4.0, -8.0]])
-    assert torch.equal(protonets.squared_euclidean_logits(query, prototypes), expected)
+    assert torch.equal(squared_euclidean_logits(query, prototypes), expected)
 
 
 @pytest.mark.parametrize("n_way", [5, 7, 2])

@@ -4,7 +4,6 @@ missing values, plots and the README block."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 from test_evaluation import load_stage
 
 from metalab.params import validate_params
+from metalab.records import EvaluationMetrics, SettingResult, TrainSummary
 from metalab.report import build_report, render_readme_table, update_readme
 from metalab.report.plots import pareto_front
 from metalab.report.tables import durations
@@ -33,23 +33,27 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def write_train(root: Path, name: str, algorithm: str, seconds: float, loss_scale: float) -> None:
     (root / "metrics" / "train").mkdir(parents=True, exist_ok=True)
     (root / "plots" / "train").mkdir(parents=True, exist_ok=True)
-    summary = {
-        "experiment": name,
-        "algorithm": algorithm,
-        "iterations": 100,
-        "tasks": 3200,
-        "final_loss": 0.5 * loss_scale,
-        "min_loss": 0.4 * loss_scale,
-        "best_validation_accuracy": 0.9,
-        "training_seconds": seconds,
-        "tasks_per_s": 3200 / seconds,
-        "total_parameters": 113_000,
-        "trainable_parameters": 112_000,
-        "parameters_per_training_task": 35.0,
-        "peak_memory_mb": 800.0,
-        "mlflow_run_id": None,
-    }
-    (root / "metrics" / "train" / f"{name}.json").write_text(json.dumps(summary))
+    summary = TrainSummary(
+        experiment=name,
+        algorithm=algorithm,
+        iterations=100,
+        tasks=3200,
+        final_loss=0.5 * loss_scale,
+        min_loss=0.4 * loss_scale,
+        final_train_accuracy=0.5,
+        best_validation_accuracy=0.9,
+        best_iteration=100,
+        training_seconds=seconds,
+        tasks_per_s=3200 / seconds,
+        total_parameters=113_000,
+        trainable_parameters=112_000,
+        parameters_per_training_task=35.0,
+        precision="fp32",
+        processes=1,
+        peak_memory_mb=800.0,
+        mlflow_run_id=None,
+    )
+    summary.write(root / "metrics" / "train" / f"{name}.json")
     iterations = np.arange(1, 101)
     curve = pd.DataFrame(
         {
@@ -78,26 +82,33 @@ def write_eval(
         values = np.array(values)
         previous = np.array(before[setting]) if before else np.full(values.size, np.nan)
         ci = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
-        settings[setting] = {
-            "episodes": values.size,
-            "accuracy": values.mean(),
-            "ci95": ci,
-            "accuracy_before": previous.mean() if before else None,
-            "ci95_before": 0.01 if before else None,
-            "gain": (values - previous).mean() if before else None,
-            "gain_ci95": 0.02 if before else None,
-            "episode_set": episode_set,
-        }
+        n_way, k_shot = (int(part) for part in setting.removesuffix("s").split("w"))
+        settings[setting] = SettingResult(
+            n_way=n_way,
+            k_shot=k_shot,
+            episodes=values.size,
+            adaptation_steps=1 if before else None,
+            accuracy=values.mean(),
+            ci95=ci,
+            accuracy_before=previous.mean() if before else None,
+            ci95_before=0.01 if before else None,
+            gain=(values - previous).mean() if before else None,
+            gain_ci95=0.02 if before else None,
+            seconds_per_episode=0.01,
+            episode_set=episode_set,
+        )
         for episode, (a, b) in enumerate(zip(values, previous, strict=True)):
             rows.append((setting, episode, b, a, 0.01))
-    metrics = {
-        "experiment": name,
-        "algorithm": algorithm,
-        "settings": settings,
-        "unsupported": unsupported or {},
-        "peak_memory_mb": 300.0,
-    }
-    (root / "metrics" / "eval" / f"{name}.json").write_text(json.dumps(metrics))
+    metrics = EvaluationMetrics(
+        experiment=name,
+        algorithm=algorithm,
+        settings=settings,
+        unsupported=unsupported or {},
+        evaluation_seconds=0.01 * len(rows),
+        episodes=len(rows),
+        peak_memory_mb=300.0,
+    )
+    metrics.write(root / "metrics" / "eval" / f"{name}.json")
     table = pd.DataFrame(
         rows, columns=["setting", "episode", "accuracy_before", "accuracy_after", "seconds"]
     )

@@ -29,7 +29,18 @@ def metrics(tmp_path):
         )
     write(
         tmp_path / "train_rl" / "maml_rl.json",
-        {"training_seconds": 250.0, "tasks_per_s": 24.0, "peak_memory_mb": 1197.0},
+        {
+            "experiment": "maml_rl",
+            "algorithm": "maml_rl",
+            "env": "navigation_2d",
+            "iterations": 200,
+            "training_seconds": 250.0,
+            "tasks_per_s": 24.0,
+            "final_pre_adaptation_return": -40.0,
+            "final_post_adaptation_return": -14.0,
+            "peak_memory_mb": 1197.0,
+            "mlflow_run_id": None,
+        },
     )
     return tmp_path
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from metalab.data.config import SplitConfig
 from metalab.data.splits import make_split
-from metalab.params import ParamsError, SplitConfig
+from metalab.schema import ParamsError
 
 # Omniglot's real layout: 964 background characters, then 659 evaluation characters.
 ORIGIN = torch.cat([torch.zeros(964, dtype=torch.long), torch.ones(659, dtype=torch.long)])

@@ -363,7 +363,7 @@ def test_options_round_trip_and_params_errors_name_the_key():
     raw = {"experiments": {"t": {"algorithm": "taml", "options": {"variant": "inequality"}}}}
     raw["experiments"]["t"]["options"]["entropy_weight"] = 0.3
     with pytest.raises(ParamsError, match=r"experiments\.t\.options\.entropy_weight = 0\.3"):
-        validate_params(raw).algorithm_options("t")
+        validate_params(raw)
 
 
 @pytest.mark.parametrize("variant", ["theil", "encoder"])

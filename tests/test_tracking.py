@@ -6,6 +6,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from metalab.schema import TrackingConfig
 from metalab.tracking import (
     flatten,
     resolve_tracking_uri,
@@ -13,6 +14,8 @@ from metalab.tracking import (
     tracking_uri,
     with_store_retries,
 )
+
+UNIT = TrackingConfig(experiment_name="unit")
 
 
 @pytest.fixture
@@ -24,7 +27,7 @@ def store(tmp_path, monkeypatch):
 
 
 def test_run_is_logged_with_figures_tags_and_curves(store):
-    with stage_run("train@maml", {"train": {"meta_lr": 0.001, "clip": None}}, "unit") as run:
+    with stage_run("train@maml", {"train": {"meta_lr": 0.001, "clip": None}}, UNIT) as run:
         for step in range(3):
             run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
         run.meter.add_tasks(64, seconds=2.0)
@@ -45,7 +48,7 @@ def test_run_is_logged_with_figures_tags_and_curves(store):
 
 
 def test_failed_stage_is_marked_failed_and_keeps_figures(store):
-    with pytest.raises(RuntimeError), stage_run("prefetch", {}, "unit") as run:
+    with pytest.raises(RuntimeError), stage_run("prefetch", {}, UNIT) as run:
         raise RuntimeError("boom")
     logged = MlflowClient(store).get_run(run.run_id)
     assert logged.info.status == "FAILED"
@@ -54,7 +57,7 @@ def test_failed_stage_is_marked_failed_and_keeps_figures(store):
 
 def test_disabled_tracking_still_measures(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
-    with stage_run("episodes", {}, enabled=False) as run:
+    with stage_run("episodes", {}, UNIT, enabled=False) as run:
         run.log_metrics({"x": 1.0})
         run.meter.add_tasks(5)
     assert run.run_id is None
@@ -88,7 +91,7 @@ def test_queued_experiment_logs_to_dvc_root_not_its_workspace(tmp_path, monkeypa
 
 
 def test_store_is_in_wal_mode_and_artifacts_live_next_to_it(store, tmp_path):
-    with stage_run("report", {}, "unit"):
+    with stage_run("report", {}, UNIT):
         pass
     with sqlite3.connect(tmp_path / "mlflow.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from metalab.schema import TrackingConfig
 from metalab.tracking import stage_run
 
 STEPS = 50
@@ -43,8 +44,7 @@ def log_experiment(
     with stage_run(
         "train@anil_s1",
         {"options": {"inner_lr": exp_name}},
-        "metalab",
-        run_name=f"train {exp_name}",
+        TrackingConfig(),
         tags={"experiment": "anil_s1"},
     ) as run:
         barrier.wait(BARRIER_TIMEOUT_S)
@@ -92,7 +92,7 @@ def test_two_workers_at_once_lose_no_run_metric_or_tag(tmp_path: Path) -> None:
     for run in runs:
         name = run.data.tags["dvc_exp_name"]
         assert run.info.status == "FINISHED", name
-        assert run.info.run_name == f"train {name}"
+        assert run.info.run_name == "train anil_s1"  # named after its stage
         tags = run.data.tags
         assert tags["dvc_stage"] == "train@anil_s1" and tags["dvc_exp_baseline_rev"] == "0123abcd"
         assert tags["git_commit"] and tags["halfway"] == "yes" and tags["experiment"] == "anil_s1"
@@ -106,10 +106,11 @@ def test_two_workers_at_once_lose_no_run_metric_or_tag(tmp_path: Path) -> None:
 
 STAGE_SCRIPT = """\
 import json, yaml
+from metalab.schema import TrackingConfig
 from metalab.tracking import stage_run
 
 params = yaml.safe_load(open("params.yaml"))
-with stage_run("probe", params, "metalab", run_name="probe") as run:
+with stage_run("probe", params, TrackingConfig()) as run:
     run.log_metrics({"score": params["inner_lr"] * 10})
 json.dump({"score": params["inner_lr"] * 10}, open("score.json", "w"))
 """

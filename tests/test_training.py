@@ -8,8 +8,9 @@ import torch
 from metalab.algorithms.base import StepStats, scheduled_lr
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
+from metalab.errors import DivergedError
 from metalab.params import TrainConfig, validate_params
-from metalab.training import DivergedError, Trainer, base_lr_at
+from metalab.training import Trainer, base_lr_at
 
 
 def tiny_params(**train):
@@ -100,7 +101,7 @@ def test_nan_loss_stops_with_experiment_and_iteration_and_keeps_checkpoint(data,
     trainer.learner.meta_gradients = diverge_at_three
     with pytest.raises(DivergedError, match=r"experiment 'proto': meta-loss is nan at iteration 3"):
         trainer.run()
-    saved = torch.load(tmp_path / "proto.pt", weights_only=False)
+    saved = torch.load(tmp_path / "proto.pt", weights_only=True)["state"]
     assert saved["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in saved["learner"].values() if v.is_floating_point())
 
@@ -116,7 +117,7 @@ def test_training_reduces_loss_and_summary_is_complete(data, tmp_path):
     assert summary["trainable_parameters"] == summary["total_parameters"] > 0
     assert summary["tasks"] == 60 and summary["tasks_per_s"] > 0
     assert 0 <= summary["best_validation_accuracy"] <= 1
-    assert trainer.model_payload()["state_dict"].keys() == trainer.learner.state_dict().keys()
+    assert trainer.model_payload().state_dict.keys() == trainer.learner.state_dict().keys()
 
 
 def test_group_schedule_multiplier_and_warmup():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -10,11 +11,11 @@ __all__ = ["load_learner", "Learner"]
 if TYPE_CHECKING:
     from metalab.learner_api import Learner, load_learner
 
+# Lazy: `import metalab` (and every stage) stays free of torch until a learner is used.
+_EXPORTS = {"load_learner": "metalab.learner_api", "Learner": "metalab.learner_api"}
+
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import metalab` (and every stage) stays free of torch until a learner is used.
-    if name in ("load_learner", "Learner"):
-        from metalab import learner_api
-
-        return getattr(learner_api, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'metalab' has no attribute {name!r}")

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from metalab.algorithms.base import StepStats
+from metalab.algorithms.base import MetaLearner, StepStats
 
 
 class NotSplittableError(ValueError):
@@ -267,7 +267,9 @@ def broadcast_object(value: Any, source: int = 0) -> Any:
 
 
 # -------------------------------------------------------------------- what is checked
-def check_splittable(learner: nn.Module, meta_batch_size: int, context: DistributedContext) -> None:
+def check_splittable(
+    learner: MetaLearner, meta_batch_size: int, context: DistributedContext
+) -> None:
     """Raise `NotSplittableError` if this run cannot split the meta-batch across processes.
 
     Needs at least one task per process, and a meta-loss that is the mean of per-task
@@ -278,8 +280,7 @@ def check_splittable(learner: nn.Module, meta_batch_size: int, context: Distribu
     if not context.enabled:
         return
     context.task_slice(meta_batch_size)
-    combines_by_mean = getattr(learner, "_combines_by_mean", None)
-    if combines_by_mean is not None and not combines_by_mean():
+    if not learner.combines_tasks_by_mean:
         raise NotSplittableError(
             f"{type(learner).__name__} combines its tasks' losses by something other than "
             "their mean (it overrides combine_task_losses), so its meta-gradient cannot be "

@@ -1,16 +1,13 @@
 """Held-out evaluation: accuracy on the fixed meta-test episode sets, with 95% intervals.
 
 Every learner is evaluated on the same stored tasks (`data/episodes/<setting>.npz`), so
-per-episode accuracies of two learners can be compared pairwise. Intervals are the normal
-approximation ``mean +- 1.96 * s / sqrt(n)`` with the sample standard deviation ``s``
-(ddof=1, the usual estimate from a sample; at n = 600 it differs from ddof=0 by 0.08%).
+per-episode accuracies of two learners can be compared pairwise (`metalab.statistics`
+computes the intervals and paired differences).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from metalab.algorithms.base import MetaLearner
+from metalab.data.config import parse_setting
 from metalab.data.episodes import (
     EpisodeIndex,
     Episodes,
@@ -29,53 +27,15 @@ from metalab.data.episodes import (
     materialize,
     setting_seed,
 )
+from metalab.layout import episode_set_file
 from metalab.learner_api import Learner, UnsupportedTaskError
-from metalab.params import Params, ParamsError, parse_setting
+from metalab.records import EvaluationMetrics, MetricsFile, SettingResult, TrainRunReference
+from metalab.statistics import mean_ci95, paired_difference
 from metalab.tracking import flatten
 
-Z_95 = 1.96
 # Tasks materialised at a time: 600 tasks of 20-way 5-shot would need ~750 MB at once.
 TASK_CHUNK = 50
 EPISODE_COLUMNS = ["setting", "episode", "accuracy_before", "accuracy_after", "seconds"]
-
-
-# ------------------------------------------------------------------------- statistics
-def mean_ci95(values: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% half-width ``1.96 * std(ddof=1) / sqrt(n)`` of values [n].
-
-    The half-width is NaN for fewer than two values (no spread to estimate).
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return math.nan, math.nan
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan
-    return mean, float(Z_95 * values.std(ddof=1) / math.sqrt(values.size))
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Mean and 95% half-width of the per-episode differences ``a - b`` over n episodes."""
-
-    mean: float
-    ci95: float
-    episodes: int
-
-    @property
-    def significant(self) -> bool:
-        """True when the 95% interval excludes zero."""
-        return math.isfinite(self.ci95) and abs(self.mean) > self.ci95
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray) -> PairedDifference:
-    """Paired comparison of two learners' accuracies a, b [n] on the same n episodes."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired accuracies need equal 1-D shapes, got {a.shape} and {b.shape}")
-    mean, ci95 = mean_ci95(a - b)
-    return PairedDifference(mean, ci95, int(a.size))
 
 
 # ------------------------------------------------------------------------- accuracy
@@ -126,33 +86,29 @@ class SettingEvaluation:
     seconds: np.ndarray
     unsupported: str | None = None
 
-    def summary(self) -> dict[str, Any]:
-        """Scalars for metrics/eval/<name>.json (accuracies as fractions)."""
+    def summary(self) -> SettingResult:
+        """This setting's entry of metrics/eval/<name>.json (accuracies as fractions; the
+        schema stores NaN, e.g. the interval of a single episode, as null)."""
         after, after_ci = mean_ci95(self.accuracy_after)
-        summary: dict[str, Any] = {
-            "n_way": self.n_way,
-            "k_shot": self.k_shot,
-            "episodes": int(self.accuracy_after.size),
-            "adaptation_steps": self.adaptation_steps,
-            "accuracy": after,
-            "ci95": after_ci,
-            "accuracy_before": None,
-            "ci95_before": None,
-            "gain": None,
-            "gain_ci95": None,
-            "seconds_per_episode": float(self.seconds.mean()) if self.seconds.size else None,
-            "episode_set": self.episode_set,
-        }
+        before = before_ci = gain = gain_ci = None
         if self.accuracy_before is not None:
             before, before_ci = mean_ci95(self.accuracy_before)
-            gain = paired_difference(self.accuracy_after, self.accuracy_before)
-            summary.update(
-                accuracy_before=before,
-                ci95_before=before_ci,
-                gain=gain.mean,
-                gain_ci95=gain.ci95,
-            )
-        return {key: json_number(value) for key, value in summary.items()}
+            difference = paired_difference(self.accuracy_after, self.accuracy_before)
+            gain, gain_ci = difference.mean, difference.ci95
+        return SettingResult(
+            n_way=self.n_way,
+            k_shot=self.k_shot,
+            episodes=int(self.accuracy_after.size),
+            adaptation_steps=self.adaptation_steps,
+            accuracy=after,
+            ci95=after_ci,
+            accuracy_before=before,
+            ci95_before=before_ci,
+            gain=gain,
+            gain_ci95=gain_ci,
+            seconds_per_episode=float(self.seconds.mean()) if self.seconds.size else None,
+            episode_set=self.episode_set,
+        )
 
     def episode_rows(self) -> pd.DataFrame:
         """One row per episode (columns `EPISODE_COLUMNS`; accuracy_before NaN if none)."""
@@ -170,13 +126,6 @@ class SettingEvaluation:
             },
             columns=EPISODE_COLUMNS,
         )
-
-
-def json_number(value: Any) -> Any:
-    """NaN/inf -> None, so the JSON stays standard (dvc and browsers reject NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def evaluate_episode_set(
@@ -254,25 +203,36 @@ def _unsupported(result: SettingEvaluation, reason: str) -> SettingEvaluation:
 
 @dataclass
 class LearnerEvaluation:
-    """All settings of one learner; `metrics()` is the metrics/eval/<name>.json content."""
+    """All settings of one learner; `record()` is the metrics/eval/<name>.json content."""
 
     experiment: str
     algorithm: str
     settings: dict[str, SettingEvaluation]
 
-    def metrics(self, **extra: Any) -> dict[str, Any]:
-        """Scalar JSON: identity, per-setting summaries, unsupported settings, `extra`."""
+    def record(
+        self,
+        peak_memory_mb: float | None = None,
+        train_run_id: str | None = None,
+        mlflow_run_id: str | None = None,
+    ) -> EvaluationMetrics:
+        """Identity, per-setting summaries, unsupported settings and the stage's figures
+        (peak memory, MLflow runs of the training and of this evaluation)."""
         supported = {s: e for s, e in self.settings.items() if e.unsupported is None}
-        unsupported = {s: e.unsupported for s, e in self.settings.items() if e.unsupported}
-        return {
-            "experiment": self.experiment,
-            "algorithm": self.algorithm,
-            "settings": {setting: e.summary() for setting, e in supported.items()},
-            "unsupported": unsupported,
-            "evaluation_seconds": float(sum(e.seconds.sum() for e in supported.values())),
-            "episodes": int(sum(e.accuracy_after.size for e in supported.values())),
-            **{key: json_number(value) for key, value in extra.items()},
-        }
+        return EvaluationMetrics(
+            experiment=self.experiment,
+            algorithm=self.algorithm,
+            settings={setting: e.summary() for setting, e in supported.items()},
+            unsupported={s: e.unsupported for s, e in self.settings.items() if e.unsupported},
+            evaluation_seconds=float(sum(e.seconds.sum() for e in supported.values())),
+            episodes=int(sum(e.accuracy_after.size for e in supported.values())),
+            peak_memory_mb=peak_memory_mb,
+            train_run_id=train_run_id,
+            mlflow_run_id=mlflow_run_id,
+        )
+
+    def metrics(self, **figures: Any) -> dict[str, Any]:
+        """`record(**figures)` as plain JSON data (keys in file order)."""
+        return self.record(**figures).to_dict()
 
     def episode_table(self) -> pd.DataFrame:
         """Per-episode accuracies of every supported setting (columns `EPISODE_COLUMNS`)."""
@@ -318,21 +278,6 @@ def evaluate_learner(
     return LearnerEvaluation(experiment, learner.algorithm, results)
 
 
-def evaluation_settings(params: Params) -> list[str]:
-    """`evaluate.settings`, or all of `episodes.settings` when null; ParamsError if a
-    listed setting has no episode set."""
-    settings = params.evaluate.settings
-    if settings is None:
-        return list(params.episodes.settings)
-    missing = [s for s in settings if s not in params.episodes.settings]
-    if missing:
-        raise ParamsError(
-            f"params.yaml: evaluate.settings = {missing}: not in episodes.settings "
-            f"{params.episodes.settings} (only those episode sets exist)"
-        )
-    return list(settings)
-
-
 def load_episode_sets(
     settings: list[str], directory: str | Path, max_episodes: int | None = None
 ) -> dict[str, EpisodeIndex]:
@@ -341,7 +286,7 @@ def load_episode_sets(
     first that many tasks of each set (the same ones for every learner)."""
     sets = {}
     for setting in settings:
-        index, metadata = load_episode_set(Path(directory) / f"{setting}.npz")
+        index, metadata = load_episode_set(episode_set_file(setting, directory))
         n_way, k_shot = parse_setting(setting)
         if (index.n_way, index.k_shot) != (n_way, k_shot) or metadata.get("setting", setting) != (
             setting
@@ -355,15 +300,18 @@ def load_episode_sets(
 
 
 def train_run_id(train_metrics_path: str | Path) -> str | None:
-    """The MLflow run id the train stage recorded in metrics/train/<name>.json, if any."""
+    """The MLflow run id the train stage recorded in metrics/train/<name>.json, if any
+    (`MetricsFileError` if the file is not a JSON object)."""
     path = Path(train_metrics_path)
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("mlflow_run_id")
+    return TrainRunReference.read(path).mlflow_run_id
 
 
-def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a metrics mapping, flattened to 'a.b' keys (for MLflow)."""
+def numeric_metrics(metrics: MetricsFile | dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record or mapping, flattened to 'a.b' keys (for MLflow)."""
+    if isinstance(metrics, MetricsFile):
+        metrics = metrics.to_dict()
     return {
         key: float(value)
         for key, value in flatten(metrics).items()

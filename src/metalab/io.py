@@ -1,6 +1,8 @@
 """Atomic file outputs: write to a temporary file beside the target, then rename.
 
-A stage killed mid-write leaves either the old file or none, never half a file.
+A stage killed mid-write leaves either the old file or none, never half a file. Importing
+this module does not import torch (``save_torch`` imports it when called), so stages that
+only download or decode data stay light.
 """
 
 from __future__ import annotations
@@ -14,26 +16,60 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
+
+
+def _new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file under the current umask."""
+    umask = os.umask(0)  # the umask can only be read by setting it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temporary binary file that replaces `path` only if the block succeeds."""
+def atomic_path(
+    path: str | Path, *, suffix: str = ".tmp", umask_permissions: bool = False
+) -> Iterator[Path]:
+    """Yield the path of an empty temporary file that replaces `path` if the block succeeds.
+
+    For writers that need a file name rather than a handle (downloads, copies, checks).
+    The temporary file is ``.<name>.<random><suffix>`` beside `path`; after the block it is
+    synced to disk and renamed onto `path`. If the block raises (KeyboardInterrupt too) it
+    is removed and `path` keeps its old content, or stays absent. The file is created by
+    ``tempfile.mkstemp``, hence readable by the owner only; with `umask_permissions` the
+    final file gets the permissions an ordinary new file would get instead.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    descriptor, temporary_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=suffix
     )
+    os.close(descriptor)
+    temporary = Path(temporary_name)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield temporary
+        with open(temporary, "rb+") as written:  # rb+: fsync needs a writable handle on Windows
+            os.fsync(written.fileno())
+        if umask_permissions:
+            os.chmod(temporary, _new_file_mode())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_output(
+    path: str | Path, *, suffix: str = ".tmp", umask_permissions: bool = False
+) -> Iterator[BinaryIO]:
+    """Open a temporary binary file that replaces `path` only if the block succeeds.
+
+    `suffix` and `umask_permissions` as for `atomic_path`.
+    """
+    with (
+        atomic_path(path, suffix=suffix, umask_permissions=umask_permissions) as temporary,
+        open(temporary, "wb") as handle,
+    ):
+        yield handle
 
 
 def write_json(path: str | Path, payload: Any) -> None:
@@ -55,5 +91,7 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
 
 def save_torch(path: str | Path, payload: Any) -> None:
     """`torch.save`, atomically."""
+    import torch  # here, not at the top: see the module docstring
+
     with atomic_output(path) as handle:
         torch.save(payload, handle)

@@ -5,15 +5,17 @@
     adapted = learner.adapt(support_x, support_y)          # support_y: 0..N-1
     logits = adapted.predict(torch.stack([learner.transform(image) for image in queries]))
 
-A model file is the Trainer's payload (`metalab.training.Trainer.model_payload`): the
-algorithm, its options, the network description, the trained way count and image size,
-and the best-validation weights. The evaluate stage uses exactly this path.
+A model file (``models/<name>.pt``) holds a `ModelPayload`: the algorithm, its options,
+the network description, the trained way count and image size, and the best-validation
+weights. Its format is defined here, beside the loader that reads it; the train stage
+writes it with `save_model`. The evaluate stage uses exactly this path.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,41 @@ from pydantic import BaseModel, ValidationError
 from metalab.algorithms.base import BuildContext, MetaLearner
 from metalab.algorithms.registry import ALGORITHMS, build_learner, options_class
 from metalab.data.prefetch import decode_drawing
-from metalab.models.factory import ModelConfig
+from metalab.io import save_torch
+from metalab.models.config import ModelConfig
 
+#: Version of the model file layout; a reader refuses any other.
+MODEL_FORMAT = 1
 REQUIRED_KEYS = ("format", "algorithm", "options", "model", "n_way", "image_size", "state_dict")
+
+
+@dataclass
+class ModelPayload:
+    """What a model file holds: enough to rebuild the learner anywhere.
+
+    Stored as a plain dict of tensors and plain values, so that it loads with
+    ``torch.load(weights_only=True)``.
+    """
+
+    experiment: str
+    algorithm: str
+    options: dict[str, Any]
+    model: dict[str, Any]
+    n_way: int
+    k_shot: int
+    image_size: int
+    precision: str
+    state_dict: dict[str, torch.Tensor]
+    best_iteration: int
+    validation_accuracy: float
+    format: int = MODEL_FORMAT
+
+
+def save_model(path: str | Path, payload: ModelPayload) -> None:
+    """Write ``payload`` to ``path`` atomically (the train stage's ``models/<name>.pt``)."""
+    entries = {field.name: getattr(payload, field.name) for field in fields(payload)}
+    # Same key order as earlier metalab wrote: format first.
+    save_torch(path, {"format": entries.pop("format"), **entries})
 
 
 class ModelFileError(ValueError):
@@ -87,13 +121,14 @@ class Learner:
     ) -> None:
         self.meta_learner = meta_learner.eval()
         self.options = options
-        self.algorithm: str = getattr(meta_learner, "algorithm", type(meta_learner).__name__)
+        self.algorithm: str = meta_learner.algorithm
         self.experiment = experiment or self.algorithm
         self.n_way = n_way
         self.k_shot = k_shot
         self.image_size = image_size
-        self.adapts_by_gradient, self.default_adaptation_steps = adaptation_declaration(
-            meta_learner, options
+        self.adapts_by_gradient: bool = meta_learner.adapts_by_gradient
+        self.default_adaptation_steps: int | None = (
+            meta_learner.default_adaptation_steps if self.adapts_by_gradient else None
         )
 
     # ---------------------------------------------------------------------- images
@@ -182,23 +217,6 @@ def check_labels(support_y: torch.Tensor, num_support: int) -> int:
     return n_way
 
 
-def adaptation_declaration(
-    meta_learner: MetaLearner, options: BaseModel
-) -> tuple[bool, int | None]:
-    """(adapts_by_gradient, default test-time steps) as the learner declares them.
-
-    A learner may declare ``adapts_by_gradient`` and ``default_adaptation_steps``
-    attributes; otherwise an algorithm whose options have ``test_inner_steps`` is taken to
-    adapt by that many gradient steps, and any other (ProtoNets, Meta Networks) not at all.
-    """
-    declared_steps = getattr(meta_learner, "default_adaptation_steps", None)
-    option_steps = getattr(options, "test_inner_steps", None)
-    steps = declared_steps if declared_steps is not None else option_steps
-    declared = getattr(meta_learner, "adapts_by_gradient", None)
-    by_gradient = bool(declared) if declared is not None else option_steps is not None
-    return by_gradient, (int(steps) if by_gradient and steps is not None else None)
-
-
 # ----------------------------------------------------------------------------- files
 def read_model_payload(path: str | Path) -> dict[str, Any]:
     """Read and check a models/<name>.pt file; clear errors for anything else.
@@ -206,9 +224,6 @@ def read_model_payload(path: str | Path) -> dict[str, Any]:
     Loads with ``weights_only=True``: a model file holds only tensors and plain values,
     so no code from the file is ever executed.
     """
-    # Imported here: metalab.training imports metalab.evaluation, which imports this module.
-    from metalab.training import MODEL_FORMAT
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

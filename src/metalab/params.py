@@ -1,4 +1,18 @@
-"""The params.yaml schema: every setting of every stage, validated on load.
+"""params.yaml: every setting of every stage, validated on load.
+
+Each section's schema lives beside the code that reads it and is only assembled here:
+
+- ``data``, ``episodes``: `metalab.data.config`
+- ``experiments.<name>.model``, ``pretrain``: `metalab.models.config`
+- ``experiments.<name>.options``: the algorithm's ``Options`` (`metalab.algorithms`),
+  typed once, at load: ``params.experiment(name).options`` is that ``Options`` instance
+- ``rl_experiments.<name>``: `metalab.rl.config`
+- ``tracking``: `metalab.schema`
+
+The sections that belong to the pipeline as a whole (the shared ``train`` defaults and an
+experiment's overrides, ``evaluate``, ``report``) are defined here. Stages that read only a
+few sections load just those (`metalab.data.config.load_data_params`,
+`metalab.rl.config.load_rl_params`, `metalab.algorithms.pretrain.load_pretrain_params`).
 
 Each top-level section belongs to one stage (DVC tracks them separately, so changing one
 section reruns only the stages that read it). Unknown keys, wrong types and out-of-range
@@ -8,108 +22,41 @@ and what is allowed; stages turn it into exit status 2.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from metalab.models.factory import ModelConfig
+from metalab.algorithms.registry import ALGORITHMS, options_class
+from metalab.data.config import DataConfig, EpisodesConfig
+from metalab.models.config import ModelConfig, PretrainConfig
 from metalab.rl.config import RLExperimentConfig
+from metalab.schema import (
+    ParamsError,
+    Strict,
+    TrackingConfig,
+    named_entry,
+    read_params_file,
+    validate_model,
+)
 
-OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
-SETTING_PATTERN = re.compile(r"^(\d+)w(\d+)s$")
-
-
-class ParamsError(ValueError):
-    """A params.yaml problem, phrased as one line for the user."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-# ----------------------------------------------------------------------------- data
-class ArchiveCounts(Strict):
-    alphabets: int = Field(ge=1)
-    characters: int = Field(ge=1)
-    drawings: int = Field(ge=1, description="PNG files in the archive")
-
-
-class SplitConfig(Strict):
-    protocol: Literal["lake", "vinyals"] = Field(
-        "lake",
-        description="lake: background alphabets train / evaluation alphabets test; "
-        "vinyals: all characters pooled, 1028/172/423, rotations as extra classes",
-    )
-    seed: int = Field(0, ge=0)
-    validation_characters: int = Field(
-        100, ge=1, description="lake: background characters held out for validation"
-    )
-    vinyals_train_characters: int = Field(1028, ge=1)
-    vinyals_validation_characters: int = Field(172, ge=1)
-    rotations: bool | None = Field(
-        None,
-        description="90-degree rotations as extra classes; null = protocol default "
-        "(vinyals: true, lake: false)",
-    )
-
-    @property
-    def use_rotations(self) -> bool:
-        return self.protocol == "vinyals" if self.rotations is None else self.rotations
-
-
-class DataConfig(Strict):
-    sources: list[str] = Field(
-        default_factory=lambda: ["../shared/data/omniglot", OFFICIAL_URL],
-        min_length=1,
-        description="tried in order: local mirror directories or http(s) base URLs",
-    )
-    download_timeout: float = Field(10.0, gt=0, le=600, description="seconds per request")
-    expected: dict[Literal["images_background", "images_evaluation"], ArchiveCounts] = Field(
-        default_factory=lambda: {
-            "images_background": ArchiveCounts(alphabets=30, characters=964, drawings=19280),
-            "images_evaluation": ArchiveCounts(alphabets=20, characters=659, drawings=13180),
-        }
-    )
-    image_size: Literal[28, 105] = 28
-    prefetch_workers: int = Field(2, ge=1, le=64)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-
-
-# ------------------------------------------------------------------------- episodes
-def parse_setting(setting: str) -> tuple[int, int]:
-    """'5w1s' -> (n_way=5, k_shot=1)."""
-    match = SETTING_PATTERN.match(setting)
-    if not match:
-        raise ValueError(f"{setting!r} is not of the form '<N>w<K>s', e.g. '5w1s'")
-    n_way, k_shot = int(match.group(1)), int(match.group(2))
-    if n_way < 2 or k_shot < 1:
-        raise ValueError(f"{setting!r}: need at least 2 ways and 1 shot")
-    return n_way, k_shot
-
-
-class EpisodesConfig(Strict):
-    settings: list[str] = Field(
-        default_factory=lambda: ["5w1s", "5w5s", "20w1s", "20w5s"], min_length=1
-    )
-    num_episodes: int = Field(600, ge=1, le=100_000)
-    query_per_class: int = Field(15, ge=1, le=1000)
-    seed: int = Field(2017, ge=0)
-
-    @field_validator("settings")
-    @classmethod
-    def _valid_settings(cls, settings: list[str]) -> list[str]:
-        for setting in settings:
-            parse_setting(setting)
-        if len(set(settings)) != len(settings):
-            raise ValueError("settings must not repeat")
-        return settings
+__all__ = [
+    "EvaluateConfig",
+    "ExperimentConfig",
+    "Params",
+    "ParamsError",
+    "PretrainConfig",
+    "ReportConfig",
+    "TrainConfig",
+    "load_params",
+    "validate_params",
+]
 
 
 # ---------------------------------------------------------------------------- train
 class TrainConfig(Strict):
+    """``train``: the meta-training loop's settings, shared by every experiment."""
+
     n_way: int = Field(5, ge=2, le=200)
     k_shot: int = Field(1, ge=1, le=100)
     query_per_class: int = Field(15, ge=1, le=100)
@@ -148,31 +95,32 @@ class PretrainedConfig(Strict):
 
 
 class ExperimentConfig(Strict):
+    """``experiments.<name>``: one learner, its network, options and training overrides.
+
+    ``options`` is the algorithm's validated ``Options`` instance after `validate_params`
+    (a plain mapping only while the file is being read).
+    """
+
     algorithm: str
     description: str = ""
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrained: PretrainedConfig = Field(default_factory=PretrainedConfig)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Any = Field(default_factory=dict)
     train: TrainOverrides = Field(default_factory=TrainOverrides)  # type: ignore[valid-type]
 
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, algorithm: str) -> str:
-        from metalab.algorithms.registry import ALGORITHMS
-
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm; allowed: {', '.join(sorted(ALGORITHMS))}")
         return algorithm
 
-
-class PretrainConfig(Strict):
-    """Supervised pretraining of a body on the meta-train classes (ANIL S3-S5)."""
-
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="resnet18"))
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.001, gt=0)
-    seed: int = Field(0, ge=0)
+    @field_validator("options")
+    @classmethod
+    def _mapping(cls, options: Any) -> Any:
+        if not isinstance(options, dict | BaseModel):
+            raise ValueError("must be a mapping of the algorithm's options")
+        return options
 
 
 # ------------------------------------------------------------------ evaluate / report
@@ -198,11 +146,6 @@ class ReportConfig(Strict):
     )
 
 
-class TrackingConfig(Strict):
-    experiment_name: str = Field("metalab", min_length=1)
-    enabled: bool = True
-
-
 class Params(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     episodes: EpisodesConfig = Field(default_factory=EpisodesConfig)
@@ -215,116 +158,47 @@ class Params(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def experiment(self, name: str) -> ExperimentConfig:
-        if name not in self.experiments:
-            known = ", ".join(sorted(self.experiments)) or "none"
-            raise ParamsError(f"params.yaml: no experiment named {name!r}; known: {known}")
-        return self.experiments[name]
+        return named_entry(self.experiments, name, "experiment")
 
-    def rl_experiment(self, name: str) -> RLExperimentConfig:
-        if name not in self.rl_experiments:
-            known = ", ".join(sorted(self.rl_experiments)) or "none"
-            raise ParamsError(f"params.yaml: no RL experiment named {name!r}; known: {known}")
-        return self.rl_experiments[name]
+    def evaluation_settings(self) -> list[str]:
+        """`evaluate.settings`, or all of `episodes.settings` when null; ParamsError if a
+        listed setting has no episode set."""
+        settings = self.evaluate.settings
+        if settings is None:
+            return list(self.episodes.settings)
+        missing = [s for s in settings if s not in self.episodes.settings]
+        if missing:
+            raise ParamsError(
+                f"params.yaml: evaluate.settings = {missing}: not in episodes.settings "
+                f"{self.episodes.settings} (only those episode sets exist)"
+            )
+        return list(settings)
 
     def train_config(self, name: str) -> TrainConfig:
         """The `train` defaults with experiment `name`'s overrides applied."""
         overrides = self.experiment(name).train.model_dump(exclude_none=True)
         return self.train.model_copy(update=overrides)
 
-    def algorithm_options(self, name: str) -> BaseModel:
-        """Experiment `name`'s `options`, validated by its algorithm's `Options` schema."""
-        from metalab.algorithms.registry import options_class
-
-        experiment = self.experiment(name)
-        schema = options_class(experiment.algorithm)
-        try:
-            return schema.model_validate(experiment.options)
-        except ValidationError as error:
-            raise ParamsError(
-                format_validation_error(error, schema, prefix=("experiments", name, "options"))
-            ) from None
-
-
-# --------------------------------------------------------------------------- errors
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model an annotation leads to (through Optional, dict and list)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _submodel(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _allowed_keys(root: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at `path` inside `root` (for 'unknown key' messages)."""
-    model: type[BaseModel] | None = root
-    for part in path:
-        if model is None:
-            return []
-        field = model.model_fields.get(str(part))
-        if field is not None:  # otherwise a dict key or list index: same model continues
-            model = _submodel(field.annotation)
-    return sorted(model.model_fields) if model is not None else []
-
-
-def format_validation_error(
-    error: ValidationError, root: type[BaseModel], prefix: tuple[Any, ...] = ()
-) -> str:
-    """One line: 'params.yaml: <dotted.key> = <value>: <what is allowed>' (first problem).
-
-    `root` is the model that was validated (to list allowed keys); `prefix` is where it
-    sits in params.yaml.
-    """
-    problems = error.errors()
-    first = problems[0]
-    # pydantic marks a bad dict key with a '[key]' entry: the key itself names it.
-    location = tuple(part for part in first["loc"] if part != "[key]")
-    dotted = ".".join(str(part) for part in prefix + location) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(root, location[:-1])
-        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        message = f"params.yaml: unknown key {dotted}{hint}"
-    elif first["type"] == "missing":
-        message = f"params.yaml: {dotted} is required"
-    else:
-        shown = yaml.safe_dump(first.get("input"), default_flow_style=True, width=10_000)
-        shown = shown.strip().removesuffix("...").strip()
-        reason = first["msg"].removeprefix("Value error, ")
-        message = f"params.yaml: {dotted} = {shown}: {reason}"
-    more = len(problems) - 1
-    if more:
-        message += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return message
-
 
 def validate_params(raw: Any) -> Params:
-    """Validate a parsed params.yaml mapping, including each experiment's options."""
+    """Validate a parsed params.yaml mapping; each experiment's ``options`` becomes its
+    algorithm's typed ``Options`` here, once."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError("params.yaml: the top level must be a mapping of sections")
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as error:
-        raise ParamsError(format_validation_error(error, Params)) from None
-    for name in params.experiments:
-        params.algorithm_options(name)
+    params = validate_model(Params, raw)
+    for name, experiment in params.experiments.items():
+        schema = options_class(experiment.algorithm)
+        options = experiment.options
+        if not isinstance(options, schema):
+            raw_options = options if isinstance(options, dict) else options.model_dump()
+            experiment.options = validate_model(
+                schema, raw_options, prefix=("experiments", name, "options")
+            )
     return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raises `ParamsError` with a one-line message."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such file (run from the project root)") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{path}:{where} is not valid YAML: {error}".replace("\n", " ")) from None
-    return validate_params(raw)
+    return validate_params(read_params_file(path))

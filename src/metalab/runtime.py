@@ -19,6 +19,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import platform
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -60,3 +64,25 @@ def keep_freed_memory() -> bool:
         (_M_ARENA_MAX, 1),
     )
     return all([mallopt(parameter, value) == 1 for parameter, value in settings]) and threshold_set
+
+
+@functools.cache
+def _cpuinfo() -> str | None:
+    try:
+        return CPUINFO.read_text()
+    except OSError:
+        return None
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The instruction-set flags the CPU advertises (Linux /proc/cpuinfo); None if unknown."""
+    info = _cpuinfo()
+    return None if info is None else frozenset(info.split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name ('model name' in /proc/cpuinfo), else what platform reports."""
+    for line in (_cpuinfo() or "").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "cpu"

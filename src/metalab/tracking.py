@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import random
 import resource
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+from metalab.runtime import cpu_model
+from metalab.schema import TrackingConfig
 
 try:  # POSIX only; elsewhere store creation is not serialised across processes
     import fcntl
@@ -206,17 +207,20 @@ def prepare_experiment(uri: str, experiment_name: str) -> str:
         )
 
 
+def _cuda_in_use() -> bool:
+    """Whether this process has torch loaded and a CUDA device (a stage that never imported
+    torch, such as download, never initialises CUDA here)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available()
+
+
 def device_name() -> str:
     """The accelerator's name, or the CPU model."""
-    if torch.cuda.is_available():
+    if _cuda_in_use():
+        import torch
+
         return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return cpu_model()
 
 
 def git_commit() -> str:
@@ -240,7 +244,9 @@ def git_commit() -> str:
 def peak_memory_mb() -> float:
     """Peak memory so far: CUDA allocator peak on a GPU, else peak RSS of this process
     and of its largest finished child (worker pools)."""
-    if torch.cuda.is_available():
+    if _cuda_in_use():
+        import torch
+
         return torch.cuda.max_memory_allocated() / 2**20
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -351,17 +357,19 @@ def run_tags(stage: str, extra: Mapping[str, Any] | None) -> dict[str, str]:
 def stage_run(
     stage: str,
     params: Mapping[str, Any],
-    experiment_name: str = "metalab",
-    run_name: str | None = None,
+    tracking: TrackingConfig,
+    *,
     tags: Mapping[str, Any] | None = None,
     enabled: bool = True,
 ) -> Iterator[StageRun]:
     """Open an MLflow run for a stage; on exit log the resource figures and close it.
 
-    `stage` is the DVC stage name (``train@maml``); `params` are logged flattened.
-    A failing stage still logs its figures and is marked FAILED (KILLED on Ctrl-C).
+    `stage` is the DVC stage name (``train@maml``; the run is named ``train maml``),
+    `params` the settings it read (logged flattened), `tracking` params.yaml's section;
+    ``enabled=False`` (e.g. torchrun ranks other than 0) only measures. A failing stage
+    still logs its figures and is marked FAILED (KILLED on Ctrl-C).
     """
-    if not enabled:
+    if not (enabled and tracking.enabled):
         yield StageRun(None)
         return
     import mlflow
@@ -369,12 +377,12 @@ def stage_run(
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # for any direct mlflow call made during the stage
-    experiment_id = prepare_experiment(uri, experiment_name)
+    experiment_id = prepare_experiment(uri, tracking.experiment_name)
     client = mlflow.MlflowClient(uri)
     # resolve_tags adds what mlflow.start_run would (user, source), so the UI shows them.
     all_tags = resolve_tags(run_tags(stage, tags))
     created = with_store_retries(
-        lambda: client.create_run(experiment_id, tags=all_tags, run_name=run_name or stage),
+        lambda: client.create_run(experiment_id, tags=all_tags, run_name=stage.replace("@", " ")),
         "create_run",
     )
     run = StageRun(created.info.run_id, client)

@@ -10,8 +10,6 @@ same step; rank 0 alone validates, logs, checkpoints and shows progress.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 import warnings
@@ -25,7 +23,7 @@ from tqdm import tqdm
 
 from metalab.algorithms.base import BuildContext, MetaLearner, TrainProgress, scheduled_lr
 from metalab.algorithms.registry import build_learner
-from metalab.cli import StageError
+from metalab.checkpoints import Checkpoint, fingerprint
 from metalab.data.episodes import materialize, sample_episode_index
 from metalab.data.prefetch import OmniglotArrays
 from metalab.data.splits import Split
@@ -42,15 +40,10 @@ from metalab.distributed import (
     slice_random_stream,
     threads_per_process,
 )
+from metalab.errors import DivergedError
 from metalab.evaluation import evaluate_accuracy
-from metalab.io import save_torch
-from metalab.params import Params
-
-MODEL_FORMAT = 1
-
-
-class DivergedError(StageError):
-    """The meta-loss became NaN or infinite."""
+from metalab.learner_api import ModelPayload, save_model
+from metalab.params import Params, TrainConfig
 
 
 @dataclass
@@ -61,7 +54,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def base_lr_at(config, iteration: int) -> float:
+def base_lr_at(config: TrainConfig, iteration: int) -> float:
     """Meta lr at `iteration` under the configured schedule (constant or cosine)."""
     if config.lr_schedule == "constant":
         return config.meta_lr
@@ -81,12 +74,6 @@ def count_parameters(learner: MetaLearner) -> tuple[int, int]:
     }
     trainable = sum(p.numel() for p in learner.parameters() if id(p) in trainable_ids)
     return total, trainable
-
-
-def config_fingerprint(payload: dict[str, Any]) -> str:
-    """Hash of everything that determines a run: a checkpoint resumes only a run with the
-    same fingerprint."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class Trainer:
@@ -112,20 +99,21 @@ class Trainer:
         self.distributed = distributed or current_context()
         self.experiment = params.experiment(name)
         self.config = params.train_config(name)
-        self.options = params.algorithm_options(name)
+        self.options = self.experiment.options
         self.arrays = arrays
         self.split = split
         self.progress = progress and self.distributed.is_main
         self.on_log = on_log or (lambda metrics, step: None)
-        self.checkpoint_path = checkpoint_dir / f"{name}.pt"
-        self.fingerprint = config_fingerprint(
-            {
-                "experiment": self.experiment.model_dump(),
-                "options": self.options.model_dump(),
-                "train": self.config.model_dump(),
-                "split": params.data.split.model_dump(),
-                "image_size": arrays.image_size,
-            }
+        self.checkpoint = Checkpoint(
+            checkpoint_dir / f"{name}.pt",
+            fingerprint(
+                {
+                    "experiment": self.experiment.model_dump(),
+                    "train": self.config.model_dump(),
+                    "split": params.data.split.model_dump(),
+                    "image_size": arrays.image_size,
+                }
+            ),
         )
         torch.manual_seed(self.config.seed)
         torch.set_num_threads(threads_per_process(self.config.threads, self.distributed))
@@ -146,7 +134,7 @@ class Trainer:
             load_pretrained_body(self.learner.model, self.experiment.pretrained.source, path)
         check_splittable(self.learner, self.config.meta_batch_size, self.distributed)
         self.optimizer = self._make_optimizer()
-        self.train_n_way = int(getattr(self.learner, "train_n_way", None) or self.config.n_way)
+        self.train_n_way = self.learner.train_n_way or self.config.n_way
         self.sampler = torch.Generator().manual_seed(self.config.seed)
         validation_generator = torch.Generator().manual_seed(self.config.seed + 1)
         self.validation_index = sample_episode_index(
@@ -169,7 +157,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = self.learner.parameter_groups()
-        kind = getattr(self.learner, "outer_optimizer", None) or self.config.optimizer
+        kind = self.learner.outer_optimizer or self.config.optimizer
         for group in groups:
             group["lr"] = scheduled_lr(group, self._base_lr(0), 0)
         if kind == "sgd":
@@ -177,13 +165,12 @@ class Trainer:
         return torch.optim.Adam(groups, lr=self._base_lr(0))
 
     def _base_lr(self, iteration: int) -> float:
-        fixed = getattr(self.learner, "outer_lr", None)  # e.g. Reptile folds epsilon into grads
+        fixed = self.learner.outer_lr  # e.g. Reptile folds epsilon into its gradients
         return fixed if fixed is not None else base_lr_at(self.config, iteration)
 
     # ------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
         return {
-            "fingerprint": self.fingerprint,
             "iteration": self.iteration,
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -199,17 +186,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write the checkpoint (rank 0 only: the other processes hold the same state)."""
         if self.distributed.is_main:
-            save_torch(self.checkpoint_path, self.state())
-
-    def _read_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint's state if it belongs to this exact configuration, else None."""
-        if not self.checkpoint_path.exists():
-            return None
-        state = torch.load(self.checkpoint_path, weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            print(f"{self.checkpoint_path}: from a different configuration, starting afresh")
-            return None
-        return state
+            self.checkpoint.save(self.state())
 
     def try_resume(self) -> bool:
         """Resume from the checkpoint if it belongs to this exact configuration.
@@ -217,7 +194,7 @@ class Trainer:
         Under torchrun rank 0 reads it and sends it to every process, so all resume from
         the same state even on machines that do not share rank 0's filesystem.
         """
-        state = self._read_checkpoint() if self.distributed.is_main else None
+        state = self.checkpoint.load() if self.distributed.is_main else None
         state = broadcast_object(state)
         if state is None:
             return False
@@ -280,7 +257,7 @@ class Trainer:
             raise DivergedError(
                 f"experiment {self.name!r}: meta-loss is {stats.loss} at iteration "
                 f"{self.iteration}; stopped, keeping the last good checkpoint "
-                f"{self.checkpoint_path} "
+                f"{self.checkpoint.path} "
                 "(lower train.meta_lr or the inner lr)"
             )
         if config.grad_clip_norm is not None:
@@ -388,24 +365,23 @@ class Trainer:
             "processes": self.distributed.world_size,
         }
 
-    def model_payload(self) -> dict[str, Any]:
+    def model_payload(self) -> ModelPayload:
         """What models/<name>.pt holds: enough to rebuild the learner anywhere."""
-        return {
-            "format": MODEL_FORMAT,
-            "experiment": self.name,
-            "algorithm": self.experiment.algorithm,
-            "options": self.options.model_dump(),
-            "model": self.experiment.model.model_dump(),
-            "n_way": self.config.n_way,
-            "k_shot": self.config.k_shot,
-            "image_size": self.arrays.image_size,
-            "precision": self.config.precision,
-            "state_dict": self.best_state
+        return ModelPayload(
+            experiment=self.name,
+            algorithm=self.experiment.algorithm,
+            options=self.options.model_dump(),
+            model=self.experiment.model.model_dump(),
+            n_way=self.config.n_way,
+            k_shot=self.config.k_shot,
+            image_size=self.arrays.image_size,
+            precision=self.config.precision,
+            state_dict=self.best_state
             if self.best_state is not None
             else self.learner.state_dict(),
-            "best_iteration": self.best_iteration,
-            "validation_accuracy": self.best_accuracy,
-        }
+            best_iteration=self.best_iteration,
+            validation_accuracy=self.best_accuracy,
+        )
 
     def save_model(self, path: Path) -> None:
-        save_torch(path, self.model_payload())
+        save_model(path, self.model_payload())

@@ -1,19 +1,26 @@
-"""The interface between a meta-learning algorithm and the train/evaluate machinery.
+"""The one contract between a meta-learning algorithm and the train/evaluate machinery.
 
 The train loop owns the optimizer, the schedule, checkpoints and logging; a learner owns
 its meta-parameters and knows how to turn a meta-batch into meta-gradients, and how to
-adapt to one task at test time. That keeps each algorithm to one small module.
+adapt to one task at test time. Everything the trainer (`metalab.training`), the
+evaluation and the learner API (`metalab.learner_api`) read from a learner is declared on
+`MetaLearner` below, with its type and default: a new learner overrides only what differs.
+
+An algorithm module (one per family, registered in `metalab.algorithms.registry`) defines
+``Options`` (its ``experiments.<name>.options`` schema) and ``build(options, context)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
 
+from metalab.algorithms.precision import Precision
 from metalab.data.episodes import Episodes
+from metalab.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,40 @@ class Predictor(Protocol):
 class MetaLearner(nn.Module):
     """Base class of every learner.
 
-    Subclasses implement `meta_gradients` and `adapt`. `parameter_groups` may split the
-    meta-parameters into optimizer groups; a group may carry ``lr_multiplier`` (default 1)
-    and ``warmup_iterations`` (lr 0 until then), which the train loop applies.
+    Subclasses implement `meta_gradients` and `adapt`, and override the declarations below
+    where they differ from the defaults. `parameter_groups` may split the meta-parameters
+    into optimizer groups; a group may carry ``lr_multiplier`` (default 1) and
+    ``warmup_iterations`` (lr 0 until then), which the train loop applies.
     """
 
-    algorithm: str = "base"
+    #: The algorithm's registry name (``experiments.<name>.algorithm``).
+    algorithm: ClassVar[str] = "base"
+    #: Whether `adapt` takes gradient steps, so that ``steps=0`` means "before adaptation"
+    #: and evaluation also scores the un-adapted start.
+    adapts_by_gradient: ClassVar[bool] = False
+    #: The outer optimizer, or None for ``train.optimizer``.
+    outer_optimizer: ClassVar[Literal["adam", "sgd"] | None] = None
+    #: A fixed outer lr replacing ``train.meta_lr`` and its schedule, or None (Reptile folds
+    #: its own step size into the gradients it leaves).
+    outer_lr: ClassVar[float | None] = None
+
+    #: The way count of the tasks the train loop samples for this learner, or None for
+    #: ``train.n_way`` (ProtoNets trains on more ways than it is tested on).
+    train_n_way: int | None = None
+    #: The network with a ``body`` (a submodule or property of every learner): a pretrained
+    #: body (``experiments.<name>.pretrained``) is loaded into ``model.body``.
+    model: nn.Module
+
+    @property
+    def default_adaptation_steps(self) -> int | None:
+        """Test-time adaptation steps when the caller names none (None: not applicable)."""
+        return None
+
+    @property
+    def combines_tasks_by_mean(self) -> bool:
+        """Whether the meta-loss is the mean of per-task losses, so the gradient of a
+        meta-batch is the weighted sum of its slices' gradients (torchrun splits it)."""
+        return True
 
     def meta_gradients(self, episodes: Episodes, progress: TrainProgress) -> StepStats:
         """Compute the meta-loss of a meta-batch and leave its gradient in ``.grad``.
@@ -80,10 +115,10 @@ class MetaLearner(nn.Module):
 class BuildContext:
     """What every algorithm's ``build(options, context)`` receives besides its options."""
 
-    model: Any  # metalab.models.ModelConfig
+    model: ModelConfig
     n_way: int
     image_size: int
-    precision: str = "fp32"  # "fp32" or "bf16" (CPU autocast)
+    precision: Precision = "fp32"
     seed: int = 0
 
 

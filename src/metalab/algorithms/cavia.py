@@ -23,6 +23,7 @@ from metalab.algorithms.base import (
     StepStats,
     TrainProgress,
 )
+from metalab.algorithms.precision import Precision, autocast, check_precision
 from metalab.data.episodes import Episodes
 from metalab.models.context_conv4 import ContextConv4
 
@@ -55,12 +56,19 @@ class CAVIALearner(MetaLearner):
     """
 
     algorithm = "cavia"
+    adapts_by_gradient = True
 
-    def __init__(self, model: ContextConv4, options: Options, use_bf16: bool = False) -> None:
+    def __init__(
+        self, model: ContextConv4, options: Options, precision: Precision = "fp32"
+    ) -> None:
         super().__init__()
         self.model = model
         self.options = options
-        self.use_bf16 = use_bf16
+        self.precision = check_precision(precision)
+
+    @property
+    def default_adaptation_steps(self) -> int:
+        return self.options.test_inner_steps
 
     @property
     def trained_n_way(self) -> int:
@@ -70,9 +78,9 @@ class CAVIALearner(MetaLearner):
         """x [B, 1, H, W], context [P] -> logits [B, n_way]."""
         if n_way > self.trained_n_way:
             raise ValueError(f"CAVIA was trained {self.trained_n_way}-way, got {n_way}-way")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+        with autocast(self.precision):
             logits = self.model(x, context)[:, :n_way]
-        return logits.float() if self.use_bf16 else logits
+        return logits.float() if self.precision == "bf16" else logits
 
     def adapt_context(
         self,
@@ -153,4 +161,4 @@ def build(options: Options, context: BuildContext) -> CAVIALearner:
         num_context_params=options.num_context_params,
         film_block=options.film_block,
     )
-    return CAVIALearner(model, options, use_bf16=context.precision == "bf16")
+    return CAVIALearner(model, options, precision=context.precision)

@@ -33,8 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metalab.algorithms.precision import full_precision
 from metalab.models.conv4 import Conv4
 
+# MAML++ keeps every non-final step's loss weight above this fraction of 1/K.
+MULTI_STEP_MIN_WEIGHT_FRACTION = 0.03
 ParameterDict = dict[str, Tensor]
 
 
@@ -66,6 +69,47 @@ def inner_loop(
             params[name] = params[name] - inner_lr(name, step) * grad
         trajectory.append(params)
     return trajectory
+
+
+def multi_step_loss_weights(num_steps: int, iteration: int, anneal_iterations: int) -> Tensor:
+    """MAML++ importance of the query loss after each inner step, float64 [num_steps].
+
+    Starts uniform (1/K each); the non-final weights decay linearly to a floor of
+    0.03/K over ``anneal_iterations`` while the final step takes the rest, so the weights
+    always sum to 1. From ``anneal_iterations`` on, only the final step counts.
+    """
+    weights = torch.zeros(num_steps, dtype=torch.float64)
+    if num_steps == 1 or iteration >= anneal_iterations:
+        weights[-1] = 1.0
+        return weights
+    uniform = 1.0 / num_steps
+    decay = uniform * (1.0 - iteration / anneal_iterations)
+    weights[:-1] = max(decay, MULTI_STEP_MIN_WEIGHT_FRACTION * uniform)
+    weights[-1] = 1.0 - weights[:-1].sum()
+    return weights
+
+
+def weighted_query_losses(
+    trajectory: Sequence[ParameterDict],
+    query_logits: Callable[[ParameterDict, int], Tensor],
+    query_y: Tensor,
+    step_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The meta-loss of T tasks along their inner-loop trajectory [theta_0, ..., theta_K]:
+    sum_k w_k L_Q(theta_k), k = 1..K, with ``step_weights`` float64 [K] (MAML++'s
+    multi-step loss; one-hot on the last step otherwise, which is then the only query pass).
+
+    ``query_logits(params, step)`` -> [T, Q, N]; query_y int64 [T, Q]. Returns the
+    meta-losses [T], and the query logits [T, Q, N] and losses [T] after the last step.
+    """
+    weighted_losses = []
+    for step, weight in enumerate(step_weights.tolist(), start=1):
+        if weight == 0.0 and step < len(trajectory) - 1:
+            continue
+        logits = query_logits(trajectory[step], step)
+        losses = per_task_cross_entropy(logits, query_y)
+        weighted_losses.append(weight * losses)
+    return torch.stack(weighted_losses).sum(dim=0), logits, losses
 
 
 def per_task_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -233,7 +277,7 @@ def _first_block_folded(
     positions = patches.shape[-1]  # [B, T*9, L] -> [B*L, T, 9]
     patches = patches.transpose(1, 2).reshape(batch * positions, num_tasks, kernel)
     weight = conv_weight.reshape(num_tasks, -1, kernel)  # [T, C, 9]
-    with torch.autocast("cpu", enabled=False):  # statistics in full precision
+    with full_precision():  # statistics in full precision
         patches_full = patches.to(weight.dtype)
         patch_mean = patches_full.mean(dim=0)  # [T, 9]
         centred = patches_full - patch_mean

@@ -15,14 +15,19 @@ rest (``train_body: true``) or frozen at its initialisation (``false``).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from metalab.algorithms.base import BuildContext, MetaLearner, Predictor, StepStats, TrainProgress
-from metalab.algorithms.protonets import (
+from metalab.algorithms.base import BuildContext, Predictor, StepStats, TrainProgress
+from metalab.algorithms.embedding import (
+    EmbeddingLearner,
     FeatureExtractor,
+    TaskOutcome,
+    backward_mean_over_tasks,
     check_support_labels,
     class_means,
 )
@@ -118,16 +123,16 @@ def linear_classifier_loss(
     return F.cross_entropy(features @ weights.T, labels)
 
 
-class LatentEmbeddingOptimization(MetaLearner):
+class LatentEmbeddingOptimization(EmbeddingLearner):
     """Encoder, relation network and decoder over Conv4 features; see the module docstring."""
 
     algorithm = "leo"
-    adapts_by_gradient = True  # latent steps (+ fine-tuning): steps=0 is "before adaptation"
+    # Latent steps (+ fine-tuning): steps=0 is "before adaptation".
+    adapts_by_gradient: ClassVar[bool] = True
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
         self.options = options
-        self.default_adaptation_steps = options.inner_steps
         self.embedding = FeatureExtractor(context)
         self.embedding.requires_grad_(options.train_body)
         feature_dim = self.embedding.feature_dim
@@ -153,9 +158,9 @@ class LatentEmbeddingOptimization(MetaLearner):
             self.register_buffer("finetune_lr", finetune_lr)
 
     @property
-    def model(self) -> nn.Module:
-        """The `build_model` network (head removed) whose body a pretrained body loads into."""
-        return self.embedding.network
+    def default_adaptation_steps(self) -> int:
+        """Latent inner steps of `adapt` when the caller names none: the training count."""
+        return self.options.inner_steps
 
     # -- the generative model of classifier weights --------------------------------------
 
@@ -249,8 +254,12 @@ class LatentEmbeddingOptimization(MetaLearner):
         support_y: torch.Tensor,
         query_x: torch.Tensor,
         query_y: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Meta-training objective of one task: (total loss, query logits [Q, N], terms)."""
+    ) -> TaskOutcome:
+        """Meta-training objective of one task: the total loss, the query logits [Q, N] and
+        the logged scalars ("total", "query_loss" and each regulariser term).
+
+        support_x [S, 1, H, W], support_y [S], query_x [Q, 1, H, W], query_y [Q].
+        """
         options = self.options
         n_way = check_support_labels(support_y)
         keep_graph = not options.first_order
@@ -282,29 +291,24 @@ class LatentEmbeddingOptimization(MetaLearner):
             + options.orthogonality_penalty_weight * terms["orthogonality"]
             + options.l2_penalty_weight * terms["l2"]
         )
-        return total, query_logits, terms
+        return TaskOutcome(total, query_logits, {"total": total, **terms})
 
     def meta_gradients(self, episodes: Episodes, progress: TrainProgress) -> StepStats:
-        num_tasks = episodes.num_tasks
-        sums: dict[str, float] = {}
-        total_accuracy = 0.0
-        for task in range(num_tasks):
-            total, logits, terms = self.task_loss(
+        stats = backward_mean_over_tasks(
+            episodes,
+            lambda task: self.task_loss(
                 episodes.support_x[task],
                 episodes.support_y[task],
                 episodes.query_x[task],
                 episodes.query_y[task],
-            )
-            (total / num_tasks).backward()
-            for name, value in {"total": total, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
-            total_accuracy += (logits.argmax(dim=1) == episodes.query_y[task]).float().mean().item()
-        extra = {name: value / num_tasks for name, value in sums.items() if name != "query_loss"}
-        extra["inner_lr"] = self.inner_lr.detach().item()
-        extra["finetune_lr"] = self.finetune_lr.detach().item()
-        return StepStats(
-            loss=sums["query_loss"] / num_tasks, accuracy=total_accuracy / num_tasks, extra=extra
+            ),
         )
+        stats.extra = {
+            **(stats.extra or {}),
+            "inner_lr": self.inner_lr.detach().item(),
+            "finetune_lr": self.finetune_lr.detach().item(),
+        }
+        return stats
 
     def adapt(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from metalab.algorithms.base import BuildContext, Predictor
-from metalab.algorithms.protonets import (
-    DropoutMasks,
-    DropoutRate,
-    EmbeddingLearner,
+from metalab.algorithms.base import BuildContext
+from metalab.algorithms.embedding import (
     FeatureExtractor,
+    MetaDropoutRates,
+    OnePassLearner,
+    QueryClassifier,
     check_support_labels,
     class_means,
     squared_euclidean_logits,
@@ -64,12 +64,7 @@ class Options(BaseModel):
         description="meta-train through the meta-information gradients (False: treat them "
         "as constants, cheaper)",
     )
-    meta_dropout_rates: list[DropoutRate] | None = Field(
-        None,
-        min_length=1,
-        description="Meta Dropout rate per Conv4 block (seed: [0.05, 0.10, 0.15, 0.05]); "
-        "one mask per task, meta-training only; None = off",
-    )
+    meta_dropout_rates: MetaDropoutRates = None
 
 
 def nearest_mean_loss(
@@ -135,8 +130,12 @@ def differentiable_input(tensor: torch.Tensor, keep_graph: bool) -> torch.Tensor
     return tensor.detach().requires_grad_()
 
 
-class MetaNetwork(EmbeddingLearner):
-    """Slow weights (body, hidden layer, U, V, e, generators) + generated fast weights."""
+class MetaNetwork(OnePassLearner):
+    """Slow weights (body, hidden layer, U, V, e, generators) + generated fast weights.
+
+    `adapt` needs autograd available (not inside ``torch.inference_mode``): the
+    meta-information is a loss gradient, computed even under ``torch.no_grad``.
+    """
 
     algorithm = "metanets"
 
@@ -241,10 +240,19 @@ class MetaNetwork(EmbeddingLearner):
         return weight, bias
 
     def generate(
-        self, support_features: torch.Tensor, support_y: torch.Tensor, keep_graph: bool
+        self,
+        support_features: torch.Tensor,
+        support_y: torch.Tensor,
+        keep_graph: bool,
+        n_way: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """All fast weights of a task: (hidden W* [H, D] or None, classifier [N, H], bias [N])."""
-        n_way = check_support_labels(support_y)
+        """All fast weights of a task: (hidden W* [H, D] or None, classifier [N, H], bias [N]).
+
+        support_features [S, D], support_y [S]; ``n_way``: the way count when the caller
+        has checked the labels already (`check_support_labels`).
+        """
+        if n_way is None:
+            n_way = check_support_labels(support_y)
         fast_weight = None
         if self.task_fast_weights:
             fast_weight = self.task_fast_weight_matrix(
@@ -254,38 +262,21 @@ class MetaNetwork(EmbeddingLearner):
         weight, bias = self.classifier(support_representations, support_y, n_way, keep_graph)
         return fast_weight, weight, bias
 
-    def task_logits(
+    def task_classifier(
         self,
-        support_x: torch.Tensor,
+        support_features: torch.Tensor,
         support_y: torch.Tensor,
-        query_x: torch.Tensor,
-        masks: DropoutMasks | None = None,
-    ) -> torch.Tensor:
-        """support_x [S, 1, H, W], support_y [S], query_x [Q, 1, H, W] -> logits [Q, N]."""
-        fast_weight, weight, bias = self.generate(
-            self.embedding(support_x, masks), support_y, keep_graph=self.second_order
-        )
-        return self.represent(self.embedding(query_x, masks), fast_weight) @ weight.T + bias
+        n_way: int,
+        meta_training: bool,
+    ) -> QueryClassifier:
+        """Fast weights from support features [S, D]; queries [Q, D] -> logits [Q, N].
 
-    def adapt(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
-    ) -> Predictor:
-        """Generate the task's fast weights; ``steps`` is ignored (no gradient steps).
-
-        Needs autograd available (not inside ``torch.inference_mode``): the meta-information
-        is a loss gradient, computed here even under ``torch.no_grad``.
+        Meta-training differentiates through the meta-information gradients when
+        ``second_order``; `generate` re-enables autograd for them under ``no_grad``.
         """
-        with torch.no_grad():
-            # `generate` re-enables autograd just for the meta-information gradients.
-            fast_weight, weight, bias = self.generate(
-                self.embedding(support_x), support_y, keep_graph=False
-            )
-
-        def predict(query_x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return self.represent(self.embedding(query_x), fast_weight) @ weight.T + bias
-
-        return predict
+        keep_graph = meta_training and self.second_order
+        fast_weight, weight, bias = self.generate(support_features, support_y, keep_graph, n_way)
+        return lambda query_features: self.represent(query_features, fast_weight) @ weight.T + bias
 
 
 def build(options: Options, context: BuildContext) -> MetaNetwork:

@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from metalab.algorithms.base import BuildContext, Predictor
-from metalab.algorithms.protonets import (
-    DropoutMasks,
-    DropoutRate,
-    EmbeddingLearner,
+from metalab.algorithms.base import BuildContext
+from metalab.algorithms.embedding import (
     FeatureExtractor,
-    check_support_labels,
+    MetaDropoutRates,
+    OnePassLearner,
+    QueryClassifier,
     class_means,
     squared_euclidean_logits,
 )
@@ -43,12 +42,7 @@ class Options(BaseModel):
         10.0, gt=0.0, le=1000.0, description="cosine logits = temperature * cosine (start value)"
     )
     learn_temperature: bool = Field(True, description="meta-learn the cosine temperature")
-    meta_dropout_rates: list[DropoutRate] | None = Field(
-        None,
-        min_length=1,
-        description="Meta Dropout rate per Conv4 block (seed: [0.05, 0.10, 0.15, 0.05]); "
-        "one mask per task, meta-training only; None = off",
-    )
+    meta_dropout_rates: MetaDropoutRates = None
 
 
 def task_summary(prototypes: torch.Tensor) -> torch.Tensor:
@@ -64,7 +58,7 @@ def task_summary(prototypes: torch.Tensor) -> torch.Tensor:
     return torch.cat([prototypes.mean(dim=0), spread])
 
 
-class EmbeddingMetaNetwork(EmbeddingLearner):
+class EmbeddingMetaNetwork(OnePassLearner):
     """Task-conditioned embedding g(x) = f(x) * (1 + scale) + shift, then similarity.
 
     f is the shared Conv4 body (D features); (scale, shift) in R^D each come from the
@@ -110,40 +104,21 @@ class EmbeddingMetaNetwork(EmbeddingLearner):
             return self.log_temperature.exp() * cosine
         return squared_euclidean_logits(query, class_embeddings)
 
-    def task_logits(
+    def task_classifier(
         self,
-        support_x: torch.Tensor,
+        support_features: torch.Tensor,
         support_y: torch.Tensor,
-        query_x: torch.Tensor,
-        masks: DropoutMasks | None = None,
-    ) -> torch.Tensor:
-        """support_x [S, 1, H, W], support_y [S], query_x [Q, 1, H, W] -> logits [Q, N]."""
-        n_way = check_support_labels(support_y)
-        scale, shift, class_embeddings = self.task_transform(
-            self.embedding(support_x, masks), support_y, n_way
+        n_way: int,
+        meta_training: bool,
+    ) -> QueryClassifier:
+        """Task transform from support features [S, D]; queries [Q, D] -> logits [Q, N]."""
+        scale, shift, class_embeddings = self.task_transform(support_features, support_y, n_way)
+        return lambda query_features: self.similarity_logits(
+            query_features * (1.0 + scale) + shift, class_embeddings
         )
-        query = self.embedding(query_x, masks) * (1.0 + scale) + shift
-        return self.similarity_logits(query, class_embeddings)
 
     def step_extra(self) -> dict[str, float]:
         return {"temperature": self.log_temperature.detach().exp().item()}
-
-    def adapt(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
-    ) -> Predictor:
-        """One forward pass over the support set; ``steps`` is ignored (no gradient steps)."""
-        n_way = check_support_labels(support_y)
-        with torch.no_grad():
-            scale, shift, class_embeddings = self.task_transform(
-                self.embedding(support_x), support_y, n_way
-            )
-
-        def predict(query_x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                query = self.embedding(query_x) * (1.0 + scale) + shift
-                return self.similarity_logits(query, class_embeddings)
-
-        return predict
 
 
 def build(options: Options, context: BuildContext) -> EmbeddingMetaNetwork:

@@ -7,11 +7,43 @@ characters stay unseen.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from tqdm import tqdm
 
-from metalab.models.factory import ModelConfig, build_model
+from metalab.data.config import DataConfig
+from metalab.data.prefetch import OmniglotArrays
+from metalab.data.splits import Split
+from metalab.models.config import ModelConfig, PretrainConfig
+from metalab.models.factory import build_model
+from metalab.schema import Sections, TrackingConfig, load_sections
+
+
+class PretrainParams(Sections):
+    """The sections the pretrain stage reads: ``data`` (the split), ``pretrain``, ``tracking``."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def load_pretrain_params(path: str | Path = "params.yaml") -> PretrainParams:
+    """Read and validate the pretrain stage's sections; `ParamsError` with a one-line message."""
+    return load_sections(path, PretrainParams)
+
+
+def meta_train_drawings(arrays: OmniglotArrays, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every drawing of the meta-train characters and its character: images uint8
+    [C*D, S, S], labels int64 [C*D] (character ids). Validation and meta-test characters
+    are left out, so they stay unseen by the pretrained body."""
+    characters = split.meta_train[:, 0].unique()
+    drawings = arrays.drawings_per_character
+    rows = (characters.view(-1, 1) * drawings + torch.arange(drawings)).flatten()
+    labels = torch.arange(characters.numel()).repeat_interleave(drawings)
+    return arrays.images[rows], labels
 
 
 def pretrain_body(

@@ -1,17 +1,20 @@
 """Algorithm name (``experiments.<name>.algorithm``) -> the module that implements it.
 
-Modules are imported lazily, so validating params.yaml does not import every learner.
-Each module defines ``Options`` (its params.yaml keys) and ``build(options, context)``.
+Modules are imported lazily: only an algorithm that params.yaml names is loaded, and this
+module itself imports no torch. Each module defines ``Options`` (its params.yaml keys) and
+``build(options, context)`` returning a `metalab.algorithms.base.MetaLearner`.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from metalab.algorithms.base import BuildContext, MetaLearner
+if TYPE_CHECKING:
+    from metalab.algorithms.base import BuildContext, MetaLearner
 
 ALGORITHMS: dict[str, str] = {
     # MAML, FOMAML, Meta-SGD, MAML++ and ANIL are options of one core.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from metalab.algorithms.base import (
     StepStats,
     TrainProgress,
 )
+from metalab.algorithms.precision import Precision, autocast, check_precision
 from metalab.data.episodes import Episodes
 from metalab.models import build_model
 
@@ -106,15 +107,20 @@ class ReptileLearner(MetaLearner):
     """
 
     algorithm = "reptile"
+    adapts_by_gradient = True
     # Contract with the train loop: the gradient already holds -epsilon * mean delta.
-    outer_optimizer = "sgd"
-    outer_lr = 1.0
+    outer_optimizer: ClassVar[Literal["adam", "sgd"] | None] = "sgd"
+    outer_lr: ClassVar[float | None] = 1.0
 
-    def __init__(self, model: nn.Module, options: Options, use_bf16: bool = False) -> None:
+    def __init__(self, model: nn.Module, options: Options, precision: Precision = "fp32") -> None:
         super().__init__()
         self.model = model
         self.options = options
-        self.use_bf16 = use_bf16
+        self.precision = check_precision(precision)
+
+    @property
+    def default_adaptation_steps(self) -> int:
+        return self.options.test_inner_steps
 
     @property
     def trained_n_way(self) -> int:
@@ -139,9 +145,9 @@ class ReptileLearner(MetaLearner):
 
     def forward_with(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits [B, N] of ``model`` with ``params`` substituted; x [B, 1, H, W]."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+        with autocast(self.precision):
             logits = functional_call(self.model, params, (x,))
-        return logits.float() if self.use_bf16 else logits
+        return logits.float() if self.precision == "bf16" else logits
 
     def _fresh_head(self, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.model.head.weight
@@ -277,4 +283,4 @@ class ReptileLearner(MetaLearner):
 
 def build(options: Options, context: BuildContext) -> ReptileLearner:
     model = build_model(context.model, context.n_way, context.image_size)
-    return ReptileLearner(model, options, use_bf16=context.precision == "bf16")
+    return ReptileLearner(model, options, precision=context.precision)

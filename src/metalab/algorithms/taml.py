@@ -22,105 +22,29 @@ loss after adaptation); ``variant`` chooses it:
 Every MAML option works with ``entropy`` and ``inequality`` (first order, ANIL, Meta-SGD,
 MAML++, Meta Dropout, ...), since they only change how task losses become the meta-loss;
 ``encoder`` always adapts the head only, with its generated rates (``inner_lr_mode:
-fixed``), and supports first order, the multi-step loss and Meta Dropout.
+fixed``), and supports first order, the multi-step loss and Meta Dropout. The options
+schema is `metalab.algorithms.taml_options.Options`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
-from metalab.algorithms import maml
 from metalab.algorithms.base import BuildContext, StepStats, TrainProgress
-from metalab.algorithms.maml import MAMLLearner, TaskOutcome
+from metalab.algorithms.maml import MAMLLearner
+from metalab.algorithms.precision import Precision
 from metalab.algorithms.taml_encoder import TAMLEncoderLearner
+from metalab.algorithms.taml_options import Options
+from metalab.algorithms.task_runner import TaskOutcome
 from metalab.data.episodes import Episodes
 from metalab.models import build_model
 
 # Task losses are cross-entropies (>= 0) and can reach 0 on an easy task; the inequality
 # measures divide by and take logarithms of them, so they are floored at this value.
 LOSS_FLOOR = 1e-8
-
-# The options that only one variant reads; setting one for another variant is an error.
-VARIANT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "entropy": ("entropy_weight", "adapted_entropy_weight"),
-    "inequality": ("inequality", "inequality_weight", "generalized_entropy_alpha"),
-    "encoder": ("encoder_width",),
-}
-
-
-class Options(maml.Options):
-    """``experiments.<name>.options`` of algorithm ``taml``: every ``maml`` option plus
-    the variant and its keys (a key of another variant is an error)."""
-
-    variant: Literal["entropy", "inequality", "encoder"] = Field(
-        "entropy", description="entropy maximisation, inequality minimisation, or task encoder"
-    )
-    entropy_weight: float = Field(
-        0.1, ge=0, le=100, description="entropy: lambda of minus the initial model's entropy"
-    )
-    adapted_entropy_weight: float = Field(
-        0.0, ge=0, le=100, description="entropy: weight of the adapted model's entropy (paper)"
-    )
-    inequality: Literal["theil", "generalized_entropy", "gini"] = Field(
-        "theil", description="inequality: measure over the meta-batch's task losses"
-    )
-    # Untuned default. The gradient of lambda x Theil pushes a task's loss *up* when it is
-    # well below the meta-batch mean, by about lambda ln(l / mu) / mu per task against the
-    # mean loss's 1 per task; lambda ~ 1 would already raise easy tasks' losses.
-    inequality_weight: float = Field(
-        0.1, ge=0, le=100, description="inequality: lambda of the inequality measure"
-    )
-    generalized_entropy_alpha: float = Field(
-        2.0, ge=0, le=10, description="generalized_entropy: alpha (0: mean log deviation)"
-    )
-    encoder_width: int = Field(
-        64, ge=1, le=4096, description="encoder: width of the task encoder and relation network"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _encoder_adapts_the_head(cls, data: Any) -> Any:
-        # The encoder variant is ANIL-style: make head-only adaptation its default.
-        if isinstance(data, dict) and data.get("variant") == "encoder":
-            return {"adapt_parameters": "head", **data}
-        return data
-
-    @field_validator(*(key for keys in VARIANT_OPTIONS.values() for key in keys))
-    @classmethod
-    def _belongs_to_the_variant(cls, value: Any, info: ValidationInfo) -> Any:
-        """A variant's key may keep its default under another variant (so dumped options
-        load again), but setting it there is a mistake worth reporting."""
-        variant = info.data.get("variant")
-        owner = next(name for name, keys in VARIANT_OPTIONS.items() if info.field_name in keys)
-        if value == cls.model_fields[info.field_name].default:
-            return value
-        if variant is not None and variant != owner:
-            raise ValueError(f"applies only to variant {owner!r}, not {variant!r}; remove it")
-        inequality = info.data.get("inequality")
-        if info.field_name == "generalized_entropy_alpha" and inequality != "generalized_entropy":
-            raise ValueError(
-                f"applies only to inequality 'generalized_entropy', not {inequality!r}"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _encoder_consistent(self) -> Options:
-        if self.variant != "encoder":
-            return self
-        if self.adapt_parameters != "head":
-            raise ValueError(
-                "variant 'encoder' adapts only the head: adapt_parameters must be head"
-            )
-        if self.inner_lr_mode != "fixed":
-            raise ValueError(
-                "variant 'encoder' generates the head's inner learning rates per task: "
-                "inner_lr_mode must be fixed (inner_lr is their base value)"
-            )
-        return self
 
 
 # ------------------------------------------------------------------------ regularisers
@@ -198,7 +122,7 @@ class TAMLEntropyLearner(MAMLLearner):
     needs_pre_adaptation_logits = True
 
     def __init__(
-        self, model: nn.Module, n_way: int, options: Options, precision: str = "fp32"
+        self, model: nn.Module, n_way: int, options: Options, precision: Precision = "fp32"
     ) -> None:
         super().__init__(model, n_way, options, precision=precision)
         self.initial_entropies: list[Tensor] = []  # per chunk [T'], for logging
@@ -237,13 +161,14 @@ class TAMLInequalityLearner(MAMLLearner):
     parameters are MAML's.
 
     The term couples the tasks of a meta-batch, so the MAML core keeps all tasks' graphs
-    until one backward pass (`combine_task_losses` is overridden).
+    until one backward pass: `combine_task_losses` is overridden, hence
+    ``combines_tasks_by_mean`` is False (a meta-batch cannot be split across processes).
     """
 
     algorithm = "taml"
 
     def __init__(
-        self, model: nn.Module, n_way: int, options: Options, precision: str = "fp32"
+        self, model: nn.Module, n_way: int, options: Options, precision: Precision = "fp32"
     ) -> None:
         super().__init__(model, n_way, options, precision=precision)
         self.last_inequality = float("nan")  # for logging

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +29,17 @@ from torch import Tensor, nn
 
 from metalab.algorithms.functional import (
     ParameterDict,
-    conv4_grouped_features,
     inner_loop,
     linear_per_task,
-    module_features,
     per_task_cross_entropy,
     stack_for_tasks,
+    weighted_query_losses,
 )
-from metalab.algorithms.maml import MAMLLearner, TaskOutcome
-from metalab.models import Conv4
-
-if TYPE_CHECKING:  # taml imports this module to build the encoder variant
-    from metalab.algorithms.taml import Options
+from metalab.algorithms.maml import MAMLLearner
+from metalab.algorithms.precision import Precision
+from metalab.algorithms.taml_options import Options
+from metalab.algorithms.task_forward import TaskDropoutMasks, body_features
+from metalab.algorithms.task_runner import TaskOutcome
 
 HEAD_NAMES = ("head.weight", "head.bias")
 
@@ -121,39 +119,28 @@ class TAMLEncoderLearner(MAMLLearner):
     core's meta-batch loop, Meta Dropout, precision and optimizer groups."""
 
     algorithm = "taml"
+    # Like the head, the task encoder is what a frozen-body setting still learns.
+    own_outer_sections = ("task_encoder",)
 
     def __init__(
-        self, model: nn.Module, n_way: int, options: Options, precision: str = "fp32"
+        self, model: nn.Module, n_way: int, options: Options, precision: Precision = "fp32"
     ) -> None:
         super().__init__(model, n_way, options, precision=precision)
         self.task_encoder = TaskEncoder(model.head.in_features, options.encoder_width)
 
     # -------------------------------------------------------------------- pieces
-    def body_features(self, x: Tensor, dropout_masks: list[list[Tensor | None]] | None) -> Tensor:
+    def body_features(self, x: Tensor, dropout_masks: TaskDropoutMasks | None) -> Tensor:
         """Body features of T tasks, BatchNorm statistics per task: x [T, B, C, H, W] ->
-        [T, B, D] in the model's dtype. ``dropout_masks[t]``: task t's per-block masks."""
-        body = {n: p for n, p in self.model.named_parameters() if n.startswith("body.")}
-        num_tasks = x.shape[0]
-        with self._autocast():
-            if self.vectorised and isinstance(self.model, Conv4):
-                stacked_masks = None
-                if dropout_masks is not None:
-                    per_block = zip(*dropout_masks, strict=True)
-                    stacked_masks = [None if m[0] is None else torch.cat(m) for m in per_block]
-                features = conv4_grouped_features(
-                    self.model,
-                    stack_for_tasks(body, num_tasks),
-                    x,
-                    stacked_masks,
-                    self.options.channels_last,
-                )
-            else:
-                masks = dropout_masks or [None] * num_tasks
-                features = torch.stack(
-                    [module_features(self.model, body, x[t], masks[t]) for t in range(num_tasks)]
-                )
-        # The encoder and the head's inner steps run in full precision.
-        return features.to(self.model.head.weight.dtype)
+        [T, B, D] in the model's dtype (the encoder and the head's inner steps run in full
+        precision). ``dropout_masks[t]``: task t's per-block masks."""
+        return body_features(
+            self.model,
+            x,
+            dropout_masks,
+            self.precision,
+            self.vectorised,
+            self.options.channels_last,
+        )
 
     def adapt_head(
         self,
@@ -186,7 +173,7 @@ class TAMLEncoderLearner(MAMLLearner):
         support_y: Tensor,
         query_x: Tensor,
         query_y: Tensor,
-        dropout_masks: list[list[Tensor | None]] | None,
+        dropout_masks: TaskDropoutMasks | None,
         second_order: bool,
         step_weights: Tensor,
     ) -> TaskOutcome:
@@ -203,16 +190,13 @@ class TAMLEncoderLearner(MAMLLearner):
         trajectory = self.adapt_head(
             head, support_features, support_y, modulation, self.options.inner_steps, second_order
         )
-        # Query loss after step k, weighted (MAML++ multi-step loss; otherwise only k = K).
-        weighted_losses = []
-        for step, weight in enumerate(step_weights.tolist(), start=1):
-            if weight == 0.0 and step < len(trajectory) - 1:
-                continue
-            logits = modulated_logits(query_features, trajectory[step], modulation)
-            losses = per_task_cross_entropy(logits, query_y)
-            weighted_losses.append(weight * losses)
-        meta_losses = torch.stack(weighted_losses).sum(dim=0)
-        return TaskOutcome(meta_losses, logits, losses, None)
+        meta_losses, final_logits, final_losses = weighted_query_losses(
+            trajectory,
+            lambda head, step: modulated_logits(query_features, head, modulation),
+            query_y,
+            step_weights,
+        )
+        return TaskOutcome(meta_losses, final_logits, final_losses, None)
 
     # ------------------------------------------------------------------ testing
     def adapt(
@@ -260,10 +244,3 @@ class TAMLEncoderLearner(MAMLLearner):
         return super().named_meta_parameters() + [
             (f"task_encoder.{name}", p) for name, p in self.task_encoder.named_parameters()
         ]
-
-    def _section(self, name: str) -> str:
-        return "task_encoder" if name.startswith("task_encoder.") else super()._section(name)
-
-    def _outer_trainable(self, section: str) -> bool:
-        # Like the head, the task encoder is what a frozen-body setting still learns.
-        return section == "task_encoder" or super()._outer_trainable(section)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metalab.data.config import EpisodesConfig, parse_setting
 from metalab.data.splits import Split
 from metalab.io import save_npz
-from metalab.params import EpisodesConfig, parse_setting
+from metalab.layout import episode_set_file
 
 
 @dataclass
@@ -232,7 +233,7 @@ def write_evaluation_episodes(
             config.num_episodes,
             generator,
         )
-        path = directory / f"{setting}.npz"
+        path = episode_set_file(setting, directory)
         save_episode_set(path, index, setting=setting, protocol=split.protocol, part="meta_test")
         written[setting] = str(path)
     return written

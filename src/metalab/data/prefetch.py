@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
-import tempfile
 import time
 import zipfile
 import zlib
@@ -47,13 +45,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from metalab.data.download import (
-    ARCHIVE_NAMES,
-    ArchiveError,
-    ArchiveLayout,
-    move_into_place,
-    read_layout,
-)
+from metalab.data.archives import ARCHIVE_NAMES, ArchiveError, ArchiveLayout, read_layout
+from metalab.errors import MetalabError
+from metalab.io import atomic_output
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +70,7 @@ ARRAY_DTYPES = {
 STRING_ARRAYS = ("alphabet_names", "character_names")
 
 
-class PrefetchError(Exception):
+class PrefetchError(MetalabError):
     """The archives cannot be prefetched, or a prefetched file is not in the expected format."""
 
 
@@ -254,17 +248,12 @@ def _tasks(
 
 
 def _save_atomically(output: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an uncompressed npz to a temporary file beside ``output``, then rename it."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary_name = tempfile.mkstemp(
-        prefix=f".{output.name}.", suffix=".part", dir=output.parent
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            np.savez(file, **arrays)  # a file object keeps numpy from appending ".npz"
-        move_into_place(Path(temporary_name), output)
-    finally:
-        Path(temporary_name).unlink(missing_ok=True)
+    """Write an uncompressed npz via a temporary ``.part`` file beside ``output``.
+
+    The file gets the permissions of an ordinary new file, not mkstemp's owner-only ones.
+    """
+    with atomic_output(output, suffix=".part", umask_permissions=True) as file:
+        np.savez(file, **arrays)  # a file object keeps numpy from appending ".npz"
 
 
 def prefetch_omniglot(

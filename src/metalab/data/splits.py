@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from metalab.params import ParamsError, SplitConfig
+from metalab.data.config import SplitConfig
+from metalab.schema import ParamsError
 
 
 @dataclass

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from metalab.models.config import ModelConfig
 from metalab.models.conv4 import Conv4
 from metalab.models.resnet import ResNet18
-
-
-class ModelConfig(BaseModel):
-    """``experiments.<name>.model`` in params.yaml."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["conv4", "resnet18"] = "conv4"
-    hidden: int = Field(64, ge=1, le=1024, description="Conv4 channels per block")
-    downsample: Literal["maxpool", "stride"] = Field(
-        "maxpool", description="Conv4: MaxPool2 after each block, or stride-2 convs (MAML's net)"
-    )
 
 
 def build_model(config: ModelConfig, n_way: int, image_size: int) -> nn.Module:

@@ -82,8 +82,9 @@ def build_report(
     experiments: dict[str, str] | list[str] | None = None,
     settings: list[str] | None = None,
 ) -> ReportFiles:
-    """Read metrics/{train,eval} and plots/train, write reports/comparison.{md,csv},
-    reports/pairs.csv, reports/accuracy.csv and the PNGs in `plots_dir`.
+    """Read metrics/{train,eval,train_rl,eval_rl} and plots/train, write
+    reports/comparison.{md,csv}, reports/pairs.csv, reports/accuracy.csv, reports/rl.csv
+    and the PNGs in `plots_dir`. An invalid metrics file is left out, with a note.
 
     `experiments` ({name: algorithm} or names) and `settings` from params.yaml are always
     shown, "-" where nothing was produced; others found on disk are added.
@@ -96,6 +97,7 @@ def build_report(
     table = comparison_table(inputs, sort_by)
     pair_rows, pair_notes = paired_table(inputs, pairs)
     notes += pair_notes
+    rl = rl_results(metrics_dir, notes)
     files = ReportFiles(
         markdown=reports_dir / "comparison.md",
         comparison_csv=reports_dir / "comparison.csv",
@@ -104,7 +106,6 @@ def build_report(
         table=table,
         notes=notes,
     )
-    rl = rl_results(metrics_dir)
     write_text(
         files.markdown,
         markdown(table, pair_rows, inputs.settings, sort_by, notes) + "\n" + rl_markdown(rl),

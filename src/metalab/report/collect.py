@@ -1,19 +1,28 @@
 """Read what the train and evaluate stages wrote, tolerating gaps.
 
-A missing or unreadable file becomes ``None`` plus a note, so the report still renders
-with "-" where a number is unknown.
+Metrics files are read through their schemas (`metalab.records`). A missing file becomes
+``None``; an unreadable or invalid one becomes ``None`` plus a note, so the report still
+renders with "-" where a number is unknown.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import pandas as pd
 
+from metalab.records import (
+    EvaluationMetrics,
+    MetricsFile,
+    MetricsFileError,
+    SettingResult,
+    TrainSummary,
+)
+
 EPISODES_SUFFIX = ".episodes.csv"
+Record = TypeVar("Record", bound=MetricsFile)
 
 
 @dataclass
@@ -27,23 +36,28 @@ class ExperimentRecord:
 
     name: str
     configured_algorithm: str | None = None  # from params.yaml, when the files are missing
-    train: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None
+    train: TrainSummary | None = None
+    evaluation: EvaluationMetrics | None = None
     curve: pd.DataFrame | None = None
     episodes: pd.DataFrame | None = None
 
     @property
     def algorithm(self) -> str | None:
         for source in (self.train, self.evaluation):
-            if source and source.get("algorithm"):
-                return source["algorithm"]
+            if source is not None and source.algorithm:
+                return source.algorithm
         return self.configured_algorithm
 
-    def setting(self, setting: str) -> dict[str, Any] | None:
-        """The evaluation summary of `setting`, or None when it was not evaluated."""
-        if not self.evaluation:
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """{setting: why it was not evaluated} (empty without an evaluation)."""
+        return self.evaluation.unsupported if self.evaluation is not None else {}
+
+    def setting(self, setting: str) -> SettingResult | None:
+        """The evaluation result of `setting`, or None when it was not evaluated."""
+        if self.evaluation is None:
             return None
-        return (self.evaluation.get("settings") or {}).get(setting)
+        return self.evaluation.settings.get(setting)
 
     def episode_accuracies(self, setting: str) -> pd.Series | None:
         """accuracy_after per episode of `setting`, indexed by episode, or None."""
@@ -62,18 +76,19 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+def read_record(schema: type[Record], path: Path, notes: list[str] | None) -> Record | None:
+    """`schema.read(path)`; None if there is no such file. A file that cannot be read as
+    `schema` raises `MetricsFileError` (one line naming the file), or with `notes` adds
+    that line to them and gives None."""
     if not path.is_file():
         return None
     try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        notes.append(f"{path}: unreadable, ignored ({error})")
+        return schema.read(path)
+    except MetricsFileError as error:
+        if notes is None:
+            raise
+        notes.append(f"{error} (ignored)")
         return None
-    if not isinstance(content, dict):
-        notes.append(f"{path}: not a JSON object, ignored")
-        return None
-    return content
 
 
 def _read_csv(path: Path, required: set[str], notes: list[str]) -> pd.DataFrame | None:
@@ -130,8 +145,8 @@ def collect_inputs(
         record = ExperimentRecord(
             name=name,
             configured_algorithm=configured.get(name),
-            train=_read_json(metrics_dir / "train" / f"{name}.json", notes),
-            evaluation=_read_json(metrics_dir / "eval" / f"{name}.json", notes),
+            train=read_record(TrainSummary, metrics_dir / "train" / f"{name}.json", notes),
+            evaluation=read_record(EvaluationMetrics, metrics_dir / "eval" / f"{name}.json", notes),
             curve=_read_csv(plots_dir / "train" / f"{name}.csv", {"iteration", "loss"}, notes),
             episodes=_read_csv(
                 metrics_dir / "eval" / f"{name}{EPISODES_SUFFIX}",
@@ -143,19 +158,19 @@ def collect_inputs(
             notes.append(f"{name}: no training metrics (metrics/train/{name}.json)")
         if record.evaluation is None:
             notes.append(f"{name}: no evaluation metrics (metrics/eval/{name}.json)")
-        for setting, reason in ((record.evaluation or {}).get("unsupported") or {}).items():
+        for setting, reason in record.unsupported.items():
             notes.append(f"{name}: {setting} not evaluated: {reason}")
         records[name] = record
     all_settings = list(settings or [])
     for record in records.values():
-        for setting in (record.evaluation or {}).get("settings") or {}:
+        evaluated = record.evaluation.settings if record.evaluation is not None else {}
+        for setting in evaluated:
             if setting not in all_settings:
                 all_settings.append(setting)
     for record in records.values():
         if record.evaluation is None:
             continue
-        unsupported = record.evaluation.get("unsupported") or {}
         for setting in all_settings:
-            if record.setting(setting) is None and setting not in unsupported:
+            if record.setting(setting) is None and setting not in record.unsupported:
                 notes.append(f"{record.name}: {setting} not in metrics/eval/{record.name}.json")
     return ReportInputs(records, all_settings, notes)

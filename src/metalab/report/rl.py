@@ -1,74 +1,88 @@
 """The meta-RL part of the report: a table of held-out returns before and after
 adaptation, and a plot of return vs adaptation steps per learner (one panel per env,
-since returns are not comparable across environments)."""
+since returns are not comparable across environments).
+
+The step counts (columns of the table, points of the plot) are whatever the evaluations
+measured (`RLEvaluationMetrics.returns`), any number of them.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from metalab.records import RLEvaluationMetrics, RLTrainSummary
+from metalab.report.collect import read_record
 from metalab.report.plots import _empty, _save, experiment_colors, plt
 from metalab.report.tables import durations, markdown_table, number
 
-STEP_KEYS = {"before_adaptation": 0, "after_1_steps": 1, "after_2_steps": 2, "after_3_steps": 3}
+RESULT_COLUMNS = [
+    "experiment",
+    "algorithm",
+    "env",
+    "steps",
+    "mean_return",
+    "ci95",
+    "training_seconds",
+    "tasks_per_s",
+    "peak_memory_mb",
+]
 
 
-def rl_results(metrics_dir: str | Path) -> pd.DataFrame:
+def rl_results(metrics_dir: str | Path, notes: list[str] | None = None) -> pd.DataFrame:
     """One row per (experiment, adaptation steps) from metrics/{eval_rl,train_rl}/*.json.
 
-    Columns: experiment, algorithm, env, steps, mean_return, ci95, training_seconds,
-    tasks_per_s, peak_memory_mb (training figures repeat on each row of an experiment).
+    Columns `RESULT_COLUMNS`: experiment, algorithm, env, steps, mean_return, ci95,
+    training_seconds, tasks_per_s, peak_memory_mb (training figures repeat on each row of
+    an experiment; None without a training summary).
+
+    A file that is not a valid RL evaluation or training summary raises
+    `MetricsFileError`; given `notes`, it is left out instead and the note says why.
     """
     metrics_dir = Path(metrics_dir)
     rows = []
     for path in sorted((metrics_dir / "eval_rl").glob("*.json")):
-        evaluation = json.loads(path.read_text())
-        train_file = metrics_dir / "train_rl" / path.name
-        training = json.loads(train_file.read_text()) if train_file.exists() else {}
-        for key, value in evaluation.items():
-            steps = STEP_KEYS.get(key)
-            if steps is None and key.startswith("after_") and key.endswith("_steps"):
-                steps = int(key.removeprefix("after_").removesuffix("_steps"))
-            if steps is None or not isinstance(value, dict):
-                continue
+        evaluation = read_record(RLEvaluationMetrics, path, notes)
+        if evaluation is None:
+            continue
+        training = read_record(RLTrainSummary, metrics_dir / "train_rl" / path.name, notes)
+        cost = {
+            "training_seconds": training.training_seconds if training is not None else None,
+            "tasks_per_s": training.tasks_per_s if training is not None else None,
+            "peak_memory_mb": training.peak_memory_mb if training is not None else None,
+        }
+        for steps, result in evaluation.returns.items():
             rows.append(
                 {
-                    "experiment": evaluation["experiment"],
-                    "algorithm": evaluation.get("algorithm"),
-                    "env": evaluation.get("env"),
+                    "experiment": evaluation.experiment,
+                    "algorithm": evaluation.algorithm,
+                    "env": evaluation.env,
                     "steps": steps,
-                    "mean_return": value["mean_return"],
-                    "ci95": value["ci95"],
-                    "training_seconds": training.get("training_seconds"),
-                    "tasks_per_s": training.get("tasks_per_s"),
-                    "peak_memory_mb": training.get("peak_memory_mb"),
+                    "mean_return": result.mean_return,
+                    "ci95": result.ci95,
+                    **cost,
                 }
             )
-    columns = [
-        "experiment",
-        "algorithm",
-        "env",
-        "steps",
-        "mean_return",
-        "ci95",
-        "training_seconds",
-        "tasks_per_s",
-        "peak_memory_mb",
-    ]
-    return pd.DataFrame(rows, columns=columns).sort_values(["env", "experiment", "steps"])
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["env", "experiment", "steps"])
+
+
+def _steps_label(steps: int) -> str:
+    return f"{steps} step{'s' if steps > 1 else ''}"
 
 
 def rl_markdown(results: pd.DataFrame) -> str:
-    """The RL table: one row per experiment, return ± 95% CI per adaptation step, the gain
-    of one step over none, and the training cost."""
+    """The RL table: one row per experiment, return ± 95% CI per evaluated step count, the
+    gain of the fewest adaptation steps over none, and the training cost."""
     if results.empty:
         return "## Meta-RL\n\nNo RL evaluations found (metrics/eval_rl/).\n"
     steps = sorted(results["steps"].unique())
+    first_step = next((s for s in steps if s > 0), None)  # the gain column's step count
     header = ["experiment", "env"]
-    header += ["before" if s == 0 else f"after {s} step{'s' if s > 1 else ''}" for s in steps]
-    header += ["gain (1 step)", "training", "tasks/s", "peak MB"]
+    header += ["before" if s == 0 else f"after {_steps_label(s)}" for s in steps]
+    if first_step is not None:
+        header.append(f"gain ({_steps_label(first_step)})")
+    header += ["training", "tasks/s", "peak MB"]
     rows = []
     groups = list(results.groupby(["experiment", "env"], sort=False))
     training_times = durations(group.iloc[0]["training_seconds"] for _, group in groups)
@@ -81,10 +95,12 @@ def rl_markdown(results: pd.DataFrame) -> str:
             else "-"
             for s in steps
         ]
-        if 0 in by_step.index and 1 in by_step.index:
-            cells.append(f"{by_step.loc[1, 'mean_return'] - by_step.loc[0, 'mean_return']:+.2f}")
-        else:
-            cells.append("-")
+        if first_step is not None:
+            if 0 in by_step.index and first_step in by_step.index:
+                gain = by_step.loc[first_step, "mean_return"] - by_step.loc[0, "mean_return"]
+                cells.append(f"{gain:+.2f}")
+            else:
+                cells.append("-")
         first = group.iloc[0]
         cells += [
             training_time,

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from metalab.evaluation import paired_difference
+from metalab.records import SettingResult, TrainSummary
 from metalab.report.collect import ReportInputs
+from metalab.statistics import paired_difference
 
 TRAIN_FIELDS = [
     "total_parameters",
@@ -47,6 +48,36 @@ def setting_column(setting: str, field: str) -> str:
     return f"{setting}_{field}"
 
 
+def train_columns(train: TrainSummary | None) -> dict[str, float | None]:
+    """The `TRAIN_FIELDS` of a train summary (all None without one)."""
+    if train is None:
+        return dict.fromkeys(TRAIN_FIELDS)
+    return {
+        "total_parameters": train.total_parameters,
+        "trainable_parameters": train.trainable_parameters,
+        "parameters_per_training_task": train.parameters_per_training_task,
+        "final_loss": train.final_loss,
+        "min_loss": train.min_loss,
+        "training_seconds": train.training_seconds,
+        "tasks_per_s": train.tasks_per_s,
+        "peak_memory_mb": train.peak_memory_mb,
+    }
+
+
+def setting_columns(result: SettingResult | None) -> dict[str, float | None]:
+    """The `SETTING_FIELDS` of one setting's result (all None when not evaluated)."""
+    if result is None:
+        return dict.fromkeys(SETTING_FIELDS)
+    return {
+        "accuracy": result.accuracy,
+        "ci95": result.ci95,
+        "accuracy_before": result.accuracy_before,
+        "ci95_before": result.ci95_before,
+        "gain": result.gain,
+        "gain_ci95": result.gain_ci95,
+    }
+
+
 def comparison_table(inputs: ReportInputs, sort_by: str) -> pd.DataFrame:
     """One row per experiment: training cost, and per setting the accuracy after and
     before adaptation with 95% half-widths and the gain (all fractions; NaN = unknown).
@@ -56,14 +87,14 @@ def comparison_table(inputs: ReportInputs, sort_by: str) -> pd.DataFrame:
     """
     rows = []
     for record in inputs.experiments.values():
-        train = record.train or {}
         row = {"experiment": record.name, "algorithm": record.algorithm}
-        row.update({key: train.get(key) for key in TRAIN_FIELDS})
-        row["evaluation_peak_memory_mb"] = (record.evaluation or {}).get("peak_memory_mb")
+        row.update(train_columns(record.train))
+        row["evaluation_peak_memory_mb"] = (
+            record.evaluation.peak_memory_mb if record.evaluation is not None else None
+        )
         for setting in inputs.settings:
-            summary = record.setting(setting) or {}
-            for field in SETTING_FIELDS:
-                row[setting_column(setting, field)] = summary.get(field)
+            for field, value in setting_columns(record.setting(setting)).items():
+                row[setting_column(setting, field)] = value
         rows.append(row)
     columns = ["experiment", "algorithm", *TRAIN_FIELDS, "evaluation_peak_memory_mb"] + [
         setting_column(setting, field) for setting in inputs.settings for field in SETTING_FIELDS
@@ -132,9 +163,8 @@ def _pair_problem(inputs: ReportInputs, a: str, b: str, setting: str) -> str | N
             return f"{name} has no per-episode results (metrics/eval/{name}.episodes.csv)"
         if record.episode_accuracies(setting) is None:
             return f"{name} has no per-episode results for {setting}"
-    fingerprints = {
-        (inputs.experiments[name].setting(setting) or {}).get("episode_set") for name in (a, b)
-    }
+    results = [inputs.experiments[name].setting(setting) for name in (a, b)]
+    fingerprints = {result.episode_set if result is not None else None for result in results}
     if len(fingerprints) > 1:
         return f"{setting} evaluated on different episode sets (rerun both evaluations)"
     index_a = inputs.experiments[a].episode_accuracies(setting).index

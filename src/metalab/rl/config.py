@@ -9,9 +9,12 @@ on two CPU cores.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from metalab.schema import Sections, TrackingConfig, load_sections, named_entry
 
 
 class RLExperimentConfig(BaseModel):
@@ -94,3 +97,18 @@ class RLExperimentConfig(BaseModel):
         if not steps or any(step < 1 for step in steps) or steps != sorted(set(steps)):
             raise ValueError("eval_adaptation_steps must be non-empty, positive and increasing")
         return steps
+
+
+class RLParams(Sections):
+    """The sections the RL stages read: ``rl_experiments`` and ``tracking``."""
+
+    rl_experiments: dict[str, RLExperimentConfig] = Field(default_factory=dict)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def rl_experiment(self, name: str) -> RLExperimentConfig:
+        return named_entry(self.rl_experiments, name, "RL experiment")
+
+
+def load_rl_params(path: str | Path = "params.yaml") -> RLParams:
+    """Read and validate params.yaml's RL sections; `ParamsError` with a one-line message."""
+    return load_sections(path, RLParams)

@@ -1,0 +1,33 @@
+"""``experiments.<name>.model`` in params.yaml: which network a learner builds (no torch here,
+so validating params.yaml does not load the networks)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelConfig(BaseModel):
+    """``experiments.<name>.model`` in params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["conv4", "resnet18"] = "conv4"
+    hidden: int = Field(64, ge=1, le=1024, description="Conv4 channels per block")
+    downsample: Literal["maxpool", "stride"] = Field(
+        "maxpool", description="Conv4: MaxPool2 after each block, or stride-2 convs (MAML's net)"
+    )
+
+
+class PretrainConfig(BaseModel):
+    """``pretrain``: supervised pretraining of a body on the meta-train classes (ANIL
+    S3-S5)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="resnet18"))
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.001, gt=0)
+    seed: int = Field(0, ge=0)

@@ -1,0 +1,71 @@
+"""The learner contract: the trainer, the torchrun helpers and the learner API read only
+what `MetaLearner` declares, and every registered learner honours those declarations."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from metalab.algorithms.base import BuildContext, MetaLearner
+from metalab.algorithms.registry import ALGORITHMS, build_learner, options_class
+from metalab.models.config import ModelConfig
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "metalab"
+# Where each reader holds a learner: (file, expressions that are a MetaLearner there).
+READERS = {
+    "training.py": {"self.learner"},
+    "learner_api.py": {"meta_learner", "self.meta_learner"},
+    "distributed.py": {"learner"},
+}
+
+
+def attributes_read(path: Path, holders: set[str]) -> set[str]:
+    """Names read as ``<holder>.<name>`` in `path`, for each expression in `holders`."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in holders:
+            names.add(node.attr)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "hasattr"):
+            target = ast.unparse(node.args[0]) if node.args else ""
+            assert target not in holders, f"{path.name} probes a learner with {ast.unparse(node)}"
+    return names
+
+
+@pytest.mark.parametrize("file", sorted(READERS))
+def test_readers_use_only_declared_attributes(file):
+    declared = set(dir(MetaLearner)) | set(MetaLearner.__annotations__)
+    undeclared = attributes_read(SOURCE / file, READERS[file]) - declared
+    assert not undeclared, f"{file} reads undeclared learner attributes {sorted(undeclared)}"
+
+
+def test_attribute_scan_sees_an_undeclared_read(tmp_path):
+    planted = tmp_path / "reader.py"
+    planted.write_text("def f(self):\n    return self.learner.secret_steps\n")
+    assert attributes_read(planted, {"self.learner"}) == {"secret_steps"}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_learner_honours_the_contract(algorithm):
+    torch.manual_seed(0)
+    options = options_class(algorithm)()
+    context = BuildContext(model=ModelConfig(hidden=4), n_way=5, image_size=28)
+    learner = build_learner(algorithm, options, context)
+    assert isinstance(learner, MetaLearner) and isinstance(learner, nn.Module)
+    assert learner.algorithm == algorithm
+    assert isinstance(learner.adapts_by_gradient, bool)
+    steps = learner.default_adaptation_steps
+    if learner.adapts_by_gradient:
+        assert isinstance(steps, int) and steps >= 0
+    else:
+        assert steps is None
+    assert learner.outer_optimizer in (None, "adam", "sgd")
+    assert learner.outer_lr is None or learner.outer_lr > 0
+    assert learner.train_n_way is None or learner.train_n_way >= 2
+    assert isinstance(learner.combines_tasks_by_mean, bool)
+    assert isinstance(learner.model, nn.Module) and hasattr(learner.model, "body")
+    groups = learner.parameter_groups()
+    assert groups and all(group["params"] for group in groups)

@@ -1,0 +1,303 @@
+"""The typed schemas of the metrics files (`metalab.records`): every committed file
+validates and is written back byte for byte, bad files give a one-line error naming the
+file, the writers build their metrics through the schemas, and the RL report follows
+whatever adaptation steps were evaluated."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metalab.evaluation import (
+    LearnerEvaluation,
+    SettingEvaluation,
+    numeric_metrics,
+    train_run_id,
+)
+from metalab.records import (
+    SCHEMAS,
+    AdaptationReturn,
+    DataMetrics,
+    EvaluationMetrics,
+    MetricsFileError,
+    RLEvaluationMetrics,
+    RLTrainSummary,
+    TrainSummary,
+    adaptation_key,
+    adaptation_steps_of,
+    schema_for,
+)
+from metalab.report.collect import collect_inputs
+from metalab.report.rl import plot_rl_adaptation, rl_markdown, rl_results
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ROOT / "metrics"
+COMMITTED = sorted(METRICS.rglob("*.json"))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def relative(path: Path) -> str:
+    return path.relative_to(METRICS).as_posix()
+
+
+# ------------------------------------------------------------------ committed files
+def test_every_committed_metrics_file_has_a_schema():
+    assert len(COMMITTED) > 20
+    kinds = {schema_for(relative(path)) for path in COMMITTED}
+    assert None not in kinds, [relative(p) for p in COMMITTED if schema_for(relative(p)) is None]
+    assert kinds == set(SCHEMAS.values())  # every schema has a committed file to check
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=relative)
+def test_committed_file_validates_and_round_trips_byte_for_byte(path, tmp_path):
+    record = schema_for(relative(path)).read(path)
+
+    assert record.to_json() == path.read_text()
+    copy = tmp_path / path.name
+    record.write(copy)
+    assert copy.read_bytes() == path.read_bytes()
+
+
+def test_committed_files_read_as_typed_attributes():
+    maml = EvaluationMetrics.read(METRICS / "eval" / "maml.json")
+    assert maml.settings["5w1s"].n_way == 5 and maml.settings["5w1s"].adaptation_steps == 3
+    assert TrainSummary.read(METRICS / "train" / "maml.json").mlflow_run_id == maml.train_run_id
+    rl = RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl.json")
+    assert rl.adaptation_steps == [0, 1, 2, 3]
+    assert rl.returns[0].mean_return < rl.returns[1].mean_return
+    assert set(DataMetrics.read(METRICS / "data.json").archives) == {
+        "images_background",
+        "images_evaluation",
+    }
+
+
+# ------------------------------------------------------------------ bad files
+BAD_TRAIN_FILES = {
+    "not JSON": ("{", "not valid JSON"),
+    "not an object": ("[1, 2]", "not a JSON object"),
+    "missing field": ('{"experiment": "maml"}', "algorithm: Field required"),
+    "wrong type": (None, "iterations: Input should be a valid integer"),
+    "unknown key": (None, "colour: Extra inputs are not permitted"),
+}
+
+
+@pytest.mark.parametrize("problem", BAD_TRAIN_FILES)
+def test_bad_file_is_a_one_line_error_naming_it(problem, tmp_path):
+    text, expected = BAD_TRAIN_FILES[problem]
+    if text is None:
+        content = json.loads((METRICS / "train" / "maml.json").read_text())
+        if problem == "wrong type":
+            content["iterations"] = "300"  # strict: a string is not taken for a number
+        else:
+            content["colour"] = "blue"
+        text = json.dumps(content)
+    path = tmp_path / "metrics" / "train" / "maml.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+
+    with pytest.raises(MetricsFileError) as caught:
+        TrainSummary.read(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert expected in message
+
+
+def test_missing_file_and_rl_step_key_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(MetricsFileError, match=r"^.*nothing\.json: missing \(train summary\)$"):
+        TrainSummary.read(tmp_path / "nothing.json")
+    content = json.loads((METRICS / "eval_rl" / "maml_rl.json").read_text())
+    content["after_2_steps"]["std"] = "wide"
+    content["after_02_steps"] = content["after_1_steps"]  # not how the stage spells 2
+    path = tmp_path / "rl.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(MetricsFileError) as caught:
+        RLEvaluationMetrics.read(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a valid RL evaluation summary: ")
+    assert "after_2_steps.std: Input should be a valid number" in message
+    assert "after_02_steps: Extra inputs are not permitted" in message
+
+
+def test_unknown_numbers_are_null_and_required_numbers_must_be_finite():
+    train = json.loads((METRICS / "train" / "maml.json").read_text())
+    train["final_loss"] = math.nan
+    assert TrainSummary(**train).to_dict()["final_loss"] is None
+    train["training_seconds"] = math.inf
+    with pytest.raises(ValueError, match="finite"):
+        TrainSummary(**train)
+
+
+# ------------------------------------------------------------------ writers
+def test_evaluation_metrics_are_built_through_the_schema():
+    rng = np.random.default_rng(0)
+    gradient = SettingEvaluation(
+        setting="5w1s",
+        n_way=5,
+        k_shot=1,
+        episode_set="abc",
+        adaptation_steps=3,
+        accuracy_after=rng.uniform(0.6, 1.0, 10),
+        accuracy_before=rng.uniform(0.1, 0.3, 10),
+        seconds=np.full(10, 0.5),
+    )
+    single = SettingEvaluation(
+        setting="20w1s",
+        n_way=20,
+        k_shot=1,
+        episode_set="def",
+        adaptation_steps=None,
+        accuracy_after=np.array([0.5]),  # one episode: no interval
+        accuracy_before=None,
+        seconds=np.array([1.0]),
+    )
+    unsupported = SettingEvaluation(
+        "20w5s", 20, 5, "ghi", None, np.zeros(0), None, np.zeros(0), unsupported="too wide"
+    )
+    evaluation = LearnerEvaluation(
+        "maml", "maml", {"5w1s": gradient, "20w1s": single, "20w5s": unsupported}
+    )
+
+    record = evaluation.record(peak_memory_mb=12.5, train_run_id="t", mlflow_run_id="e")
+
+    assert isinstance(record, EvaluationMetrics)
+    committed = json.loads((METRICS / "eval" / "maml.json").read_text())
+    assert list(record.to_dict()) == list(committed)  # the file's keys, in its order
+    assert list(record.to_dict()["settings"]["5w1s"]) == list(committed["settings"]["5w1s"])
+    assert record.settings["5w1s"].gain == pytest.approx(
+        (gradient.accuracy_after - gradient.accuracy_before).mean()
+    )
+    assert record.settings["20w1s"].ci95 is None and record.settings["20w1s"].gain is None
+    assert record.unsupported == {"20w5s": "too wide"}
+    assert record.episodes == 11 and record.evaluation_seconds == pytest.approx(6.0)
+    assert EvaluationMetrics.from_json_text(record.to_json()) == record
+    assert (
+        evaluation.metrics(peak_memory_mb=12.5)
+        == record.model_copy(update={"train_run_id": None, "mlflow_run_id": None}).to_dict()
+    )
+    numbers = numeric_metrics(record)
+    assert numbers["settings.5w1s.accuracy"] == record.settings["5w1s"].accuracy
+    assert "settings.20w1s.ci95" not in numbers and numbers["episodes"] == 11.0
+
+
+def test_train_run_id_reads_only_the_run_id(tmp_path):
+    path = tmp_path / "train.json"
+    assert train_run_id(path) is None
+    path.write_text(json.dumps({"mlflow_run_id": "abc"}))  # partial summaries still link
+    assert train_run_id(path) == "abc"
+    assert train_run_id(METRICS / "train" / "maml.json") == "6ee9e6ce259841108789f9a4c108c4bf"
+    path.write_text("not json")
+    with pytest.raises(MetricsFileError, match="train.json: not valid JSON"):
+        train_run_id(path)
+
+
+# ------------------------------------------------------------------ meta-RL, any steps
+def test_adaptation_keys_are_the_files_keys():
+    assert [adaptation_key(s) for s in (0, 1, 5, 12)] == [
+        "before_adaptation",
+        "after_1_steps",
+        "after_5_steps",
+        "after_12_steps",
+    ]
+    for steps in (0, 1, 5, 12):
+        assert adaptation_steps_of(adaptation_key(steps)) == steps
+    assert adaptation_steps_of("after_0_steps") is None
+    assert adaptation_steps_of("num_tasks") is None
+
+
+def rl_evaluation(name: str, env: str, steps: list[int], start: float) -> RLEvaluationMetrics:
+    """Return rising by one per adaptation step from `start`."""
+    return RLEvaluationMetrics(
+        experiment=name,
+        algorithm="maml_rl",
+        env=env,
+        num_tasks=20,
+        returns={s: AdaptationReturn(mean_return=start + s, ci95=0.5, std=1.1) for s in steps},
+    )
+
+
+def test_rl_evaluation_with_five_steps_round_trips_in_file_layout():
+    record = rl_evaluation("maml_rl", "navigation_2d", [0, 1, 2, 3, 4, 5], -40.0)
+
+    data = json.loads(record.to_json())
+    assert list(data) == [
+        "experiment",
+        "algorithm",
+        "env",
+        "num_tasks",
+        "before_adaptation",
+        *(f"after_{s}_steps" for s in range(1, 6)),
+    ]
+    assert data["after_5_steps"] == {"mean_return": -35.0, "ci95": 0.5, "std": 1.1}
+    assert RLEvaluationMetrics.from_json_text(record.to_json()) == record
+
+
+def test_rl_report_with_five_adaptation_steps(tmp_path):
+    rl_evaluation("maml_rl", "navigation_2d", [0, 1, 2, 3, 4, 5], -40.0).write(
+        tmp_path / "eval_rl" / "maml_rl.json"
+    )
+    rl_evaluation("anil_rl", "navigation_2d", [0, 1, 2, 3, 5], -50.0).write(  # no 4
+        tmp_path / "eval_rl" / "anil_rl.json"
+    )
+    RLTrainSummary(
+        experiment="maml_rl",
+        algorithm="maml_rl",
+        env="navigation_2d",
+        iterations=10,
+        training_seconds=30.0,
+        tasks_per_s=8.0,
+        final_pre_adaptation_return=-40.0,
+        final_post_adaptation_return=-35.0,
+        peak_memory_mb=900.0,
+        mlflow_run_id=None,
+    ).write(tmp_path / "train_rl" / "maml_rl.json")
+
+    results = rl_results(tmp_path)
+
+    assert len(results) == 11
+    maml = results[results["experiment"] == "maml_rl"].set_index("steps")
+    assert list(maml.index) == [0, 1, 2, 3, 4, 5] and maml.loc[5, "mean_return"] == -35.0
+    text = rl_markdown(results)
+    assert (
+        "| experiment | env | before | after 1 step | after 2 steps | after 3 steps "
+        "| after 4 steps | after 5 steps | gain (1 step) | training | tasks/s | peak MB |"
+    ) in text
+    assert (
+        "| maml_rl | navigation_2d | -40.00 ± 0.50 | -39.00 ± 0.50 | -38.00 ± 0.50 "
+        "| -37.00 ± 0.50 | -36.00 ± 0.50 | -35.00 ± 0.50 | +1.00 | 30.0 s | 8.0 | 900 |"
+    ) in text
+    assert "| -47.00 ± 0.50 | - | -45.00 ± 0.50 | +1.00 | - | - | - |" in text
+    path = plot_rl_adaptation(results, tmp_path / "rl.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 10_000
+
+
+def test_rl_gain_column_follows_the_fewest_evaluated_steps(tmp_path):
+    rl_evaluation("reptile_rl", "bernoulli_bandit", [0, 2, 4], 10.0).write(
+        tmp_path / "eval_rl" / "reptile_rl.json"
+    )
+    text = rl_markdown(rl_results(tmp_path))
+    assert "| before | after 2 steps | after 4 steps | gain (2 steps) |" in text
+    assert "| 10.00 ± 0.50 | 12.00 ± 0.50 | 14.00 ± 0.50 | +2.00 |" in text
+
+
+def test_report_notes_invalid_metrics_files_instead_of_failing(tmp_path):
+    (tmp_path / "eval_rl").mkdir()
+    (tmp_path / "eval_rl" / "broken.json").write_text('{"experiment": "broken"}')
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "maml.json").write_text('{"experiment": "maml"}')
+
+    with pytest.raises(MetricsFileError, match="broken.json: not a valid RL evaluation"):
+        rl_results(tmp_path)
+    notes: list[str] = []
+    assert rl_results(tmp_path, notes).empty
+    inputs = collect_inputs(tmp_path, tmp_path / "plots", ["maml"])
+    notes += inputs.notes
+    assert inputs.experiments["maml"].train is None
+    assert any(
+        note.startswith(f"{tmp_path / 'eval_rl' / 'broken.json'}: not a valid") for note in notes
+    )
+    assert any("maml.json: not a valid train summary" in note for note in notes)
