@@ -60,7 +60,7 @@ from metalab.algorithms.maml import MAMLLearner, Options  # noqa: E402
 from metalab.data.episodes import Episodes  # noqa: E402
 from metalab.io import write_json  # noqa: E402
 from metalab.models import Conv4  # noqa: E402
-from metalab.runtime import keep_freed_memory  # noqa: E402
+from metalab.runtime import cpu_flags, cpu_model, keep_freed_memory  # noqa: E402
 
 N_WAY, K_SHOT, QUERIES, IMAGE_SIZE, HIDDEN = 5, 1, 15, 28, 64
 CONFIGS: dict[str, dict] = {
@@ -226,20 +226,11 @@ def measure_paired(group: str, tasks: int, warmup: int, rounds: int) -> list[dic
 
 def cpu_description() -> dict:
     """The CPU's model name and the bf16-relevant instruction sets it advertises."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": "unknown", "bf16_flags": []}
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in info.splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
-    flags = set(info.split())
-    return {"model": model, "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})}
+    flags = cpu_flags() or frozenset()
+    return {
+        "model": cpu_model(),
+        "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+    }
 
 
 def bf16_gradient_check(tasks: int) -> dict:

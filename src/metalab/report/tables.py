@@ -50,32 +50,12 @@ def setting_column(setting: str, field: str) -> str:
 
 def train_columns(train: TrainSummary | None) -> dict[str, float | None]:
     """The `TRAIN_FIELDS` of a train summary (all None without one)."""
-    if train is None:
-        return dict.fromkeys(TRAIN_FIELDS)
-    return {
-        "total_parameters": train.total_parameters,
-        "trainable_parameters": train.trainable_parameters,
-        "parameters_per_training_task": train.parameters_per_training_task,
-        "final_loss": train.final_loss,
-        "min_loss": train.min_loss,
-        "training_seconds": train.training_seconds,
-        "tasks_per_s": train.tasks_per_s,
-        "peak_memory_mb": train.peak_memory_mb,
-    }
+    return {field: None if train is None else getattr(train, field) for field in TRAIN_FIELDS}
 
 
 def setting_columns(result: SettingResult | None) -> dict[str, float | None]:
     """The `SETTING_FIELDS` of one setting's result (all None when not evaluated)."""
-    if result is None:
-        return dict.fromkeys(SETTING_FIELDS)
-    return {
-        "accuracy": result.accuracy,
-        "ci95": result.ci95,
-        "accuracy_before": result.accuracy_before,
-        "ci95_before": result.ci95_before,
-        "gain": result.gain,
-        "gain_ci95": result.gain_ci95,
-    }
+    return {field: None if result is None else getattr(result, field) for field in SETTING_FIELDS}
 
 
 def comparison_table(inputs: ReportInputs, sort_by: str) -> pd.DataFrame:
