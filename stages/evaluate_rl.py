@@ -3,24 +3,22 @@ after each of `eval_adaptation_steps` policy-gradient steps, mean and 95% CI."""
 
 from __future__ import annotations
 
-import torch
-
 from metalab.cli import run_stage, stage_parser
 from metalab.layout import rl_eval_metrics_file, rl_model_file
 from metalab.records import AdaptationReturn, RLEvaluationMetrics, adaptation_key
 from metalab.rl.config import RLParams, load_rl_params
-from metalab.rl.loop import evaluate_rl
+from metalab.rl.loop import evaluate_rl, load_agent
 from metalab.tracking import stage_run
 
 
 def main(args, params: RLParams) -> None:
     name = args.experiment
     config = params.rl_experiment(name)
-    saved = torch.load(rl_model_file(name), map_location="cpu", weights_only=True)
+    agent = load_agent(rl_model_file(name))
     tags = {"experiment": name, "algorithm": config.algorithm, "stage_kind": "evaluate_rl"}
     logged = {"rl_experiment": config.model_dump()}
     with stage_run(f"evaluate_rl@{name}", logged, params.tracking, tags=tags) as run:
-        result = evaluate_rl(config, saved["agent"])
+        result = evaluate_rl(config, agent)
         run.meter.add_tasks(result["num_tasks"])
         run.log_metrics(result["metrics"])
         metrics = RLEvaluationMetrics(

@@ -10,7 +10,7 @@ import pandas as pd
 
 from metalab.checkpoints import Checkpoint, fingerprint
 from metalab.cli import StageError, run_stage, stage_parser
-from metalab.io import save_torch, write_text
+from metalab.io import write_text
 from metalab.layout import (
     rl_checkpoint_file,
     rl_model_file,
@@ -20,7 +20,7 @@ from metalab.layout import (
 from metalab.records import RLTrainSummary
 from metalab.rl.config import RLParams, load_rl_params
 from metalab.rl.learners import NonFiniteLossError
-from metalab.rl.loop import train_rl
+from metalab.rl.loop import save_agent, train_rl
 from metalab.tracking import peak_memory_mb, stage_run
 
 
@@ -64,8 +64,7 @@ def main(args, params: RLParams) -> None:
             peak_memory_mb=peak_memory_mb(),
             mlflow_run_id=run.run_id,
         )
-        model_file = rl_model_file(name)
-        save_torch(model_file, {"config": config.model_dump(), "agent": agent})
+        save_agent(rl_model_file(name), config, agent)
         summary.write(rl_train_metrics_file(name))
         frame = pd.DataFrame(history)
         frame.insert(0, "iteration", range(len(frame)))

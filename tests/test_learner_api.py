@@ -288,3 +288,209 @@ def test_bad_task_inputs_are_clear_errors(tmp_path):
         learner.adapt(support_x, torch.tensor([0, 2, 2]))
     with pytest.raises(ValueError, match="one label per support image"):
         learner.adapt(support_x, torch.tensor([0, 1]))
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo[ValueError]) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def protonets_learner(tmp_path_factory):
+    """A tiny protonets learner: deterministic and fast, for input checks."""
+    if "protonets" not in AVAILABLE:
+        pytest.skip("protonets not written yet")
+    payload, _ = trainer_like_payload("protonets")
+    path = tmp_path_factory.mktemp("protonets") / "p.pt"
+    save_torch(path, payload)
+    return load_learner(path)
+
+
+# ----------------------------------------------------------------- image values
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [(float("nan"), "1 NaN"), (float("inf"), "1 \\+inf"), (float("-inf"), "1 -inf")],
+)
+@pytest.mark.parametrize("argument", ["support_x", "query_x"])
+def test_non_finite_images_are_rejected(protonets_learner, argument, bad, expected):
+    support_x, support_y, query_x = task(3, k_shot=1)
+    images = {"support_x": support_x, "query_x": query_x}[argument]
+    images[1, 0, 5, 7] = bad
+    with pytest.raises(ValueError, match=rf"^{argument} has non-finite values \({expected}\)"):
+        protonets_learner.adapt(support_x, support_y).predict(query_x)
+
+
+def test_non_finite_message_counts_each_kind(protonets_learner):
+    support_x, support_y, _ = task(3, k_shot=1)
+    support_x[0, 0, 0, :3] = torch.tensor([float("nan"), float("nan"), float("-inf")])
+    with pytest.raises(ValueError) as excinfo:
+        protonets_learner.adapt(support_x, support_y)
+    message = one_line_error(excinfo)
+    assert "(2 NaN, 1 -inf)" in message and "[0, 1]" in message
+
+
+@pytest.mark.parametrize("argument", ["support_x", "query_x"])
+def test_pixels_in_0_to_255_are_rejected_with_a_hint(protonets_learner, argument):
+    support_x, support_y, query_x = task(3, k_shot=1)
+    images = {"support_x": support_x, "query_x": query_x}[argument]
+    images.mul_(255.0).round_()
+    images[0, 0, 0, 0] = 255.0
+    with pytest.raises(ValueError) as excinfo:
+        protonets_learner.adapt(support_x, support_y).predict(query_x)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{argument} has values outside [0, 1] (max 255.0): ")
+    assert "ink = 1.0, paper = 0.0" in message and "divide 0..255 pixels by 255" in message
+
+
+@pytest.mark.parametrize("argument", ["support_x", "query_x"])
+def test_values_just_outside_0_1_are_rejected(protonets_learner, argument):
+    support_x, support_y, query_x = task(3, k_shot=1)
+    images = {"support_x": support_x, "query_x": query_x}[argument]
+    images.sub_(0.5)  # e.g. mean-centred images
+    images[0, 0, 0, 0] = -0.5
+    with pytest.raises(ValueError) as excinfo:
+        protonets_learner.adapt(support_x, support_y).predict(query_x)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{argument} has values outside [0, 1] (min -0.5): ")
+    assert "divide" not in message
+    images.add_(0.5)
+    images[0, 0, 0, 0] = 1.0 + 1e-6
+    with pytest.raises(ValueError, match=rf"^{argument} has values outside \[0, 1\] \(max 1"):
+        protonets_learner.adapt(support_x, support_y).predict(query_x)
+
+
+def test_exact_paper_and_ink_values_are_accepted(protonets_learner):
+    support_x = torch.stack([torch.zeros(1, 28, 28), torch.ones(1, 28, 28)])
+    adapted = protonets_learner.adapt(support_x, torch.tensor([0, 1]))
+    logits = adapted.predict(support_x)
+    assert torch.equal(logits.argmax(dim=1), torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------------- transparency
+def strokes_on(mode: str, background, ink) -> Image.Image:
+    """The `stroke_image` strokes drawn with ``ink`` on a ``background`` of ``mode``."""
+    image = Image.new(mode, (105, 105), background)
+    ImageDraw.Draw(image).line([(20, 20), (80, 70), (30, 90)], fill=ink, width=6)
+    return image
+
+
+def transparent_colour(image: Image.Image, colour) -> Image.Image:
+    """``image`` with ``colour`` marked transparent (a PNG tRNS entry)."""
+    image.info["transparency"] = colour
+    return image
+
+
+def transparent_palette_strokes() -> Image.Image:
+    """Mode "P": index 0 black and transparent (the background), index 1 black ink."""
+    image = strokes_on("P", 0, 1)
+    image.putpalette([0, 0, 0, 0, 0, 0])
+    image.info["transparency"] = 0
+    return image
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: strokes_on("RGBA", (0, 0, 0, 0), (0, 0, 0, 255)), id="RGBA"),
+        pytest.param(lambda: strokes_on("LA", (0, 0), (0, 255)), id="LA"),
+        pytest.param(transparent_palette_strokes, id="P-transparent-index"),
+        pytest.param(lambda: transparent_palette_strokes().convert("PA"), id="PA"),
+        pytest.param(lambda: transparent_colour(strokes_on("L", 128, 0), 128), id="L"),
+        pytest.param(
+            lambda: transparent_colour(strokes_on("RGB", (9, 200, 30), 0), (9, 200, 30)), id="RGB"
+        ),
+    ],
+)
+def test_transparent_background_is_white_paper(tmp_path, protonets_learner, make):
+    opaque = protonets_learner.transform(stroke_image("L"))
+    image = make()
+    transformed = protonets_learner.transform(image)
+    assert torch.equal(transformed, opaque)
+    if image.mode != "PA":  # PNG cannot store mode PA
+        # The same through a PNG file (tRNS chunk / alpha channel as stored on disk).
+        path = tmp_path / "transparent.png"
+        image.save(path)
+        assert torch.equal(protonets_learner.transform(path), opaque)
+
+
+def test_half_transparent_ink_is_half_ink(protonets_learner):
+    image = Image.new("RGBA", (105, 105), (0, 0, 0, 128))
+    transformed = protonets_learner.transform(image)
+    # Black at alpha 128/255 over white: grey 127, ink 128/255 (up to resize rounding).
+    assert (transformed - 128 / 255).abs().max() <= 1 / 255
+
+
+def test_opaque_images_are_unchanged(protonets_learner):
+    grey = protonets_learner.transform(stroke_image("L"))
+    assert torch.equal(protonets_learner.transform(stroke_image("RGBA")), grey)
+    assert torch.equal(protonets_learner.transform(stroke_image("LA")), grey)
+    palette = stroke_image("L").convert("P")
+    assert "transparency" not in palette.info
+    assert torch.equal(protonets_learner.transform(palette), grey)
+
+
+def test_unusable_modes_are_still_a_clear_error(protonets_learner):
+    with pytest.raises(ValueError, match="cannot use a mode 'La' image"):
+        protonets_learner.transform(Image.new("La", (105, 105)))
+
+
+# ------------------------------------------------------------------------- labels
+@pytest.mark.parametrize(
+    "labels",
+    [
+        pytest.param([0, 1, 2, 0, 1, 2], id="list"),
+        pytest.param((0, 1, 2, 0, 1, 2), id="tuple"),
+        pytest.param(torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32), id="int32"),
+        pytest.param(torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int16), id="int16"),
+        pytest.param(torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int8), id="int8"),
+        pytest.param(torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.uint8), id="uint8"),
+    ],
+)
+@pytest.mark.parametrize(
+    "algorithm", [name for name in ("protonets", "reptile") if name in AVAILABLE]
+)
+def test_labels_as_lists_or_any_integer_tensor(tmp_path, algorithm, labels):
+    payload, _ = trainer_like_payload(algorithm)
+    save_torch(tmp_path / "model.pt", payload)
+    learner = load_learner(tmp_path / "model.pt")
+    support_x, _, query_x = task(3, k_shot=1, queries=2)
+    support_x = torch.cat([support_x, support_x.flip(-1)])
+    torch.manual_seed(5)
+    expected = learner.adapt(support_x, torch.tensor([0, 1, 2, 0, 1, 2])).predict(query_x)
+    torch.manual_seed(5)
+    adapted = learner.adapt(support_x, labels)
+    assert adapted.n_way == 3
+    torch.testing.assert_close(adapted.predict(query_x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        (torch.tensor([0.0, 1.0, 2.0]), r"integer class indices .*got torch\.float32$"),
+        (torch.tensor([0, 1, 2], dtype=torch.float64), r"got torch\.float64$"),
+        (torch.tensor([False, True, True]), r"got torch\.bool$"),
+        ([0, 1.0, 2], r"got support_y\[1\] = 1\.0 \(float\)$"),
+        ((0, 1, "2"), r"got support_y\[2\] = '2' \(str\)$"),
+        ([0, True, 2], r"got support_y\[1\] = True \(bool\)$"),
+        ([0, [1], 2], r"got support_y\[1\] = \[1\] \(list\)$"),
+        ("012", r"must be a list/tuple of ints or an integer tensor, got str$"),
+    ],
+)
+def test_non_integer_labels_are_a_clear_error(protonets_learner, labels, expected):
+    support_x, _, _ = task(3, k_shot=1)
+    with pytest.raises(ValueError, match=expected) as excinfo:
+        protonets_learner.adapt(support_x, labels)
+    assert one_line_error(excinfo).startswith("support_y must be")
+
+
+def test_label_lists_get_the_existing_label_checks(protonets_learner):
+    support_x, _, _ = task(3, k_shot=1)
+    with pytest.raises(ValueError, match="every class present"):
+        protonets_learner.adapt(support_x, [0, 2, 2])
+    with pytest.raises(ValueError, match="every class present"):
+        protonets_learner.adapt(support_x, (-1, 0, 1))
+    with pytest.raises(ValueError, match="one label per support image"):
+        protonets_learner.adapt(support_x, [0, 1])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        protonets_learner.adapt(support_x[:1], [0])

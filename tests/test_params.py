@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from annotated_types import Ge, Gt, Le
 
-from metalab.data.config import parse_setting
-from metalab.params import ParamsError, load_params, validate_params
+from metalab.data.config import OMNIGLOT_DRAWINGS_PER_CHARACTER, load_data_params, parse_setting
+from metalab.params import ParamsError, TrainConfig, load_params, validate_params
+from metalab.rl.config import load_rl_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,3 +145,238 @@ def test_invalid_yaml_is_reported_with_line(tmp_path):
     broken.write_text("data:\n  image_size: [28\n")
     with pytest.raises(ParamsError, match="is not valid YAML"):
         load_params(broken)
+
+
+# ------------------------------------------------- every bad value stops at load
+def one_line_error(raw) -> str:
+    with pytest.raises(ParamsError) as caught:
+        validate_params(raw)
+    message = str(caught.value)
+    assert message.startswith("params.yaml: ") and "\n" not in message
+    return message
+
+
+def with_override(key, value) -> dict:
+    return {"experiments": {"x": {"algorithm": "maml", "train": {key: value}}}}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("grad_clip_norm", -1, "Input should be greater than 0"),  # else gradient ascent
+        ("iterations", 0, "Input should be greater than or equal to 1"),  # untrained model
+        ("n_way", 1, "Input should be greater than or equal to 2"),  # accuracy 1.000
+        ("validate_every", 0, "Input should be greater than or equal to 1"),  # ZeroDivision
+        ("k_shot", 0, "Input should be greater than or equal to 1"),  # reshape error
+        ("meta_batch_size", 0, "Input should be greater than or equal to 1"),
+        ("meta_lr", -0.1, "Input should be greater than 0"),
+    ],
+)
+def test_train_override_is_checked_like_train(key, value, reason):
+    message = one_line_error(with_override(key, value))
+    assert message == f"params.yaml: experiments.x.train.{key} = {value}: {reason}"
+    assert (
+        one_line_error({"train": {key: value}}) == f"params.yaml: train.{key} = {value}: {reason}"
+    )
+
+
+def violations(field) -> list:
+    """Values just outside each bound of a TrainConfig field."""
+    bad = []
+    for bound in field.metadata:
+        if isinstance(bound, Ge):
+            bad.append(bound.ge - 1)
+        elif isinstance(bound, Gt):
+            bad.append(bound.gt)
+        elif isinstance(bound, Le):
+            bad.append(bound.le + 1)
+    return bad
+
+
+CONSTRAINED = [
+    (name, value) for name, field in TrainConfig.model_fields.items() for value in violations(field)
+]
+
+
+def test_train_has_constrained_keys():
+    assert len({name for name, _ in CONSTRAINED}) >= 12  # the helper found the bounds
+
+
+@pytest.mark.parametrize(("key", "value"), CONSTRAINED)
+def test_every_train_bound_applies_to_overrides(key, value):
+    top = one_line_error({"train": {key: value}}).removeprefix("params.yaml: train.")
+    override = one_line_error(with_override(key, value))
+    assert override == f"params.yaml: experiments.x.train.{top}"
+
+
+def test_override_literals_and_types_are_checked_too():
+    message = one_line_error(with_override("optimizer", "adagrad"))
+    assert (
+        message
+        == "params.yaml: experiments.x.train.optimizer = adagrad: Input should be 'adam' or 'sgd'"
+    )
+    assert "experiments.x.train.iterations = many" in one_line_error(
+        with_override("iterations", "many")
+    )
+
+
+TWO = {"a": {"algorithm": "maml"}, "b": {"algorithm": "protonets"}}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"episodes": {"settings": ["5w1s"]}, "evaluate": {"settings": ["5w1s", "20w5s"]}},
+            "evaluate.settings = [5w1s, 20w5s]: 20w5s not in episodes.settings [5w1s]",
+        ),
+        (
+            {"experiments": TWO, "report": {"pairs": [["a", "b"], ["a", "ghost"]]}},
+            "report.pairs.1 = [a, ghost]: no experiment named ghost; known: a, b",
+        ),
+        (
+            {
+                "experiments": TWO | {"c": {"algorithm": "maml"}},
+                "report": {"pairs": [["a", "b", "c"]]},
+            },
+            "report.pairs.0 = [a, b, c]: a pair is two distinct experiment names",
+        ),
+        (
+            {"experiments": TWO, "report": {"pairs": [["a", "a"]]}},
+            "report.pairs.0 = [a, a]: a pair is two distinct experiment names",
+        ),
+        (
+            {"report": {"sort_by": "5w2s"}},
+            "report.sort_by = 5w2s: not an evaluated setting; evaluated: 5w1s, 5w5s, 20w1s, 20w5s",
+        ),
+        (
+            {
+                "episodes": {"settings": ["5w1s", "20w5s"]},
+                "evaluate": {"settings": ["5w1s"]},
+                "report": {"sort_by": "20w5s"},
+            },
+            "report.sort_by = 20w5s: not an evaluated setting; evaluated: 5w1s",
+        ),
+        (
+            {"episodes": {"settings": ["5w25s"]}},
+            "episodes.settings = [5w25s]: 5w25s: 25 shots + 15 queries need 40 drawings per "
+            "class; an Omniglot character has 20",
+        ),
+        (
+            {"episodes": {"settings": ["5w1s"], "query_per_class": 20}},
+            "episodes.settings = [5w1s]: 5w1s: 1 shots + 20 queries need 21 drawings",
+        ),
+        (
+            {"episodes": {"settings": ["700w1s"]}},
+            "episodes.settings = [700w1s]: 700w1s: 700-way tasks need 700 classes; "
+            "the meta-test split has 659",
+        ),
+        (
+            with_override("k_shot", 10) | {"train": {"query_per_class": 15}},
+            "experiments.x.train.k_shot = 10: 10 shots + 15 queries need 25 drawings per class",
+        ),
+        (
+            with_override("query_per_class", 20),
+            "experiments.x.train.query_per_class = 20: 1 shots + 20 queries need 21 drawings",
+        ),
+        (
+            {"train": {"k_shot": 5, "query_per_class": 16}},
+            "train.k_shot = 5: 5 shots + 16 queries need 21 drawings per class",
+        ),
+        (
+            with_override("n_way", 101),
+            "experiments.x.train.n_way = 101: 101-way tasks need 101 classes; "
+            "the validation split has 100",
+        ),
+        (
+            {"train": {"n_way": 11}, "data": {"split": {"validation_characters": 10}}},
+            "train.n_way = 11: 11-way tasks need 11 classes; the validation split has 10",
+        ),
+        (
+            {"experiments": {"p": {"algorithm": "protonets", "options": {"train_n_way": 900}}}},
+            "experiments.p.options.train_n_way = 900: 900-way tasks need 900 classes; "
+            "the meta_train split has 864",
+        ),
+        (
+            {"data": {"split": {"validation_characters": 964}}},
+            "data.split.validation_characters = 964: must be below the 964 background characters",
+        ),
+        (
+            {"experiments": {"../../x": {"algorithm": "maml"}}},
+            "experiments.../../x = ../../x: names must match",
+        ),
+        (
+            {"experiments": {"a b": {"algorithm": "maml"}}},
+            "experiments.a b = a b: names must match",
+        ),
+        ({"rl_experiments": {"nav.v2": {}}}, "rl_experiments.nav.v2 = nav.v2: names must match"),
+    ],
+)
+def test_cross_section_and_name_problems_stop_at_load(raw, expected):
+    assert expected in one_line_error(raw)
+
+
+def test_drawings_per_character_is_omniglots():
+    # 19280 drawings of 964 background characters, 13180 of 659 evaluation characters.
+    assert OMNIGLOT_DRAWINGS_PER_CHARACTER == 19280 // 964 == 13180 // 659 == 20
+    validate_params({"episodes": {"settings": ["5w5s"], "query_per_class": 15}})  # 5+15 = 20
+    validate_params(with_override("k_shot", 5))
+
+
+def test_safe_names_and_consistent_sections_load():
+    params = validate_params(
+        {
+            "experiments": {"maml-v2": {"algorithm": "maml"}, "B_1": {"algorithm": "protonets"}},
+            "episodes": {"settings": ["5w1s", "20w5s"]},
+            "evaluate": {"settings": ["20w5s"]},
+            "report": {"sort_by": "20w5s", "pairs": [["maml-v2", "B_1"]]},
+        }
+    )
+    assert params.report.pairs == [["maml-v2", "B_1"]]
+    assert params.evaluation_settings() == ["20w5s"]
+
+
+def test_default_sort_by_falls_back_to_the_first_evaluated_setting():
+    assert validate_params({}).report.sort_by == "5w1s"
+    params = validate_params({"episodes": {"settings": ["3w2s", "20w1s"]}})
+    assert params.report.sort_by == "3w2s"
+
+
+def write_params(tmp_path, raw) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_section_loaders_check_what_their_sections_allow(tmp_path):
+    bad_episodes = write_params(tmp_path, {"episodes": {"settings": ["5w25s"]}})
+    with pytest.raises(ParamsError, match=r"^params\.yaml: episodes\.settings = \[5w25s\]: "):
+        load_data_params(bad_episodes)
+    bad_name = write_params(tmp_path, {"rl_experiments": {"../x": {}}})
+    with pytest.raises(ParamsError, match=r"^params\.yaml: rl_experiments\.\.\./x = "):
+        load_rl_params(bad_name)
+    # a data stage does not stop for another stage's section
+    other = write_params(tmp_path, {"report": {"pairs": [["a", "ghost"]]}})
+    assert load_data_params(other).episodes.settings
+
+
+def test_stage_exits_2_with_one_line_for_a_cross_section_problem(tmp_path):
+    bad = write_params(tmp_path, {"experiments": TWO, "report": {"pairs": [["a", "ghost"]]}})
+    stage = (
+        "from metalab.cli import run_stage, stage_parser\n"
+        "from metalab.params import load_params\n"
+        "def main(args, params):\n"
+        "    print('main ran')\n"
+        "run_stage(main, stage_parser(None), load_params)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", stage, "--params", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: report.pairs.0 = [a, ghost]: no experiment named ghost; known: a, b"
+    ]

@@ -1,6 +1,7 @@
 """Atomic file outputs: write to a temporary file beside the target, then rename.
 
-A stage killed mid-write leaves either the old file or none, never half a file. Importing
+A stage killed mid-write leaves either the old file or none, never half a file, and the
+next successful write of the same file removes the temporary it left. Importing
 this module does not import torch (``save_torch`` imports it when called), so stages that
 only download or decode data stay light.
 """
@@ -55,6 +56,24 @@ def atomic_path(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    remove_orphaned_temporaries(path, suffix)
+
+
+def remove_orphaned_temporaries(path: str | Path, suffix: str = ".tmp") -> list[Path]:
+    """Delete the temporaries that writers of `path` killed mid-write left beside it
+    (``.<name>.<random><suffix>``); returns them. `atomic_path` calls this after each
+    successful write, so a later run cleans up after a killed one (each output has one
+    writer at a time in this pipeline)."""
+    path = Path(path)
+    orphans = sorted(path.parent.glob(f".{glob_escape(path.name)}.*{glob_escape(suffix)}"))
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    return orphans
+
+
+def glob_escape(text: str) -> str:
+    """`text` as a literal inside a glob pattern."""
+    return "".join(f"[{char}]" if char in "*?[" else char for char in text)
 
 
 @contextmanager

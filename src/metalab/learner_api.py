@@ -14,7 +14,9 @@ writes it with `save_model`. The evaluate stage uses exactly this path.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import numbers
+import reprlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -137,15 +139,18 @@ class Learner:
 
         Exactly the training preprocessing (`metalab.data.prefetch.decode_drawing`):
         convert to greyscale "L", Lanczos-resize to S x S, invert so dark strokes become
-        ink. Expects dark strokes on a light background, like Omniglot.
+        ink. Expects dark strokes on a light background, like Omniglot. A transparent
+        image (modes RGBA, LA, PA, or a ``transparency`` entry) is first composited onto
+        white paper, so dark strokes on a transparent background work too.
         """
         if isinstance(image, str | Path):
             with Image.open(image) as opened:
                 return self.transform(opened)
         buffer = io.BytesIO()
         try:
-            image.save(buffer, format="PNG")
-        except (OSError, KeyError) as error:
+            flat = composite_on_white(image) if has_transparency(image) else image
+            flat.save(buffer, format="PNG")
+        except (OSError, KeyError, ValueError) as error:
             raise ValueError(
                 f"cannot use a mode {image.mode!r} image; convert it to 'L' or 'RGB' first"
             ) from error
@@ -153,7 +158,8 @@ class Learner:
         return torch.from_numpy(pixels).to(torch.float32).div_(255.0).unsqueeze(0)
 
     def check_images(self, images: torch.Tensor, name: str) -> None:
-        """Raise ValueError unless ``images`` is float [B, 1, S, S] with B >= 1."""
+        """Raise ValueError unless ``images`` is float [B, 1, S, S] with B >= 1 and every
+        value finite and in [0, 1] (what `transform` gives: ink = 1.0, paper = 0.0)."""
         expected = (1, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
             raise ValueError(
@@ -162,20 +168,26 @@ class Learner:
             )
         if not images.is_floating_point():
             raise ValueError(f"{name} must be a float tensor (ink = 1.0), got {images.dtype}")
+        check_pixel_values(images, name)
 
     # ------------------------------------------------------------------- adaptation
     def adapt(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor | Sequence[int],
+        steps: int | None = None,
     ) -> AdaptedLearner:
         """Adapt to one N-way task from its labelled support set.
 
-        support_x float [N*K, 1, S, S]; support_y int64 [N*K] with every label 0..N-1
+        support_x float [N*K, 1, S, S] in [0, 1]; support_y [N*K], a list/tuple of ints or
+        an integer tensor (any integer dtype, used as int64), with every label 0..N-1
         present. N and K need not be the trained ones. ``steps`` overrides the number of
         test-time gradient steps (0 = the meta-learned starting point); learners that do
         not adapt by gradient steps ignore it. Raises `UnsupportedTaskError` when the
         learner cannot handle an N-way task (e.g. CAVIA beyond its trained way count).
         """
         self.check_images(support_x, "support_x")
+        support_y = as_label_tensor(support_y, support_x.device)
         n_way = check_labels(support_y, support_x.shape[0])
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
@@ -195,6 +207,81 @@ class Learner:
                 f"{self.experiment} ({self.algorithm}, trained {self.n_way}-way) cannot handle "
                 f"a {n_way}-way task: {error}"
             ) from error
+
+
+#: Modes that carry an alpha channel; other modes may have a ``transparency`` entry.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+PIXEL_HINT = "images from `transform` have ink = 1.0, paper = 0.0"
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether ``image`` can have transparent pixels: an alpha mode, a palette with alpha,
+    or a ``transparency`` entry (a transparent palette index or colour)."""
+    palette_alpha = image.mode == "P" and image.palette is not None
+    palette_alpha = palette_alpha and image.palette.mode.endswith("A")
+    return image.mode in ALPHA_MODES or "transparency" in image.info or palette_alpha
+
+
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """``image`` [W x H, any mode] alpha-composited onto opaque white paper -> mode "RGB".
+
+    Opaque pixels keep their colour; fully transparent ones become paper (white), whatever
+    colour they store. Raises ValueError for modes PIL cannot convert to RGBA.
+    """
+    rgba = image.convert("RGBA")
+    paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(paper, rgba).convert("RGB")
+
+
+def check_pixel_values(images: torch.Tensor, name: str) -> None:
+    """Raise a one-line ValueError unless every value of float ``images`` [...] is finite
+    and in [0, 1]."""
+    if not bool(torch.isfinite(images).all()):
+        counts = {
+            "NaN": int(torch.isnan(images).sum()),
+            "+inf": int(torch.isposinf(images).sum()),
+            "-inf": int(torch.isneginf(images).sum()),
+        }
+        found = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
+        raise ValueError(
+            f"{name} has non-finite values ({found}): only finite values in [0, 1] are "
+            f"allowed; {PIXEL_HINT}"
+        )
+    low, high = (float(value) for value in torch.aminmax(images))
+    if low < 0.0 or high > 1.0:
+        # Only the offending bounds, as short floats: "min -0.5", "max 255.0".
+        found = [
+            f"{side} {float(f'{value:.6g}')!r}"
+            for side, value, bad in (("min", low, low < 0.0), ("max", high, high > 1.0))
+            if bad
+        ]
+        hint = "; divide 0..255 pixels by 255" if high > 1.0 else ""
+        raise ValueError(
+            f"{name} has values outside [0, 1] ({', '.join(found)}): {PIXEL_HINT}{hint}"
+        )
+
+
+def as_label_tensor(support_y: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    """Support labels (a list/tuple of ints, or an integer tensor of any integer dtype)
+    -> int64 [len]; a tensor keeps its device, a list goes to ``device``. Anything else
+    (float tensors, non-integer items, bool) is a one-line ValueError."""
+    allowed = "a list/tuple of ints or an integer tensor"
+    if isinstance(support_y, torch.Tensor):
+        if support_y.is_floating_point() or support_y.is_complex() or support_y.dtype == torch.bool:
+            raise ValueError(
+                f"support_y must be integer class indices ({allowed}), got {support_y.dtype}"
+            )
+        return support_y.to(torch.int64)
+    if isinstance(support_y, list | tuple):
+        for position, item in enumerate(support_y):
+            if not isinstance(item, numbers.Integral) or isinstance(item, bool):
+                shown = reprlib.repr(item).replace("\n", " ")
+                raise ValueError(
+                    f"support_y must be integer class indices ({allowed}), got "
+                    f"support_y[{position}] = {shown} ({type(item).__name__})"
+                )
+        return torch.tensor([int(item) for item in support_y], dtype=torch.int64, device=device)
+    raise ValueError(f"support_y must be {allowed}, got {type(support_y).__name__}")
 
 
 def check_labels(support_y: torch.Tensor, num_support: int) -> int:

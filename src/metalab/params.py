@@ -17,24 +17,46 @@ few sections load just those (`metalab.data.config.load_data_params`,
 Each top-level section belongs to one stage (DVC tracks them separately, so changing one
 section reruns only the stages that read it). Unknown keys, wrong types and out-of-range
 values raise `ParamsError` with a one-line message naming the dotted key, the bad value
-and what is allowed; stages turn it into exit status 2.
+and what is allowed; stages turn it into exit status 2. An experiment's ``train``
+overrides keep the ranges of ``train``; what sections say about each other is checked at
+load too (`Params._consistent`): ``evaluate.settings`` exist in ``episodes.settings``,
+``report`` names configured experiments and an evaluated setting, and every experiment's
+merged ``train`` draws at most ``OMNIGLOT_DRAWINGS_PER_CHARACTER`` (`metalab.data.config`)
+images per class from no more classes than its split parts hold.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from metalab.algorithms.registry import ALGORITHMS, options_class
-from metalab.data.config import DataConfig, EpisodesConfig
+from metalab.data.config import (
+    DataConfig,
+    EpisodesConfig,
+    check_episodes_fit,
+    drawings_needed,
+    split_classes,
+)
 from metalab.models.config import ModelConfig, PretrainConfig
 from metalab.rl.config import RLExperimentConfig
 from metalab.schema import (
+    ExperimentName,
     ParamsError,
     Strict,
     TrackingConfig,
+    field_error,
     named_entry,
     read_params_file,
     validate_model,
@@ -75,15 +97,28 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
 
+    @model_validator(mode="after")
+    def _enough_drawings(self) -> TrainConfig:
+        problem = drawings_needed(self.k_shot, self.query_per_class)
+        if problem:
+            raise field_error(("k_shot",), self.k_shot, problem)
+        return self
 
-# Same keys, all optional: an experiment overrides only what it names.
+
+def _optional(field: FieldInfo) -> tuple[Any, Any]:
+    """`field`'s type with its constraints (ge, le, ...), or None; default None."""
+    annotation = field.annotation
+    if field.metadata:
+        annotation = Annotated[(annotation, *field.metadata)]
+    return annotation | None, Field(None, description=field.description)
+
+
+# Same keys, all optional and each with TrainConfig's constraints: an experiment overrides
+# only what it names, within the ranges of ``train`` (checked where it is written).
 TrainOverrides = create_model(
     "TrainOverrides",
     __config__=ConfigDict(extra="forbid"),
-    **{
-        name: (field.annotation | None, Field(None, description=field.description))
-        for name, field in TrainConfig.model_fields.items()
-    },
+    **{name: _optional(field) for name, field in TrainConfig.model_fields.items()},
 )
 
 
@@ -139,9 +174,19 @@ class EvaluateConfig(Strict):
     )
 
 
+def _two_distinct(pair: list[str]) -> list[str]:
+    if len(pair) != 2 or pair[0] == pair[1]:
+        raise ValueError("a pair is two distinct experiment names")
+    return pair
+
+
 class ReportConfig(Strict):
-    sort_by: str = Field("5w1s", description="setting whose accuracy orders the table")
-    pairs: list[list[str]] = Field(
+    sort_by: str = Field(
+        "5w1s",
+        description="evaluated setting whose accuracy orders the table (if left out and 5w1s "
+        "is not evaluated: the first evaluated setting)",
+    )
+    pairs: list[Annotated[list[str], AfterValidator(_two_distinct)]] = Field(
         default_factory=list, description="experiment pairs for the paired comparison table"
     )
 
@@ -151,11 +196,82 @@ class Params(Strict):
     episodes: EpisodesConfig = Field(default_factory=EpisodesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    experiments: dict[str, ExperimentConfig] = Field(default_factory=dict)
-    rl_experiments: dict[str, RLExperimentConfig] = Field(default_factory=dict)
+    experiments: dict[ExperimentName, ExperimentConfig] = Field(default_factory=dict)
+    rl_experiments: dict[ExperimentName, RLExperimentConfig] = Field(default_factory=dict)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        """What the sections say about each other (each key's own range is checked by its
+        field); raises a pydantic error naming one key, in the order of params.yaml."""
+        check_episodes_fit(self.data, self.episodes)
+        classes = split_classes(self.data)
+        self._check_train(self.train, ("train",), set(TrainConfig.model_fields), classes)
+        for name, experiment in self.experiments.items():
+            overridden = set(experiment.train.model_dump(exclude_none=True))
+            where = ("experiments", name, "train")
+            self._check_train(self.train_config(name), where, overridden, classes)
+        settings = self.evaluate.settings
+        if settings is not None:
+            missing = [s for s in settings if s not in self.episodes.settings]
+            if missing:
+                raise field_error(
+                    ("evaluate", "settings"),
+                    settings,
+                    f"{', '.join(missing)} not in episodes.settings "
+                    f"[{', '.join(self.episodes.settings)}] (only those episode sets exist)",
+                )
+        for index, pair in enumerate(self.report.pairs):
+            unknown = [name for name in pair if name not in self.experiments]
+            if unknown:
+                known = ", ".join(sorted(self.experiments)) or "none"
+                raise field_error(
+                    ("report", "pairs", index),
+                    pair,
+                    f"no experiment named {', '.join(unknown)}; known: {known}",
+                )
+        evaluated = self.evaluation_settings()
+        if self.report.sort_by not in evaluated:
+            if "sort_by" in self.report.model_fields_set:
+                raise field_error(
+                    ("report", "sort_by"),
+                    self.report.sort_by,
+                    f"not an evaluated setting; evaluated: {', '.join(evaluated)}",
+                )
+            self.report.sort_by = evaluated[0]  # the default names a setting not evaluated
+        return self
+
+    @staticmethod
+    def _check_train(
+        config: TrainConfig,
+        where: tuple[str, ...],
+        overridden: set[str],
+        classes: dict[str, int] | None,
+    ) -> None:
+        """`config` (``train`` merged with the overrides `overridden` written at `where`)
+        asks for tasks the data can give: K + Q drawings per class, N classes per split part
+        (the train loop samples meta-train and validation tasks N-way)."""
+
+        def at(*keys: str) -> tuple[str, ...]:
+            """Where the first of `keys` the experiment sets is written, else ``train``'s."""
+            key = next((key for key in keys if key in overridden), None)
+            return (*where, key) if key else ("train", keys[0])
+
+        problem = drawings_needed(config.k_shot, config.query_per_class)
+        if problem:
+            location = at("k_shot", "query_per_class")
+            raise field_error(location, getattr(config, location[-1]), problem)
+        if classes is not None:
+            for part in ("meta_train", "validation"):
+                if config.n_way > classes[part]:
+                    raise field_error(
+                        at("n_way"),
+                        config.n_way,
+                        f"{config.n_way}-way tasks need {config.n_way} classes; the {part} "
+                        f"split has {classes[part]} (data.split, data.expected)",
+                    )
 
     def experiment(self, name: str) -> ExperimentConfig:
         return named_entry(self.experiments, name, "experiment")
@@ -188,6 +304,7 @@ def validate_params(raw: Any) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError("params.yaml: the top level must be a mapping of sections")
     params = validate_model(Params, raw)
+    classes = split_classes(params.data)
     for name, experiment in params.experiments.items():
         schema = options_class(experiment.algorithm)
         options = experiment.options
@@ -195,6 +312,13 @@ def validate_params(raw: Any) -> Params:
             raw_options = options if isinstance(options, dict) else options.model_dump()
             experiment.options = validate_model(
                 schema, raw_options, prefix=("experiments", name, "options")
+            )
+        train_n_way = getattr(experiment.options, "train_n_way", None)
+        if classes is not None and train_n_way is not None and train_n_way > classes["meta_train"]:
+            raise ParamsError(
+                f"params.yaml: experiments.{name}.options.train_n_way = {train_n_way}: "
+                f"{train_n_way}-way tasks need {train_n_way} classes; the meta_train split has "
+                f"{classes['meta_train']} (data.split, data.expected)"
             )
     return params
 

@@ -7,12 +7,14 @@ module is the bottom of that stack: pydantic and YAML only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -26,6 +28,36 @@ class Strict(BaseModel):
     """A params.yaml section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# Experiment names become file names (models/<name>.pt, metrics/...) and DVC stage names
+# (train@<name>): a letter, then letters, digits, '_' or '-'; no dots, slashes or spaces.
+NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def _safe_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ValueError(
+            f"names must match {NAME_PATTERN.pattern} (a letter, then at most 63 letters, "
+            "digits, '_' or '-'): they become file and DVC stage names"
+        )
+    return name
+
+
+ExperimentName = Annotated[str, AfterValidator(_safe_name)]
+"""A key of ``experiments`` or ``rl_experiments`` (see `NAME_PATTERN`)."""
+
+# The error type of `field_error`: a model validator's problem located at one of its keys.
+FIELD_ERROR = "params_field"
+
+
+def field_error(at: tuple[str | int, ...], value: Any, reason: str) -> PydanticCustomError:
+    """What a model validator raises when a check across keys fails: the one-line message
+    names the key `at` (relative to the validated model) and its `value`, as a field's own
+    error would, rather than the whole section."""
+    return PydanticCustomError(
+        FIELD_ERROR, "{reason}", {"reason": reason, "at": at, "value": value}
+    )
 
 
 class Sections(BaseModel):
@@ -77,6 +109,10 @@ def format_validation_error(
     first = problems[0]
     # pydantic marks a bad dict key with a '[key]' entry: the key itself names it.
     location = tuple(part for part in first["loc"] if part != "[key]")
+    shown_input = first.get("input")
+    if first["type"] == FIELD_ERROR:  # a cross-key check: its key and value, not the section's
+        location += tuple(first["ctx"]["at"])
+        shown_input = first["ctx"]["value"]
     dotted = ".".join(str(part) for part in prefix + location) or "(top level)"
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(root, location[:-1])
@@ -85,7 +121,7 @@ def format_validation_error(
     elif first["type"] == "missing":
         message = f"params.yaml: {dotted} is required"
     else:
-        shown = yaml.safe_dump(first.get("input"), default_flow_style=True, width=10_000)
+        shown = yaml.safe_dump(shown_input, default_flow_style=True, width=10_000)
         shown = shown.strip().removesuffix("...").strip()
         reason = first["msg"].removeprefix("Value error, ")
         message = f"params.yaml: {dotted} = {shown}: {reason}"

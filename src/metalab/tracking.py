@@ -7,57 +7,54 @@ throwaway workspace under ``.dvc/tmp/exps``), else against the working directory
 queued experiments land in the project's store. Artifacts go to ``mlruns/`` next to the
 SQLite file.
 
-Several processes (``dvc queue start -j 2``) may write to one SQLite store at once: the store
-is switched to WAL mode, its creation (schema migrations, the default experiment) and the
-creation of the experiment are serialised by a file lock, and writes that still meet a
-locked database are retried.
+Preparing the store (WAL mode, a file lock around its creation, retries of writes that meet
+a locked database, one-line errors for a corrupt or unwritable file) is
+`metalab.tracking_store`'s.
 
-Every run carries the tags ``git_commit``, ``dvc_stage`` and, inside ``dvc exp run``,
+Every run carries the tags ``git_commit``, ``dvc_stage``, ``host`` and ``pid`` (with
+``process_start``, the process's identity on Linux) and, inside ``dvc exp run``,
 ``dvc_exp_name`` and ``dvc_exp_baseline_rev``, and ends with the figures ``wall_time_s``,
 ``tasks_per_s`` (where the stage counts tasks), ``peak_memory_mb`` and the ``device`` it ran
-on.
+on. A stage killed outright (SIGKILL, out of memory, power loss) cannot close its run: the
+next start of the same stage marks it KILLED once its process is gone (`close_dead_runs`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import resource
-import sqlite3
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
+from metalab.errors import MetalabError
 from metalab.runtime import cpu_model
 from metalab.schema import TrackingConfig
-
-try:  # POSIX only; elsewhere store creation is not serialised across processes
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from metalab.tracking_store import (
+    SQLITE_URI_PREFIX,
+    prepare_experiment,
+    sqlite_file,
+    store_errors,
+    with_store_retries,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-SQLITE_URI_PREFIX = "sqlite:///"
 
 # Set before mlflow is imported anywhere: no telemetry leaves this machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# SQLite's messages for contention that goes away by waiting (MLflow re-raises SQLAlchemy's
-# OperationalError as an MlflowException with code TEMPORARILY_UNAVAILABLE).
-TRANSIENT_MESSAGES = ("database is locked", "database table is locked")
-STORE_RETRIES = 6
 
 
 def project_root() -> Path:
@@ -81,130 +78,6 @@ def tracking_uri() -> str:
     """The store every stage logs to (see the module docstring)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return resolve_tracking_uri(uri, project_root())
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of an SQLite URI with an absolute path; None for anything else."""
-    if not uri.startswith(SQLITE_URI_PREFIX):
-        return None
-    path = uri[len(SQLITE_URI_PREFIX) :].partition("?")[0]
-    return Path(path) if os.path.isabs(path) else None
-
-
-def is_transient_store_error(error: BaseException) -> bool:
-    """Whether `error` is lock contention that a later attempt can get past."""
-    if getattr(error, "error_code", None) == "TEMPORARILY_UNAVAILABLE":
-        return True
-    message = str(error).lower()
-    return any(text in message for text in TRANSIENT_MESSAGES)
-
-
-def with_store_retries(action: Callable[[], T], what: str, attempts: int = STORE_RETRIES) -> T:
-    """Call `action`; on a locked database wait (exponential backoff with jitter) and retry.
-
-    MLflow already waits up to 20 s on a busy SQLite database per statement; this covers
-    what slips through (SQLite returns "database is locked" at once where waiting could
-    deadlock). A failed MLflow write is rolled back, so repeating it cannot log twice.
-    """
-    delay = 0.1
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except Exception as error:
-            if attempt == attempts or not is_transient_store_error(error):
-                raise
-            logger.warning("MLflow store busy during %s (attempt %d): %s", what, attempt, error)
-            # Jitter, so two workers that collided do not retry in lockstep.
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-@contextmanager
-def store_lock(database: Path) -> Iterator[None]:
-    """Hold an exclusive inter-process lock for `database` (flock on a side file)."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    lock_path = database.with_name(f"{database.name}-init.lock")
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def enable_wal(database: Path) -> bool:
-    """Put the SQLite file in WAL mode (persistent; creates the file if needed).
-
-    In WAL mode readers (the MLflow UI, a finished worker reading back) never block the
-    writer and the writer never blocks them; writers still take turns, waiting on the busy
-    timeout. Returns False, leaving the default rollback journal, if the switch is
-    impossible (e.g. a file system without shared memory).
-    """
-    try:
-        with closing(sqlite3.connect(database, timeout=30)) as connection:
-            mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            return str(mode).lower() == "wal"
-    except sqlite3.Error as error:
-        logger.warning("could not switch %s to WAL mode: %s", database, error)
-        return False
-
-
-def get_or_create_experiment(store: Any, name: str) -> str:
-    """The id of the active experiment `name` in `store` (an MlflowClient or a tracking
-    store), created if missing; tolerates another process creating it at the same time."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = store.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return str(store.create_experiment(name))
-        except MlflowException as error:
-            # Lost the race against another process: use the experiment it created.
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            experiment = store.get_experiment_by_name(name)
-    if experiment.lifecycle_stage != "active":
-        raise ValueError(
-            f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore) "
-            "or set another tracking.experiment_name in params.yaml"
-        )
-    return str(experiment.experiment_id)
-
-
-def prepare_experiment(uri: str, experiment_name: str) -> str:
-    """Make sure the store at `uri` and its experiment exist; return the experiment id.
-
-    MLflow creates a fresh SQLite store (schema migrations, the ``Default`` experiment)
-    without any inter-process lock, and ``mlflow.set_experiment`` has a create race: two
-    queue workers starting at once can crash or log into ``Default``. Here the whole
-    preparation runs under one file lock per SQLite file.
-    """
-    database = sqlite_file(uri)
-    if database is None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        return with_store_retries(
-            lambda: get_or_create_experiment(client, experiment_name), "experiment lookup"
-        )
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with store_lock(database):
-        enable_wal(database)
-        # Artifacts next to the store (not in the working directory, which for a queued
-        # experiment is a temporary workspace deleted after the run).
-        store = with_store_retries(
-            lambda: SqlAlchemyStore(uri, str(database.parent / "mlruns")), "store creation"
-        )
-        return with_store_retries(
-            lambda: get_or_create_experiment(store, experiment_name), "experiment creation"
-        )
 
 
 def _cuda_in_use() -> bool:
@@ -290,12 +163,19 @@ class StageRun:
     """Logging handle of one stage run. With tracking disabled, it only measures.
 
     Writes go through an explicit ``MlflowClient`` (not mlflow's global active run), each
-    retried on a locked database.
+    retried on a locked database; one that finds the SQLite `database` unusable raises a
+    one-line `metalab.tracking_store.StoreUnusableError`.
     """
 
-    def __init__(self, run_id: str | None, client: MlflowClient | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str | None,
+        client: MlflowClient | None = None,
+        database: Path | None = None,
+    ) -> None:
         self.run_id = run_id
         self.client = client
+        self.database = database
         self.meter = ResourceMeter()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -330,6 +210,7 @@ class StageRun:
         with_store_retries(
             lambda: client.log_artifact(run_id, str(path), artifact_path=artifact_path),
             "log_artifact",
+            database=self.database,
         )
 
     def _log_batch(self, **entities: Any) -> None:
@@ -337,19 +218,114 @@ class StageRun:
         assert client is not None and run_id is not None
         # synchronous: an asynchronous write would fail outside the retry.
         with_store_retries(
-            lambda: client.log_batch(run_id, synchronous=True, **entities), "log_batch"
+            lambda: client.log_batch(run_id, synchronous=True, **entities),
+            "log_batch",
+            database=self.database,
         )
+
+
+def process_tags() -> dict[str, str]:
+    """Which process on which machine opened a run: ``host``, ``pid`` and, on Linux,
+    ``process_start`` (so a later process that reuses the pid is not taken for it)."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    started = process_start(os.getpid())
+    if started is not None:
+        tags["process_start"] = started
+    return tags
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process `pid` from /proc (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) "; field 3 is [0]
+    return fields[0], fields[19]
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as ``<boot id>:<clock ticks since boot>``: unique per
+    process across reboots; None where /proc cannot tell (not Linux, process gone)."""
+    stat = _proc_stat(pid)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return None if stat is None else f"{boot}:{stat[1]}"
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` of this machine still runs; with `started` (its
+    `process_start`), whether that very process does. In doubt, True."""
+    if pid <= 0:
+        return True  # not one process (os.kill would signal a group): cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        pass  # e.g. PermissionError: it exists but belongs to another user
+    stat = _proc_stat(pid)
+    if stat is not None and stat[0] in ("Z", "X"):
+        return False  # killed, only waiting for its parent to collect its exit status
+    if started is not None:
+        current = process_start(pid)
+        if current is not None and current != started:
+            return False  # the pid now belongs to a later process
+    return True
+
+
+def close_dead_runs(
+    client: MlflowClient, experiment_id: str, stage: str, database: Path | None = None
+) -> list[str]:
+    """Mark KILLED, ending now, the RUNNING runs of `stage` in the experiment that a process
+    of this host opened and that process is gone (SIGKILL, out of memory, power loss);
+    return their ids. Runs of live processes (concurrent queue workers), of other hosts
+    and without ``host``/``pid`` tags are left alone."""
+    if "'" in stage:  # cannot be quoted in a search filter; DVC stage names never are
+        return []
+    host = socket.gethostname()
+    found = with_store_retries(
+        lambda: client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.dvc_stage = '{stage}'",
+            max_results=1000,
+        ),
+        "search_runs",
+        database=database,
+    )
+    closed = []
+    for candidate in found:
+        tags = candidate.data.tags
+        if tags.get("host") != host or not tags.get("pid", "").isdigit():
+            continue
+        if process_alive(int(tags["pid"]), tags.get("process_start")):
+            continue
+        run_id, ended = candidate.info.run_id, int(time.time() * 1000)
+        with_store_retries(
+            partial(client.set_terminated, run_id, "KILLED", end_time=ended),
+            "set_terminated",
+            database=database,
+        )
+        logger.info(
+            "closed MLflow run %s of %s as KILLED: process %s is gone", run_id, stage, tags["pid"]
+        )
+        closed.append(run_id)
+    return closed
 
 
 def run_tags(stage: str, extra: Mapping[str, Any] | None) -> dict[str, str]:
     """The tags that lead from a run back to its code and params: the commit, the DVC stage
-    and, inside ``dvc exp run``, the DVC experiment name and its baseline commit."""
+    and, inside ``dvc exp run``, the DVC experiment name and its baseline commit; and to
+    the process that ran it (`process_tags`)."""
     tags: dict[str, Any] = {"git_commit": git_commit(), "dvc_stage": stage, "device": device_name()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     tags.update(extra or {})
+    tags.update(process_tags())  # after `extra`: closing runs of killed stages relies on them
     return {key: str(value) for key, value in tags.items()}
 
 
@@ -367,7 +343,9 @@ def stage_run(
     `stage` is the DVC stage name (``train@maml``; the run is named ``train maml``),
     `params` the settings it read (logged flattened), `tracking` params.yaml's section;
     ``enabled=False`` (e.g. torchrun ranks other than 0) only measures. A failing stage
-    still logs its figures and is marked FAILED (KILLED on Ctrl-C).
+    still logs its figures and is marked FAILED (KILLED on Ctrl-C). Runs of earlier
+    processes of this stage killed outright are closed first (`close_dead_runs`). An
+    unusable SQLite store raises a one-line `metalab.errors.MetalabError`.
     """
     if not (enabled and tracking.enabled):
         yield StageRun(None)
@@ -378,16 +356,25 @@ def stage_run(
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # for any direct mlflow call made during the stage
     experiment_id = prepare_experiment(uri, tracking.experiment_name)
-    client = mlflow.MlflowClient(uri)
+    database = sqlite_file(uri)
+    with store_errors(database):
+        client = mlflow.MlflowClient(uri)
     # resolve_tags adds what mlflow.start_run would (user, source), so the UI shows them.
     all_tags = resolve_tags(run_tags(stage, tags))
     created = with_store_retries(
         lambda: client.create_run(experiment_id, tags=all_tags, run_name=stage.replace("@", " ")),
         "create_run",
+        database=database,
     )
-    run = StageRun(created.info.run_id, client)
+    run = StageRun(created.info.run_id, client, database)
     status = "FAILED"
     try:
+        try:
+            close_dead_runs(client, experiment_id, stage, database)
+        except MetalabError:
+            raise
+        except Exception as error:  # housekeeping: never worth failing the stage for
+            logger.warning("could not close the MLflow runs of killed %s stages: %s", stage, error)
         flat = {key: "null" if value is None else value for key, value in flatten(params).items()}
         run.log_params(flat)
         yield run
@@ -400,5 +387,7 @@ def stage_run(
             run.log_metrics(run.meter.figures())
         finally:
             with_store_retries(
-                lambda: client.set_terminated(created.info.run_id, status), "set_terminated"
+                lambda: client.set_terminated(created.info.run_id, status),
+                "set_terminated",
+                database=database,
             )

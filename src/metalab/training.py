@@ -21,9 +21,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from metalab.algorithms.base import BuildContext, MetaLearner, TrainProgress, scheduled_lr
+from metalab.algorithms.base import (
+    BuildContext,
+    MetaLearner,
+    StepStats,
+    TrainProgress,
+    scheduled_lr,
+)
 from metalab.algorithms.registry import build_learner
-from metalab.checkpoints import Checkpoint, fingerprint
+from metalab.checkpoints import (
+    Checkpoint,
+    fingerprint,
+    source_digest,
+    state_digest,
+    tensor_digest,
+)
 from metalab.data.episodes import materialize, sample_episode_index
 from metalab.data.prefetch import OmniglotArrays
 from metalab.data.splits import Split
@@ -104,17 +116,6 @@ class Trainer:
         self.split = split
         self.progress = progress and self.distributed.is_main
         self.on_log = on_log or (lambda metrics, step: None)
-        self.checkpoint = Checkpoint(
-            checkpoint_dir / f"{name}.pt",
-            fingerprint(
-                {
-                    "experiment": self.experiment.model_dump(),
-                    "train": self.config.model_dump(),
-                    "split": params.data.split.model_dump(),
-                    "image_size": arrays.image_size,
-                }
-            ),
-        )
         torch.manual_seed(self.config.seed)
         torch.set_num_threads(threads_per_process(self.config.threads, self.distributed))
         self.context = BuildContext(
@@ -132,6 +133,21 @@ class Trainer:
             if self.experiment.pretrained.source == "background":
                 path = str(pretrained_body) if pretrained_body else path
             load_pretrained_body(self.learner.model, self.experiment.pretrained.source, path)
+        # Everything the result depends on: a checkpoint of other inputs is never resumed.
+        self.checkpoint = Checkpoint(
+            checkpoint_dir / f"{name}.pt",
+            fingerprint(
+                {
+                    "experiment": self.experiment.model_dump(),
+                    "train": self.config.model_dump(),
+                    "split": params.data.split.model_dump(),
+                    "split_classes": tensor_digest(*split.parts().values()),
+                    "images": tensor_digest(arrays.images),
+                    "starting_weights": state_digest(self.learner.state_dict()),
+                    "code": source_digest(),
+                }
+            ),
+        )
         check_splittable(self.learner, self.config.meta_batch_size, self.distributed)
         self.optimizer = self._make_optimizer()
         self.train_n_way = self.learner.train_n_way or self.config.n_way
@@ -253,19 +269,14 @@ class Trainer:
             # rank 0's are kept everywhere (as DistributedDataParallel does) and saved.
             broadcast_buffers(self.learner)
             self._warn_if_random(random_use)
-        if not math.isfinite(stats.loss):
-            raise DivergedError(
-                f"experiment {self.name!r}: meta-loss is {stats.loss} at iteration "
-                f"{self.iteration}; stopped, keeping the last good checkpoint "
-                f"{self.checkpoint.path} "
-                "(lower train.meta_lr or the inner lr)"
-            )
+        self._stop_if_diverged(stats)
         if config.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.learner.parameters(), config.grad_clip_norm)
         base_lr = self._base_lr(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = scheduled_lr(group, base_lr, self.iteration)
         self.optimizer.step()
+        self._stop_if_diverged(None)
         self.busy_seconds += time.perf_counter() - started
         record = {
             "iteration": self.iteration,
@@ -275,6 +286,36 @@ class Trainer:
         }
         record.update(stats.extra or {})
         return record
+
+    def _stop_if_diverged(self, stats: StepStats | None) -> None:
+        """Raise `DivergedError` if this iteration's losses or gradients (``stats`` given,
+        before the step) or the updated weights (after it) hold a NaN or an infinity. The
+        checkpoint on disk is the last good one: a step that failed here is never saved."""
+        if stats is not None:
+            losses = {"meta-loss": stats.loss, **{k: v for k, v in (stats.extra or {}).items()}}
+            bad = [
+                f"{name} = {value}" for name, value in losses.items() if not math.isfinite(value)
+            ]
+            bad += [
+                f"gradient of {name}"
+                for name, parameter in self.learner.named_parameters()
+                if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all())
+            ]
+            when = "stopped before the step"
+        else:
+            bad = [
+                f"weights {name}"
+                for name, parameter in self.learner.named_parameters()
+                if not bool(torch.isfinite(parameter).all())
+            ]
+            when = "stopped after the step"
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise DivergedError(
+                f"experiment {self.name!r}: non-finite {shown} at iteration {self.iteration}; "
+                f"{when}, keeping the last good checkpoint {self.checkpoint.path} "
+                "(lower train.meta_lr or the inner lr, or set train.grad_clip_norm)"
+            )
 
     def _warn_if_random(self, random_use: RandomUse) -> None:
         """Say once (rank 0) that this learner's random draws differ from a single process."""

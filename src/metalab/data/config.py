@@ -3,6 +3,10 @@
 
 `load_data_params` reads just these sections (plus ``tracking``), so the data stages
 (download, prefetch, episodes) validate what they read without loading the learners.
+Besides each key's own range, load checks what the keys imply together: the split leaves
+every part some characters (`split_classes`), and each episode set fits Omniglot (at most
+`OMNIGLOT_DRAWINGS_PER_CHARACTER` shots + queries per class, no more ways than meta-test
+classes; `check_episodes_fit`).
 """
 
 from __future__ import annotations
@@ -11,13 +15,30 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from metalab.data.archives import OFFICIAL_COUNTS, OFFICIAL_URL, ArchiveCounts
-from metalab.schema import Sections, Strict, TrackingConfig, load_sections
+from metalab.schema import Sections, Strict, TrackingConfig, field_error, load_sections
 
 SETTING_PATTERN = re.compile(r"^(\d+)w(\d+)s$")
 DEFAULT_SOURCES = ("../shared/data/omniglot", OFFICIAL_URL)
+
+# Omniglot (Lake et al. 2015) has each of its 1623 characters drawn once by each of 20
+# people: 20 images per class (the official archives: 19280 drawings of 964 background
+# characters, 13180 of 659 evaluation characters; files NNNN_DD.png, drawer DD = 01..20).
+# A task takes K shots + Q queries of a class without repeating a drawing, so K + Q <= 20.
+OMNIGLOT_DRAWINGS_PER_CHARACTER = 20
+
+
+def drawings_needed(k_shot: int, query_per_class: int) -> str | None:
+    """Why `k_shot` shots + `query_per_class` queries cannot be drawn from one Omniglot
+    class, or None when they can."""
+    if k_shot + query_per_class <= OMNIGLOT_DRAWINGS_PER_CHARACTER:
+        return None
+    return (
+        f"{k_shot} shots + {query_per_class} queries need {k_shot + query_per_class} "
+        f"drawings per class; an Omniglot character has {OMNIGLOT_DRAWINGS_PER_CHARACTER}"
+    )
 
 
 class SplitConfig(Strict):
@@ -61,6 +82,51 @@ class DataConfig(Strict):
     prefetch_workers: int = Field(2, ge=1, le=64)
     split: SplitConfig = Field(default_factory=SplitConfig)
 
+    @model_validator(mode="after")
+    def _split_fits_archives(self) -> DataConfig:
+        split_classes(self)
+        return self
+
+
+def split_classes(data: DataConfig) -> dict[str, int] | None:
+    """Classes in each split part ('meta_train', 'validation', 'meta_test') that `data`
+    describes, counted from ``data.expected`` (the archives must match it) the way
+    `metalab.data.splits.make_split` splits them; None when ``data.expected`` lacks an
+    archive. Raises (a pydantic error naming the key) when a part would be empty."""
+    if set(data.expected) != {"images_background", "images_evaluation"}:
+        return None
+    background = data.expected["images_background"].characters
+    evaluation = data.expected["images_evaluation"].characters
+    split = data.split
+    if split.protocol == "lake":
+        if split.validation_characters >= background:
+            raise field_error(
+                ("split", "validation_characters"),
+                split.validation_characters,
+                f"must be below the {background} background characters (data.expected)",
+            )
+        train, validation, test = (
+            background - split.validation_characters,
+            split.validation_characters,
+            evaluation,
+        )
+    else:
+        train, validation = split.vinyals_train_characters, split.vinyals_validation_characters
+        test = background + evaluation - train - validation
+        if test < 1:
+            raise field_error(
+                ("split", "vinyals_train_characters"),
+                train,
+                f"with vinyals_validation_characters {validation}: must leave meta-test "
+                f"characters out of {background + evaluation} (data.expected)",
+            )
+    turns = 4 if split.use_rotations else 1
+    return {
+        "meta_train": train * turns,
+        "validation": validation * turns,
+        "meta_test": test * turns,
+    }
+
 
 def parse_setting(setting: str) -> tuple[int, int]:
     """'5w1s' -> (n_way=5, k_shot=1)."""
@@ -92,6 +158,35 @@ class EpisodesConfig(Strict):
             raise ValueError("settings must not repeat")
         return settings
 
+    @model_validator(mode="after")
+    def _enough_drawings(self) -> EpisodesConfig:
+        for setting in self.settings:
+            problem = drawings_needed(parse_setting(setting)[1], self.query_per_class)
+            if problem:
+                raise field_error(
+                    ("settings",),
+                    self.settings,
+                    f"{setting}: {problem} (episodes.query_per_class)",
+                )
+        return self
+
+
+def check_episodes_fit(data: DataConfig, episodes: EpisodesConfig) -> None:
+    """Every episode set has at most as many ways as there are meta-test classes; raises a
+    pydantic error at ``episodes.settings`` (for a model validator over both sections)."""
+    classes = split_classes(data)
+    if classes is None:
+        return
+    for setting in episodes.settings:
+        n_way = parse_setting(setting)[0]
+        if n_way > classes["meta_test"]:
+            raise field_error(
+                ("episodes", "settings"),
+                episodes.settings,
+                f"{setting}: {n_way}-way tasks need {n_way} classes; the meta-test split has "
+                f"{classes['meta_test']} (data.split, data.expected)",
+            )
+
 
 class DataParams(Sections):
     """The sections a data stage reads; the learners' sections are left to their stages."""
@@ -99,6 +194,11 @@ class DataParams(Sections):
     data: DataConfig = Field(default_factory=DataConfig)
     episodes: EpisodesConfig = Field(default_factory=EpisodesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _episodes_fit(self) -> DataParams:
+        check_episodes_fit(self.data, self.episodes)
+        return self
 
 
 def load_data_params(path: str | Path = "params.yaml") -> DataParams:

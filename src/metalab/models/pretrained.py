@@ -23,6 +23,17 @@ def torchvision_resnet18_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_RESNET18_FILE
 
 
+def read_weights(path: Path) -> object:
+    """A weights file's content, read with ``weights_only=True`` (no code in it runs);
+    ValueError naming the file when it is not a plain tensors-and-values file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # foreign, truncated or crafted bytes: all the same here
+        raise ValueError(
+            f"{path}: not a weights file metalab can read ({type(error).__name__})"
+        ) from error
+
+
 def load_pretrained_body(model: nn.Module, source: PretrainedSource, path: str | None) -> None:
     """Overwrite ``model.body`` with pretrained weights (the head is left alone).
 
@@ -46,7 +57,7 @@ def load_pretrained_body(model: nn.Module, source: PretrainedSource, path: str |
                 "IMAGENET1K_V1) into $TORCH_HOME/hub/checkpoints, or use pretrained source "
                 "'file' with an explicit path."
             )
-        load_body_weights(model, torch.load(weights, map_location="cpu", weights_only=True))
+        load_body_weights(model, read_weights(weights))
         return
     if source not in ("file", "background"):
         raise ValueError(f"unknown pretrained source {source!r}")
@@ -55,7 +66,7 @@ def load_pretrained_body(model: nn.Module, source: PretrainedSource, path: str |
     if not Path(path).exists():
         hint = " (run the pretrain stage first)" if source == "background" else ""
         raise FileNotFoundError(f"pretrained body file {path} does not exist{hint}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = read_weights(Path(path))
     if source == "background":
         if not isinstance(payload, dict) or "body" not in payload:
             raise ValueError(f"{path} is not a pretrain-stage file (no 'body' entry)")

@@ -14,7 +14,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from metalab.schema import Sections, TrackingConfig, load_sections, named_entry
+from metalab.schema import (
+    ExperimentName,
+    Sections,
+    TrackingConfig,
+    load_sections,
+    named_entry,
+)
 
 
 class RLExperimentConfig(BaseModel):
@@ -102,7 +108,7 @@ class RLExperimentConfig(BaseModel):
 class RLParams(Sections):
     """The sections the RL stages read: ``rl_experiments`` and ``tracking``."""
 
-    rl_experiments: dict[str, RLExperimentConfig] = Field(default_factory=dict)
+    rl_experiments: dict[ExperimentName, RLExperimentConfig] = Field(default_factory=dict)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def rl_experiment(self, name: str) -> RLExperimentConfig:

@@ -13,10 +13,13 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from metalab.errors import MetalabError
+from metalab.io import save_torch
 from metalab.rl.adaptation import sample_adaptation
 from metalab.rl.baselines import Baseline, build_baseline
 from metalab.rl.config import RLExperimentConfig
@@ -211,6 +214,28 @@ def _summarise(returns: torch.Tensor) -> dict:
         "ci95": 1.96 * std / math.sqrt(count),
         "per_task_returns": returns.tolist(),
     }
+
+
+def save_agent(path: str | Path, config: RLExperimentConfig, agent_state: dict) -> None:
+    """Write a trained agent (``{"policy", "baseline"}`` state) and its config, atomically."""
+    save_torch(path, {"config": config.model_dump(), "agent": agent_state})
+
+
+def load_agent(path: str | Path) -> dict:
+    """The agent state saved by `save_agent`; read with ``weights_only=True`` (no code in the
+    file runs), `MetalabError` in one line for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetalabError(f"{path}: no such RL model (train it with `dvc repro train_rl@<name>`)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # foreign, truncated or crafted bytes: all the same here
+        raise MetalabError(
+            f"{path}: not a metalab RL model ({type(error).__name__}); retrain it"
+        ) from error
+    if not isinstance(saved, dict) or not isinstance(saved.get("agent"), dict):
+        raise MetalabError(f"{path}: not a metalab RL model (no 'agent' entry); retrain it")
+    return saved["agent"]
 
 
 def evaluate_rl(
