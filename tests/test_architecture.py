@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
         "metalab.statistics",
         "metalab.checkpoints",
         "metalab.tracking",
+        "metalab.tracking_store",
     },
     # one module per learner family behind `algorithms.base`
     {"metalab.algorithms"},

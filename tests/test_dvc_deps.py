@@ -25,6 +25,7 @@ PLUMBING = {
     "metalab.layout",
     "metalab.runtime",
     "metalab.tracking",
+    "metalab.tracking_store",
     "metalab.cli",
     "metalab.ui",
 }

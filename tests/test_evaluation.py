@@ -15,9 +15,12 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from test_learner_api import AVAILABLE, trainer_like_payload
+from test_learner_api import trainer_like_payload
 
 from metalab import evaluation
+from metalab.algorithms import maml
+from metalab.algorithms.base import BuildContext, MetaLearner
+from metalab.algorithms.registry import ALGORITHMS, build_learner, options_class
 from metalab.data.config import EpisodesConfig, SplitConfig
 from metalab.data.episodes import materialize, save_episode_set, write_evaluation_episodes
 from metalab.data.prefetch import load_prefetched
@@ -29,7 +32,8 @@ from metalab.evaluation import (
     load_episode_sets,
 )
 from metalab.io import save_torch
-from metalab.learner_api import learner_from_payload
+from metalab.learner_api import Learner, learner_from_payload
+from metalab.models.config import ModelConfig
 from metalab.params import ParamsError, validate_params
 from metalab.schema import TrackingConfig
 from metalab.statistics import mean_ci95, paired_difference
@@ -102,7 +106,6 @@ def make_learner(algorithm: str, options: dict | None = None):
     return learner_from_payload(payload)
 
 
-@pytest.mark.skipif("protonets" not in AVAILABLE, reason="protonets not written yet")
 def test_protonets_scores_match_a_direct_loop_and_have_no_before(
     omniglot, episode_dir, monkeypatch
 ):
@@ -136,7 +139,6 @@ def test_protonets_scores_match_a_direct_loop_and_have_no_before(
     assert (table["seconds"] > 0).all()
 
 
-@pytest.mark.skipif("maml" not in AVAILABLE, reason="maml not written yet")
 def test_gradient_learner_gets_before_and_after_and_is_deterministic(omniglot, episode_dir):
     arrays, _ = omniglot
     sets = {"3w2s": load_episode_sets(["3w2s"], episode_dir)["3w2s"][:3]}
@@ -160,7 +162,6 @@ def test_gradient_learner_gets_before_and_after_and_is_deterministic(omniglot, e
     np.testing.assert_allclose(table["accuracy_before"], unadapted, atol=1e-7)
 
 
-@pytest.mark.skipif("cavia" not in AVAILABLE, reason="cavia not written yet")
 def test_setting_the_learner_cannot_do_is_reported_not_fatal(omniglot, tmp_path):
     arrays, split = omniglot
     config = EpisodesConfig(settings=["7w1s"], num_episodes=2, query_per_class=2, seed=1)
@@ -181,7 +182,7 @@ def test_image_size_mismatch_and_wrong_episode_file_are_clear_errors(
     omniglot, episode_dir, tmp_path
 ):
     arrays, _ = omniglot
-    learner = make_learner(AVAILABLE[0])
+    learner = make_learner("protonets")
     sets = load_episode_sets(["5w1s"], episode_dir)
     with pytest.raises(ValueError, match="trained on 28px images but the prefetched images"):
         evaluate_learner(learner, torch.zeros(10, 32, 32, dtype=torch.uint8), sets)
@@ -201,11 +202,9 @@ def test_evaluation_settings_default_to_all_and_must_exist():
         {"episodes": {"settings": ["5w1s", "20w5s"]}, "evaluate": {"settings": ["20w5s"]}}
     )
     assert params.evaluation_settings() == ["20w5s"]
-    params = validate_params(
-        {"episodes": {"settings": ["5w1s"]}, "evaluate": {"settings": ["1w1s"]}}
-    )
-    with pytest.raises(ParamsError, match=r"evaluate.settings = \['1w1s'\]: not in episodes"):
-        params.evaluation_settings()
+    # a setting without an episode set is stopped at load
+    with pytest.raises(ParamsError, match=r"evaluate\.settings = \[1w1s\]: 1w1s not in episodes"):
+        validate_params({"episodes": {"settings": ["5w1s"]}, "evaluate": {"settings": ["1w1s"]}})
 
 
 # ------------------------------------------------------------------------------ stage
@@ -216,18 +215,28 @@ def load_stage(name: str):
     return module
 
 
-def make_project(root: Path, episode_dir: Path, prefetched: Path, train_run: str | None) -> dict:
+def make_project(
+    root: Path,
+    episode_dir: Path,
+    prefetched: Path,
+    train_run: str | None,
+    algorithm: str = "protonets",
+    options: dict | None = None,
+) -> dict:
     """A project directory as the evaluate stage sees it; returns its raw params."""
     (root / "data" / "prefetched").mkdir(parents=True)
     shutil.copy(prefetched, root / "data" / "prefetched" / "omniglot.npz")
     shutil.copytree(episode_dir, root / "data" / "episodes")
-    payload, _ = trainer_like_payload("protonets")
+    payload, _ = trainer_like_payload(algorithm, options)
     save_torch(root / "models" / "tiny.pt", payload)
     (root / "metrics" / "train").mkdir(parents=True)
     (root / "metrics" / "train" / "tiny.json").write_text(json.dumps({"mlflow_run_id": train_run}))
+    experiment = {"algorithm": algorithm, "model": {"hidden": 8}}
+    if options is not None:
+        experiment["options"] = options
     raw = {
         "episodes": {"settings": SETTINGS, "num_episodes": EPISODES, "query_per_class": 3},
-        "experiments": {"tiny": {"algorithm": "protonets", "model": {"hidden": 8}}},
+        "experiments": {"tiny": experiment},
         "evaluate": {"settings": ["3w2s"]},
         "train": {"threads": 1},
         "tracking": {"enabled": False, "experiment_name": "unit"},
@@ -236,7 +245,6 @@ def make_project(root: Path, episode_dir: Path, prefetched: Path, train_run: str
     return raw
 
 
-@pytest.mark.skipif("protonets" not in AVAILABLE, reason="protonets not written yet")
 def test_evaluate_stage_writes_metrics_and_episodes(
     omniglot, episode_dir, tiny_prefetched_28, tmp_path, monkeypatch
 ):
@@ -260,7 +268,6 @@ def test_evaluate_stage_writes_metrics_and_episodes(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("protonets" not in AVAILABLE, reason="protonets not written yet")
 def test_evaluate_stage_run_is_linked_to_its_train_run(
     episode_dir, tiny_prefetched_28, tmp_path, monkeypatch
 ):
@@ -306,3 +313,149 @@ def test_max_episodes_keeps_the_first_tasks_of_every_set(episode_dir):
         torch.testing.assert_close(limited[setting].image_index, full[setting].image_index[:2])
     with pytest.raises(ParamsError, match="evaluate.max_episodes"):
         validate_params({"evaluate": {"max_episodes": 1}})
+
+
+# ------------------------------------------------------------- adaptation steps used
+# Evaluation must run exactly the adaptation steps it writes as `adaptation_steps`: the
+# learner's declared default when evaluate.adaptation_steps is null, else that number.
+# Options whose training inner steps differ from the test-time default, so that running
+# the training count at test time is visible (LEO's default is its training count).
+STEP_OPTIONS = {
+    "maml": {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
+    "taml": {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
+    "reptile": {"inner_lr": 0.01, "inner_steps": 1, "test_inner_steps": 3},
+    "cavia": {"inner_lr": 10.0, "inner_steps": 1, "test_inner_steps": 3},
+    "leo": {"inner_steps": 2, "finetune_steps": 1},
+}
+STEP_CASES = {
+    **{algorithm: (algorithm, STEP_OPTIONS.get(algorithm, {})) for algorithm in ALGORITHMS},
+    "taml_encoder": (
+        "taml",
+        {"variant": "encoder", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
+    ),
+}
+
+
+class StepRecorder(MetaLearner):
+    """A gradient learner that records the number of steps each `adapt` really runs."""
+
+    algorithm = "step_recorder"
+    adapts_by_gradient = True
+
+    def __init__(self, default_steps: int) -> None:
+        super().__init__()
+        self.model = torch.nn.Linear(1, 1)
+        self.default_steps = default_steps
+        self.steps_run: list[int] = []
+
+    @property
+    def default_adaptation_steps(self) -> int:
+        return self.default_steps
+
+    def adapt(self, support_x, support_y, steps=None):
+        self.steps_run.append(self.default_steps if steps is None else steps)
+        n_way = int(support_y.max()) + 1
+        return lambda query_x: torch.zeros(query_x.shape[0], n_way)
+
+
+@pytest.mark.parametrize("explicit_steps", [None, 0, 2, 7])
+def test_evaluation_records_the_steps_the_learner_ran(omniglot, episode_dir, explicit_steps):
+    arrays, _ = omniglot
+    recorder = StepRecorder(default_steps=4)
+    learner = Learner(recorder, None, n_way=5, image_size=arrays.image_size)
+    sets = load_episode_sets(SETTINGS, episode_dir, max_episodes=3)
+
+    result = evaluate_learner(learner, arrays.images, sets, steps=explicit_steps, progress=False)
+
+    expected = 4 if explicit_steps is None else explicit_steps
+    for setting in SETTINGS:
+        assert result.metrics()["settings"][setting]["adaptation_steps"] == expected
+    # Per task: the scored adaptation, then the "before" one (0 steps).
+    assert recorder.steps_run == [expected, 0] * (3 * len(SETTINGS))
+
+
+def count_maml_inner_steps(monkeypatch) -> list[int]:
+    """Record the `steps` of every inner loop the MAML core runs."""
+    steps_run: list[int] = []
+    real = maml.inner_loop
+
+    def recording(params, adapted_names, support_loss, inner_lr, steps, second_order):
+        steps_run.append(steps)
+        return real(params, adapted_names, support_loss, inner_lr, steps, second_order)
+
+    monkeypatch.setattr(maml, "inner_loop", recording)
+    return steps_run
+
+
+@pytest.mark.parametrize("explicit_steps", [None, 2])
+def test_maml_evaluation_runs_the_recorded_test_time_steps(
+    omniglot, episode_dir, monkeypatch, explicit_steps
+):
+    """MAML trained with 1 inner step, tested with 3: evaluation runs 3 (or the explicit
+    count), never the training count, and writes what it ran."""
+    arrays, _ = omniglot
+    learner = make_learner("maml", STEP_OPTIONS["maml"])
+    assert learner.default_adaptation_steps == 3
+    sets = {"3w2s": load_episode_sets(["3w2s"], episode_dir, max_episodes=2)["3w2s"]}
+    steps_run = count_maml_inner_steps(monkeypatch)
+
+    result = evaluate_learner(learner, arrays.images, sets, steps=explicit_steps, progress=False)
+
+    recorded = result.metrics()["settings"]["3w2s"]["adaptation_steps"]
+    assert recorded == (3 if explicit_steps is None else explicit_steps)
+    assert steps_run == [recorded, 0] * 2  # adapted, then the "before" start, per task
+
+
+@pytest.mark.parametrize("adaptation_steps", [None, 2])
+def test_evaluate_stage_runs_the_adaptation_steps_it_writes(
+    episode_dir, tiny_prefetched_28, tmp_path, monkeypatch, adaptation_steps
+):
+    project = tmp_path / "project"
+    raw = make_project(project, episode_dir, tiny_prefetched_28, None, "maml", STEP_OPTIONS["maml"])
+    raw["evaluate"].update(adaptation_steps=adaptation_steps, max_episodes=2)
+    monkeypatch.chdir(project)
+    steps_run = count_maml_inner_steps(monkeypatch)
+
+    load_stage("evaluate").main(
+        argparse.Namespace(experiment="tiny", no_progress=True), validate_params(raw)
+    )
+
+    metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
+    written = metrics["settings"]["3w2s"]["adaptation_steps"]
+    assert written == (3 if adaptation_steps is None else adaptation_steps)
+    assert steps_run == [written, 0] * 2
+
+
+def tiny_task(n_way: int = 5, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    support_x = torch.rand(n_way, 1, 28, 28, generator=generator)
+    support_y = torch.arange(n_way)
+    query_x = torch.rand(2 * n_way, 1, 28, 28, generator=generator)
+    return support_x, support_y, query_x
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_default_adaptation_is_the_declared_default_steps(case):
+    """`adapt` without steps behaves exactly as with `default_adaptation_steps` (what the
+    metrics record), and the step count matters (else the equality would prove nothing).
+    Learners that do not adapt by gradient declare no default and ignore steps."""
+    algorithm, options = STEP_CASES[case]
+    validated = options_class(algorithm).model_validate(options)
+    context = BuildContext(model=ModelConfig(hidden=8), n_way=5, image_size=28)
+    torch.manual_seed(0)
+    learner = build_learner(algorithm, validated, context).eval()
+    support_x, support_y, query_x = tiny_task()
+
+    def logits(steps):
+        torch.manual_seed(1)  # learners that draw (e.g. minibatches) draw the same
+        return learner.adapt(support_x, support_y, steps)(query_x).detach()
+
+    default = learner.default_adaptation_steps
+    if not learner.adapts_by_gradient:
+        assert default is None
+        torch.testing.assert_close(logits(None), logits(3), rtol=0, atol=0)
+        return
+    assert isinstance(default, int) and default >= 1
+    torch.testing.assert_close(logits(None), logits(default), rtol=0, atol=0)
+    assert not torch.equal(logits(None), logits(default - 1))
+    assert not torch.equal(logits(None), logits(default + 1))

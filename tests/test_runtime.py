@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from metalab import runtime
 from metalab.runtime import keep_freed_memory
 
 # Like a training step: allocate a few activation-sized tensors (16 MiB each), free them
@@ -37,5 +38,115 @@ def test_freed_activations_are_reused_instead_of_page_faulting_again():
         assert int(result.stdout) < 5_000
 
 
-def test_keep_freed_memory_is_idempotent():
-    assert keep_freed_memory() == keep_freed_memory()
+class FakeLibc:
+    """Stands in for ``ctypes.CDLL("libc")``: a mallopt that records its calls and accepts
+    them unless ``rejects(parameter, value)``."""
+
+    def __init__(self, rejects=lambda parameter, value: False) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+        def mallopt(parameter: int, value: int) -> int:
+            self.calls.append((parameter, value))
+            return 0 if rejects(parameter, value) else 1
+
+        self.mallopt = mallopt
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    """Install a FakeLibc for `keep_freed_memory` (with its cache cleared before and after,
+    so neither the real call of another test nor this fake leaks across tests)."""
+
+    def install(**kwargs) -> FakeLibc:
+        libc = FakeLibc(**kwargs)
+        monkeypatch.setattr(runtime.ctypes.util, "find_library", lambda name: "libc.so.6")
+        monkeypatch.setattr(runtime.ctypes, "CDLL", lambda path: libc)
+        return libc
+
+    clear = getattr(keep_freed_memory, "cache_clear", lambda: None)
+    clear()
+    yield install
+    clear()
+
+
+ALL_SETTINGS = [
+    (runtime._M_MMAP_THRESHOLD, runtime.MMAP_THRESHOLD),
+    (runtime._M_TRIM_THRESHOLD, runtime.TRIM_THRESHOLD),
+    (runtime._M_TOP_PAD, runtime.TOP_PAD),
+    (runtime._M_ARENA_MAX, 1),
+]
+
+
+def test_keep_freed_memory_is_idempotent(fake_libc):
+    """The settings are applied once per process: a second call changes nothing."""
+    libc = fake_libc()
+    assert keep_freed_memory() is True
+    assert libc.calls == ALL_SETTINGS
+    assert keep_freed_memory() is True
+    assert libc.calls == ALL_SETTINGS  # mallopt was not called again
+
+
+def test_keep_freed_memory_falls_back_to_the_old_glibc_threshold_limit(fake_libc):
+    libc = fake_libc(
+        rejects=lambda parameter, value: (
+            (parameter, value) == (runtime._M_MMAP_THRESHOLD, runtime.MMAP_THRESHOLD)
+        )
+    )
+    assert keep_freed_memory() is True
+    assert libc.calls[:2] == [
+        (runtime._M_MMAP_THRESHOLD, runtime.MMAP_THRESHOLD),
+        (runtime._M_MMAP_THRESHOLD, runtime.MMAP_THRESHOLD_FALLBACK),
+    ]
+    assert libc.calls[2:] == ALL_SETTINGS[1:]
+
+
+def test_keep_freed_memory_reports_settings_that_did_not_take(fake_libc):
+    libc = fake_libc(rejects=lambda parameter, value: parameter == runtime._M_ARENA_MAX)
+    assert keep_freed_memory() is False
+    assert libc.calls == ALL_SETTINGS
+    assert keep_freed_memory() is False and libc.calls == ALL_SETTINGS  # cached too
+
+
+def test_keep_freed_memory_without_a_c_library_changes_nothing(monkeypatch, fake_libc):
+    libc = fake_libc()
+    monkeypatch.setattr(runtime.ctypes.util, "find_library", lambda name: None)
+    assert keep_freed_memory() is False
+    assert libc.calls == []
+
+
+# In a fresh process: bytes in mmapped blocks (glibc mallinfo2) grow by a 16 MiB malloc
+# under glibc's defaults (above its 128 KiB mmap threshold) but not once the settings are
+# in force; and freeing it then does not trim the heap.
+MMAP_BYTES = """
+import ctypes, ctypes.util, sys
+from metalab.runtime import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    assert keep_freed_memory() and keep_freed_memory()
+before = libc.mallinfo2()
+block = libc.malloc(16 << 20)
+during = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(during.hblkhd - before.hblkhd, during.arena - before.arena, after.arena - before.arena)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallinfo2")
+def test_settings_serve_large_blocks_from_the_heap_and_keep_it():
+    def run(mode: str) -> list[int]:
+        command = [sys.executable, "-c", MMAP_BYTES, mode]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        return [int(value) for value in result.stdout.split()]
+
+    mmapped, _, _ = run("default")
+    assert mmapped >= 16 << 20  # the glibc default: a fresh mapping
+    mmapped, heap_growth, heap_kept = run("keep")
+    assert mmapped == 0  # from the heap instead
+    assert heap_growth >= 16 << 20 and heap_kept == heap_growth  # not trimmed on free

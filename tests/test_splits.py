@@ -15,12 +15,28 @@ def characters(classes: torch.Tensor) -> set[int]:
     return set(classes[:, 0].tolist())
 
 
-@pytest.mark.parametrize("protocol", ["lake", "vinyals"])
-def test_parts_never_share_a_character(protocol):
-    split = make_split(ORIGIN, SplitConfig(protocol=protocol, seed=3))
-    train, validation, test = (characters(p) for p in split.parts().values())
+# Characters per part (meta-train, validation, meta-test) under the default counts.
+PART_CHARACTERS = {"lake": [864, 100, 659], "vinyals": [1028, 172, 423]}
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize(
+    ("protocol", "rotations"), [("lake", None), ("lake", True), ("vinyals", None)]
+)
+def test_parts_never_share_a_character(protocol, rotations, seed):
+    """Each of the 1623 characters is in exactly one part, with all its classes (every
+    rotation when rotations are on), under both protocols."""
+    split = make_split(ORIGIN, SplitConfig(protocol=protocol, seed=seed, rotations=rotations))
+    parts = [characters(p) for p in split.parts().values()]
+    train, validation, test = parts
     assert not train & validation and not train & test and not validation & test
-    assert len(train | validation | test) == (1623 if protocol == "vinyals" else 1623)
+    assert train | validation | test == set(range(1623))
+    assert [len(part) for part in parts] == PART_CHARACTERS[protocol]
+    turns = 4 if protocol == "vinyals" or rotations else 1
+    for classes in split.parts().values():
+        assert len(set(map(tuple, classes.tolist()))) == classes.shape[0]  # no class twice
+        assert classes.shape[0] == len(characters(classes)) * turns
+        assert set(classes[:, 1].tolist()) == set(range(turns))
 
 
 def test_lake_uses_background_for_training_and_evaluation_for_testing():

@@ -1,19 +1,29 @@
-"""MLflow tracking: a stage run's params, curves, tags and resource figures read back."""
+"""MLflow tracking: a stage run's params, curves, tags and resource figures read back; an
+unusable store reported in one line; runs of killed stages closed on the next start."""
 
+import os
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from metalab.errors import MetalabError
 from metalab.schema import TrackingConfig
 from metalab.tracking import (
     flatten,
+    process_start,
     resolve_tracking_uri,
+    run_tags,
     stage_run,
     tracking_uri,
-    with_store_retries,
 )
+from metalab.tracking_store import with_store_retries
 
 UNIT = TrackingConfig(experiment_name="unit")
 
@@ -100,7 +110,7 @@ def test_store_is_in_wal_mode_and_artifacts_live_next_to_it(store, tmp_path):
 
 
 def test_locked_database_is_retried_other_errors_are_not(monkeypatch):
-    monkeypatch.setattr("metalab.tracking.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("metalab.tracking_store.time.sleep", lambda seconds: None)
     attempts = []
 
     def flaky() -> str:
@@ -117,3 +127,210 @@ def test_locked_database_is_retried_other_errors_are_not(monkeypatch):
     with pytest.raises(MlflowException, match="not found"):
         with_store_retries(missing_run, "test")
     assert len(attempts) == 4  # not retried
+
+
+# ---------------------------------------------------------------- an unusable store
+
+
+def assert_one_line_naming(error: MetalabError, database) -> None:
+    message = str(error)
+    assert "\n" not in message and str(database) in message, message
+    assert "tracking.enabled: false" in message
+
+
+def truncated_store(path):
+    """A real store (one run logged) cut to half its size, as by a full disk or a crash."""
+    with stage_run("report", {}, UNIT) as run:
+        run.log_metrics({"x": 1.0})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_corrupt_store_is_one_line_naming_the_file_and_the_fix(store, tmp_path, damage):
+    database = tmp_path / "mlflow.db"
+    if damage == "random bytes":
+        database.write_bytes(os.urandom(20_000))
+    else:
+        truncated_store(database)
+    with pytest.raises(MetalabError) as raised, stage_run("train@maml", {}, UNIT):
+        pytest.fail("the stage ran on a corrupt store")
+    assert_one_line_naming(raised.value, database)
+    assert f"mv {database} {database}.broken" in str(raised.value)
+
+
+def test_directory_in_place_of_the_store_is_one_line(store, tmp_path):
+    """Fails for root too (unlike chmod)."""
+    database = tmp_path / "mlflow.db"
+    database.mkdir()
+    with pytest.raises(MetalabError, match="is a directory") as raised:
+        with stage_run("train@maml", {}, UNIT):
+            pytest.fail("the stage ran without a store")
+    assert_one_line_naming(raised.value, database)
+
+
+@pytest.mark.parametrize("read_only", ["file", "directory"])
+def test_unwritable_store_is_one_line(store, tmp_path, read_only):
+    with stage_run("report", {}, UNIT):
+        pass
+    database = tmp_path / "mlflow.db"
+    target = database if read_only == "file" else tmp_path
+    mode = target.stat().st_mode
+    target.chmod(0o444 if read_only == "file" else 0o555)
+    try:
+        if os.access(target, os.W_OK):
+            pytest.skip("chmod does not stop this user (root) from writing")
+        with pytest.raises(MetalabError, match="cannot be written") as raised:
+            with stage_run("train@maml", {}, UNIT):
+                pytest.fail("the stage ran on a read-only store")
+    finally:
+        target.chmod(mode)
+    assert_one_line_naming(raised.value, database)
+
+
+def test_store_damaged_during_the_run_is_one_line_locks_still_retried(store, tmp_path):
+    database = tmp_path / "mlflow.db"
+    with stage_run("train@maml", {}, UNIT) as run:
+        real_log_batch, calls = run.client.log_batch, []
+
+        def log_batch(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MlflowException("(sqlite3.OperationalError) database is locked")
+            if len(calls) == 3:
+                raise MlflowException("(sqlite3.DatabaseError) database disk image is malformed")
+            return real_log_batch(*args, **kwargs)
+
+        run.client.log_batch = log_batch
+        run.log_metrics({"loss": 1.0}, step=1)  # locked once, then written
+        with pytest.raises(MetalabError) as raised:
+            run.log_metrics({"loss": 0.5}, step=2)
+        run.client.log_batch = real_log_batch
+    assert_one_line_naming(raised.value, database)
+    assert "database disk image is malformed" in str(raised.value)
+    history = MlflowClient(store).get_metric_history(run.run_id, "loss")
+    assert [point.step for point in history] == [1]
+
+
+def test_stage_prints_one_line_for_a_corrupt_store(tmp_path):
+    """End to end: a stage script's stderr is one line and its exit status 1."""
+    (tmp_path / "mlflow.db").write_bytes(b"not a database " * 1000)
+    script = textwrap.dedent(
+        """
+        from metalab.cli import run_stage, stage_parser
+        from metalab.schema import TrackingConfig
+        from metalab.tracking import stage_run
+
+        def main(args, params):
+            with stage_run("report", {}, TrackingConfig()):
+                print("ran")
+
+        run_stage(main, stage_parser(None), lambda path: None)
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env["DVC_ROOT"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: MLflow store {tmp_path / 'mlflow.db'} ")
+
+
+# ---------------------------------------------------------------- runs of killed stages
+
+KILLED_STAGE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from metalab.schema import TrackingConfig
+    from metalab.tracking import stage_run
+
+    with stage_run("train@maml", {}, TrackingConfig(experiment_name="unit")) as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+        print(run.run_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+    """
+)
+
+
+def fake_run(client, stage, pid, host=None, started=None):
+    """A RUNNING run as `stage_run` opens it, in process `pid` of `host`."""
+    experiment = client.get_experiment_by_name("unit").experiment_id
+    tags = run_tags(stage, None) | {"pid": str(pid), "host": host or socket.gethostname()}
+    tags.pop("process_start", None)
+    if started or process_start(pid):
+        tags["process_start"] = started or process_start(pid)
+    return client.create_run(experiment, tags=tags).info.run_id
+
+
+def test_run_of_a_killed_stage_is_closed_as_killed_on_the_next_start(store):
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILLED_STAGE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, stderr = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, stderr
+    dead_run = stdout.strip()
+    client = MlflowClient(store)
+    before = client.get_run(dead_run)
+    assert before.info.status == "RUNNING" and before.info.end_time is None
+    assert before.data.tags["pid"] == str(killed.pid)
+    assert before.data.tags["host"] == socket.gethostname()
+    with stage_run("train@maml", {}, UNIT) as run:
+        after = client.get_run(dead_run)
+        assert after.info.status == "KILLED"
+        assert after.info.end_time >= before.info.start_time
+        assert client.get_run(run.run_id).info.status == "RUNNING"  # its own run untouched
+    assert after.data.metrics["loss"] == 1.0  # what it logged is kept
+
+
+def test_live_foreign_and_other_stage_runs_are_left_running(store):
+    with stage_run("report", {}, UNIT):  # creates the store and the experiment
+        pass
+    client = MlflowClient(store)
+    live = subprocess.Popen(["sleep", "60"])  # another stage still running (a queue worker)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        runs = {
+            "live": fake_run(client, "train@maml", live.pid),
+            "other host": fake_run(client, "train@maml", gone.pid, host="elsewhere.example"),
+            "other stage": fake_run(client, "train@anil", gone.pid),
+            "dead": fake_run(client, "train@maml", gone.pid),
+            "pid reused": fake_run(client, "train@maml", live.pid, started="0-0-0:1"),
+        }
+        with stage_run("train@maml", {}, UNIT):
+            pass
+        status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    finally:
+        live.kill()
+        live.wait()
+    assert status == {
+        "live": "RUNNING",
+        "other host": "RUNNING",
+        "other stage": "RUNNING",
+        "dead": "KILLED",
+        "pid reused": "KILLED",
+    }
+
+
+# ---------------------------------------------------------------- resumed training
+
+
+def test_resumed_training_continues_its_step_numbers(store):
+    """Trainer and train_rl log step = iteration, restored from the checkpoint; the run of
+    the resumed stage records those steps as given (here: killed after step 2)."""
+    with pytest.raises(KeyboardInterrupt), stage_run("train@maml", {}, UNIT) as first:
+        for step in range(3):
+            first.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        raise KeyboardInterrupt
+    with stage_run("train@maml", {}, UNIT) as resumed:
+        for step in (3, 4):
+            resumed.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    client = MlflowClient(store)
+    assert [p.step for p in client.get_metric_history(first.run_id, "loss")] == [0, 1, 2]
+    curve = client.get_metric_history(resumed.run_id, "loss")
+    assert [(p.step, p.value) for p in curve] == [(3, 0.25), (4, 0.2)]

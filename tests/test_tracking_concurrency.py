@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import subprocess
+import sys
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
@@ -153,12 +154,16 @@ def test_experiment_in_temporary_workspace_logs_to_project_store(tmp_path: Path)
         GIT_COMMITTER_EMAIL="test@example.com",
     )
     run_checked(["git", "init", "-q"], repo, env)
-    run_checked(["dvc", "init", "-q"], repo, env)
+    run_checked([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
     run_checked(["git", "add", "-A"], repo, env)
     run_checked(["git", "commit", "-qm", "baseline"], repo, env)
     baseline = run_checked(["git", "rev-parse", "HEAD"], repo, env).strip()
 
-    run_checked(["dvc", "exp", "run", "--temp", "-S", "inner_lr=0.3", "-n", "lr-0.3"], repo, env)
+    run_checked(
+        [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "inner_lr=0.3", "-n", "lr-0.3"],
+        repo,
+        env,
+    )
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("metalab")

@@ -99,7 +99,9 @@ def test_nan_loss_stops_with_experiment_and_iteration_and_keeps_checkpoint(data,
         return StepStats(float("nan"), stats.accuracy) if progress.iteration == 3 else stats
 
     trainer.learner.meta_gradients = diverge_at_three
-    with pytest.raises(DivergedError, match=r"experiment 'proto': non-finite meta-loss = nan at iteration 3"):
+    with pytest.raises(
+        DivergedError, match=r"experiment 'proto': non-finite meta-loss = nan at iteration 3"
+    ):
         trainer.run()
     saved = torch.load(tmp_path / "proto.pt", weights_only=True)["state"]
     assert saved["iteration"] == 2

@@ -238,10 +238,10 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
     """(state, start time in clock ticks since boot) of process `pid` from /proc (Linux)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) ": field 3 on
+        return fields[0], fields[19]
+    except (OSError, ValueError, IndexError):
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) "; field 3 is [0]
-    return fields[0], fields[19]
 
 
 def process_start(pid: int) -> str | None:
@@ -300,7 +300,7 @@ def close_dead_runs(
         tags = candidate.data.tags
         if tags.get("host") != host or not tags.get("pid", "").isdigit():
             continue
-        if process_alive(int(tags["pid"]), tags.get("process_start")):
+        if process_alive(int(tags["pid"]), tags.get("process_start") or None):
             continue
         run_id, ended = candidate.info.run_id, int(time.time() * 1000)
         with_store_retries(

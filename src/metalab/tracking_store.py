@@ -84,39 +84,37 @@ def is_transient_store_error(error: BaseException) -> bool:
     return any(text in message for text in TRANSIENT_MESSAGES)
 
 
-def _move_aside(database: Path) -> str:
-    """The shell command that moves `database` (with its WAL files, if any) aside."""
-    moves = [f"mv {shlex.quote(str(database))} {shlex.quote(f'{database}.broken')}"]
-    for suffix in ("-wal", "-shm"):
-        side = database.with_name(database.name + suffix)
-        if side.exists():
-            target = f"{database}.broken{suffix}"
-            moves.append(f"mv {shlex.quote(str(side))} {shlex.quote(target)}")
-    return " && ".join(moves)
+def _move_aside(database: Path, with_wal: bool = True) -> str:
+    """The advice that moves `database` aside; `with_wal` adds the WAL files that belong to
+    it (a stale ``-wal`` file next to a new database would be replayed into it)."""
+    command = f"mv {shlex.quote(str(database))} {shlex.quote(f'{database}.broken')}"
+    if with_wal:
+        command += f", and any {database.name}-wal and -shm next to it"
+    return f"move it aside ({command})"
 
 
 DISABLE = "set tracking.enabled: false in params.yaml"
 
 
-def unusable_store(database: Path, kind: str, detail: str) -> StoreUnusableError:
+def unusable_store(database: Path, kind: str, detail: str = "") -> StoreUnusableError:
     """The one-line error for `database`; `kind` is ``corrupt``, ``unwritable``, ``full`` or
     ``directory``, `detail` what SQLite or the file system said."""
     where = f"MLflow store {database}"
-    aside = f"move it aside ({_move_aside(database)})"
     if kind == "full":
         return StoreUnusableError(f"{where} cannot be written ({detail}): free space or {DISABLE}")
     if kind == "unwritable":
-        return StoreUnusableError(
-            f"{where} cannot be written ({detail}): make it and its directory writable, "
-            f"{aside} or {DISABLE}"
-        )
+        fixes = "make it and its directory writable"
+        if database.exists() and os.access(database.parent, os.W_OK | os.X_OK):
+            fixes += f", {_move_aside(database, with_wal=False)}"
+        return StoreUnusableError(f"{where} cannot be written ({detail}): {fixes} or {DISABLE}")
     if kind == "directory":
         return StoreUnusableError(
-            f"{where} is a directory, not an SQLite file: {aside} or {DISABLE}"
+            f"{where} is a directory, not an SQLite file: "
+            f"{_move_aside(database, with_wal=False)} or {DISABLE}"
         )
     return StoreUnusableError(
-        f"{where} is not a usable SQLite database ({detail}): {aside} to start a new store, "
-        f"or {DISABLE}"
+        f"{where} is not a usable SQLite database ({detail}): {_move_aside(database)} to "
+        f"start a new store, or {DISABLE}"
     )
 
 
@@ -183,23 +181,28 @@ def with_store_retries(
 def check_store_file(database: Path) -> None:
     """Raise `StoreUnusableError` unless `database` can be an SQLite store: a regular file
     (or none yet) that can be read and written, in a directory that can be written (SQLite
-    creates its journal files there). Lock contention is left to the retries."""
+    creates its journal files there)."""
     if database.exists() and not database.is_file():
-        raise unusable_store(database, "directory", "")
+        raise unusable_store(database, "directory")
     directory = database.parent
     if not os.access(directory, os.W_OK | os.X_OK):
         raise unusable_store(database, "unwritable", f"no write permission on {directory}")
     if database.exists() and not os.access(database, os.R_OK | os.W_OK):
         raise unusable_store(database, "unwritable", "no read and write permission")
+
+
+def check_store_contents(database: Path) -> None:
+    """Raise `StoreUnusableError` if SQLite cannot read `database`'s header and schema (random
+    bytes, a truncated file); creates an empty file if there is none. Deeper damage shows
+    only when MLflow reads the damaged pages: `store_errors` reports it then."""
     try:
         with closing(sqlite3.connect(database, timeout=30)) as connection:
-            # Reads the header and the schema page: fails on random bytes or a truncated file.
             connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as error:
         unusable = as_unusable_store(database, error)
         if unusable is not None:
             raise unusable from error
-        logger.warning("could not check MLflow store %s: %s", database, error)
+        logger.debug("could not check MLflow store %s: %s", database, error)
 
 
 @contextmanager
@@ -268,7 +271,7 @@ def prepare_experiment(uri: str, experiment_name: str) -> str:
     without any inter-process lock, and ``mlflow.set_experiment`` has a create race: two
     queue workers starting at once can crash or log into ``Default``. Here the whole
     preparation runs under one file lock per SQLite file, after checking that the file is
-    usable (`check_store_file`).
+    usable (`check_store_file`, `check_store_contents`).
     """
     database = sqlite_file(uri)
     if database is None:
@@ -290,6 +293,7 @@ def prepare_experiment(uri: str, experiment_name: str) -> str:
             stack.enter_context(store_lock(database))
         except OSError as error:  # e.g. a lock file that cannot be written
             raise unusable_store(database, "unwritable", str(error)) from error
+        check_store_contents(database)
         enable_wal(database)
         # Artifacts next to the store (not in the working directory, which for a queued
         # experiment is a temporary workspace deleted after the run).

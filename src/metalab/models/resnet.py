@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 _RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -21,6 +20,9 @@ class ResNet18(nn.Module):
 
     def __init__(self, n_way: int, in_channels: int = 1) -> None:
         super().__init__()
+        # Imported here: it costs seconds in every process that never builds a ResNet.
+        import torchvision
+
         body = torchvision.models.resnet18(weights=None)
         body.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         body.fc = nn.Identity()
