@@ -13,7 +13,13 @@ from metalab.tracking import stage_run
 
 def main(args, params: DataParams) -> None:
     data = params.data
-    logged = {"data": data.model_dump(include={"sources", "download_timeout", "expected"})}
+    logged = {
+        "data": {
+            "sources": data.sources,
+            "download_timeout": data.download_timeout,
+            "expected": {name: counts.model_dump() for name, counts in data.expected.items()},
+        }
+    }
     with stage_run("download", logged, params.tracking) as run:
         try:
             summaries = fetch_archives(

@@ -48,7 +48,7 @@ def main(args, params: Params) -> None:
     logged = {
         "evaluate": params.evaluate.model_dump(),
         "settings": ",".join(settings),
-        "episodes": params.episodes.model_dump(),
+        "episodes": {"settings": params.episodes.settings, "seed": params.episodes.seed},
         "model": {"algorithm": learner.algorithm, "n_way": learner.n_way},
     }
     with stage_run(f"evaluate@{name}", logged, params.tracking, tags=tags) as run:
