@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from metalab.checkpoints import Checkpoint, fingerprint
+from metalab.checkpoints import Checkpoint, fingerprint, source_digest
 from metalab.cli import StageError, run_stage, stage_parser
 from metalab.io import write_text
 from metalab.layout import (
@@ -27,7 +27,9 @@ from metalab.tracking import peak_memory_mb, stage_run
 def main(args, params: RLParams) -> None:
     name = args.experiment
     config = params.rl_experiment(name)
-    checkpoint = Checkpoint(rl_checkpoint_file(name), fingerprint(config.model_dump()))
+    # The config and the code fix an RL run (its tasks come from the config's seed).
+    identity = {"config": config.model_dump(), "code": source_digest()}
+    checkpoint = Checkpoint(rl_checkpoint_file(name), fingerprint(identity))
     state = checkpoint.load()
     if state is not None:
         print(f"resuming {name} from iteration {state['iteration']}")
