@@ -84,17 +84,9 @@ def anil_params(body: Path) -> object:
     return validate_params(
         {
             "data": {"split": {"validation_characters": 5}},
-            "train": {
-                "n_way": 3,
-                "k_shot": 1,
-                "query_per_class": 2,
-                "meta_batch_size": 2,
-                "iterations": 2,
-                "threads": 1,
-                "validate_every": 2,
-                "validation_episodes": 2,
-                "checkpoint_every": 1,
-            },
+            "train": tiny_params(
+                iterations=2, validate_every=2, validation_episodes=2, checkpoint_every=1
+            ).train.model_dump(),
             "experiments": {
                 "anil": {
                     "algorithm": "maml",

@@ -277,18 +277,10 @@ class Params(Strict):
         return named_entry(self.experiments, name, "experiment")
 
     def evaluation_settings(self) -> list[str]:
-        """`evaluate.settings`, or all of `episodes.settings` when null; ParamsError if a
-        listed setting has no episode set."""
+        """`evaluate.settings`, or all of `episodes.settings` when null (that every listed
+        setting has an episode set is checked at load)."""
         settings = self.evaluate.settings
-        if settings is None:
-            return list(self.episodes.settings)
-        missing = [s for s in settings if s not in self.episodes.settings]
-        if missing:
-            raise ParamsError(
-                f"params.yaml: evaluate.settings = {missing}: not in episodes.settings "
-                f"{self.episodes.settings} (only those episode sets exist)"
-            )
-        return list(settings)
+        return list(self.episodes.settings if settings is None else settings)
 
     def train_config(self, name: str) -> TrainConfig:
         """The `train` defaults with experiment `name`'s overrides applied."""
