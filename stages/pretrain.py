@@ -1,6 +1,6 @@
 """Stage `pretrain`: supervised pretraining of a body on the meta-train classes only.
 
-ANIL scenarios S3-S5 start from this body (`pretrained.source: background`), since
+ANIL scenarios S3-S5 start from this body (`body_init: models/pretrain`), since
 ImageNet weights cannot be downloaded here. Writes models/pretrain/body.pt.
 """
 

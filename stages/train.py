@@ -19,7 +19,6 @@ from metalab.io import write_text
 from metalab.layout import (
     CHECKPOINTS_DIR,
     PREFETCHED_FILE,
-    PRETRAINED_BODY_FILE,
     model_file,
     train_curve_file,
     train_metrics_file,
@@ -55,7 +54,6 @@ def main(args, params: Params) -> None:
                 CHECKPOINTS_DIR,
                 progress=not args.no_progress,
                 on_log=run.log_metrics,
-                pretrained_body=PRETRAINED_BODY_FILE,
                 distributed=distributed,
             )
             result = trainer.run()

@@ -19,7 +19,7 @@ from metalab.errors import DivergedError, MetalabError
 from metalab.learner_api import ModelFileError, load_learner
 from metalab.models.config import ModelConfig
 from metalab.models.factory import build_model
-from metalab.models.pretrained import load_pretrained_body
+from metalab.models.pretrained import load_body_init
 from metalab.params import validate_params
 from metalab.rl.loop import load_agent
 from metalab.training import Trainer
@@ -91,7 +91,7 @@ def anil_params(body: Path) -> object:
                 "anil": {
                     "algorithm": "maml",
                     "model": {"hidden": 8},
-                    "pretrained": {"source": "file", "path": str(body)},
+                    "body_init": str(body),
                     "options": {"adapt_parameters": "head", "test_inner_steps": 1},
                 }
             },
@@ -192,5 +192,5 @@ def test_no_loader_runs_code_from_a_file(crafted, tmp_path):
     with pytest.raises(MetalabError, match="not a metalab RL model"):
         load_agent(path)
     with pytest.raises(ValueError, match="not a weights file"):
-        load_pretrained_body(build_model(ModelConfig(hidden=8), 3, 28), "file", str(path))
+        load_body_init(build_model(ModelConfig(hidden=8), 3, 28), str(path))
     assert not marker.exists()

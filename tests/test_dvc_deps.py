@@ -73,3 +73,22 @@ def test_closure_follows_imports_inside_functions(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text("def main():\n    from metalab.training import Trainer\n")
     assert "src/metalab/evaluation.py" in source_files_run_by(script)
+
+
+def test_only_experiments_that_start_from_the_pretrained_body_depend_on_it():
+    from dvc.repo import Repo
+
+    from metalab.layout import PRETRAIN_DIR
+    from metalab.params import load_params
+
+    experiments = load_params(ROOT / "params.yaml").experiments
+    with Repo(str(ROOT)) as repo:
+        deps = {
+            stage.addressing: {Path(str(dep.def_path)) for dep in stage.deps}
+            for stage in repo.index.stages
+            if stage.addressing.startswith("train@")
+        }
+    pretrained = {name for name, e in experiments.items() if Path(e.body_init) == PRETRAIN_DIR}
+    assert pretrained and pretrained != set(experiments)  # both kinds are configured
+    for name in experiments:
+        assert (PRETRAIN_DIR in deps[f"train@{name}"]) == (name in pretrained), name

@@ -231,7 +231,7 @@ def make_project(
     save_torch(root / "models" / "tiny.pt", payload)
     (root / "metrics" / "train").mkdir(parents=True)
     (root / "metrics" / "train" / "tiny.json").write_text(json.dumps({"mlflow_run_id": train_run}))
-    experiment = {"algorithm": algorithm, "model": {"hidden": 8}}
+    experiment = {"algorithm": algorithm, "body_init": "src/metalab/models", "model": {"hidden": 8}}
     if options is not None:
         experiment["options"] = options
     raw = {

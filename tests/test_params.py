@@ -40,10 +40,10 @@ def test_maml_bf16_differs_from_maml_only_in_precision(path):
     # The report's [maml, maml_bf16] pair measures bf16's effect only if nothing else differs.
     params = load_params(path)
     fp32, bf16 = params.experiment("maml"), params.experiment("maml_bf16")
-    assert (fp32.algorithm, fp32.model, fp32.pretrained) == (
+    assert (fp32.algorithm, fp32.model, fp32.body_init) == (
         bf16.algorithm,
         bf16.model,
-        bf16.pretrained,
+        bf16.body_init,
     )
     assert params.experiment("maml").options == params.experiment("maml_bf16").options
     fp32_train, bf16_train = params.train_config("maml"), params.train_config("maml_bf16")
@@ -220,7 +220,11 @@ def test_override_literals_and_types_are_checked_too():
     )
 
 
-TWO = {"a": {"algorithm": "maml"}, "b": {"algorithm": "protonets"}}
+RANDOM = "src/metalab/models"
+TWO = {
+    "a": {"algorithm": "maml", "body_init": RANDOM},
+    "b": {"algorithm": "protonets", "body_init": RANDOM},
+}
 
 
 @pytest.mark.parametrize(
@@ -310,6 +314,10 @@ TWO = {"a": {"algorithm": "maml"}, "b": {"algorithm": "protonets"}}
             "experiments.a b = a b: names must match",
         ),
         ({"rl_experiments": {"nav.v2": {}}}, "rl_experiments.nav.v2 = nav.v2: names must match"),
+        (
+            {"experiments": {"x": {"algorithm": "maml", "body_init": "../weights.pt"}}},
+            "experiments.x.body_init = ../weights.pt: must be a path inside the project",
+        ),
     ],
 )
 def test_cross_section_and_name_problems_stop_at_load(raw, expected):
@@ -380,3 +388,14 @@ def test_stage_exits_2_with_one_line_for_a_cross_section_problem(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: report.pairs.0 = [a, ghost]: no experiment named ghost; known: a, b"
     ]
+
+
+def test_a_params_file_names_every_experiments_starting_body(tmp_path):
+    # dvc.yaml makes body_init the train stage's dependency; DVC cannot use the default.
+    path = write_params(tmp_path, {"experiments": {"x": {"algorithm": "maml"}}})
+    with pytest.raises(ParamsError, match=r"experiments\.x\.body_init: missing; .*dvc\.yaml"):
+        load_params(path)
+    path = write_params(
+        tmp_path, {"experiments": {"x": {"algorithm": "maml", "body_init": "models/pretrain/"}}}
+    )
+    assert load_params(path).experiment("x").body_init == "models/pretrain"

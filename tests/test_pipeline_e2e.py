@@ -44,7 +44,13 @@ def tiny_params(archive_dir: Path) -> dict:
         threads=1,
         precision="fp32",
     )
-    params["experiments"] = {"tiny": {"algorithm": "protonets", "model": {"hidden": 8}}}
+    params["experiments"] = {
+        "tiny": {
+            "algorithm": "protonets",
+            "body_init": "src/metalab/models",
+            "model": {"hidden": 8},
+        }
+    }
     return params
 
 
@@ -124,10 +130,12 @@ def test_repro_builds_data_and_reruns_only_affected_stages(repo):
 EXPERIMENTS = {
     "maml": {
         "algorithm": "maml",
+        "body_init": "src/metalab/models",
         "model": {"name": "conv4", "hidden": 8},
         "options": {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 2},
     },
-    "protonets": {"algorithm": "protonets", "model": {"hidden": 8}},
+    # starts from the pretrain stage's body (same network as `pretrain.model`)
+    "protonets": {"algorithm": "protonets", "body_init": "models/pretrain", "model": {"hidden": 4}},
 }
 # report depends on metrics/train_rl and metrics/eval_rl, which only the RL stages create:
 # with `rl_experiments: {}` `dvc repro` fails at report (reported), so one tiny RL run.
@@ -222,4 +230,13 @@ def test_full_pipeline_repro_then_nothing_to_do(repo, tiny_omniglot_dir):
     second = dvc(repo, "repro")
     assert stages_run(second) == set(), second
     assert "Data and pipelines are up to date" in second
+
+    # Another pretrained body retrains only the experiment that starts from it.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pretrain"]["seed"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = dvc(repo, "repro")
+    assert stages_run(third) == {"pretrain", "train@protonets", "evaluate@protonets", "report"}, (
+        third
+    )
     print(f"full pipeline: first dvc repro {seconds:.1f} s")

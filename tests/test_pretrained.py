@@ -1,4 +1,4 @@
-"""Pretrained bodies: loading from a file, the torch hub cache (never downloading) and the
+"""Starting bodies (``experiments.<name>.body_init``): a random start, a weights file and the
 pretrain stage's output; supervised pretraining itself."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torchvision
 from metalab.algorithms.functional import use_batch_statistics
 from metalab.algorithms.pretrain import pretrain_body
 from metalab.models import Conv4, ModelConfig, ResNet18
-from metalab.models.pretrained import TORCHVISION_RESNET18_FILE, load_pretrained_body
+from metalab.models.pretrained import load_body_init
 
 SIZE = 16
 
@@ -30,7 +30,7 @@ def test_file_source_loads_an_rgb_resnet18_state_dict(tmp_path: Path):
     model = ResNet18(5)
     use_batch_statistics(model)  # as the MAML family builds it
     head_before = model.head.weight.detach().clone()
-    load_pretrained_body(model, "file", str(tmp_path / "resnet18_rgb.pt"))
+    load_body_init(model, "resnet18_rgb.pt", tmp_path)
     torch.testing.assert_close(model.body.conv1.weight, state["conv1.weight"].mean(1, keepdim=True))
     torch.testing.assert_close(
         model.body.layer4[0].downsample[0].weight, state["layer4.0.downsample.0.weight"]
@@ -44,36 +44,27 @@ def test_file_source_loads_a_conv4_body_from_a_whole_model_state_dict(tmp_path: 
     torch.save(trained.state_dict(), tmp_path / "conv4.pt")  # body.* and a 7-way head.*
     model = Conv4(5, SIZE, hidden=8)
     head_before = model.head.weight.detach().clone()
-    load_pretrained_body(model, "file", str(tmp_path / "conv4.pt"))
+    load_body_init(model, "conv4.pt", tmp_path)
     for name, value in trained.body.state_dict().items():
         torch.testing.assert_close(model.body.state_dict()[name], value)
     assert torch.equal(model.head.weight, head_before)
     with pytest.raises(ValueError, match="do not fit"):
-        load_pretrained_body(Conv4(5, SIZE, hidden=4), "file", str(tmp_path / "conv4.pt"))
+        load_body_init(Conv4(5, SIZE, hidden=4), "conv4.pt", tmp_path)
 
 
-def test_torchvision_source_reads_only_the_local_hub_cache(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    with pytest.raises(FileNotFoundError, match=TORCHVISION_RESNET18_FILE) as error:
-        load_pretrained_body(ResNet18(5), "torchvision", None)
-    assert "TORCH_HOME" in str(error.value) and "file" in str(error.value)
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    state = rgb_resnet18_state(
-        tmp_path / "torch_home" / "hub" / "checkpoints" / TORCHVISION_RESNET18_FILE
-    )
-    model = ResNet18(5)
-    load_pretrained_body(model, "torchvision", None)
-    torch.testing.assert_close(model.body.conv1.weight, state["conv1.weight"].mean(1, keepdim=True))
-    with pytest.raises(ValueError, match="resnet18"):
-        load_pretrained_body(Conv4(5, SIZE), "torchvision", None)
+def test_random_start_leaves_the_model_alone(tmp_path: Path):
+    model = Conv4(5, SIZE, hidden=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_body_init(model, "src/metalab/models", tmp_path)
+    load_body_init(model, "src/metalab/models/", tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_missing_or_unnamed_files_give_clear_errors(tmp_path: Path):
-    with pytest.raises(ValueError, match="needs a path"):
-        load_pretrained_body(Conv4(5, SIZE), "file", None)
-    with pytest.raises(FileNotFoundError, match="pretrain stage"):
-        load_pretrained_body(Conv4(5, SIZE), "background", str(tmp_path / "absent.pt"))
+def test_missing_files_give_clear_errors(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="pretrain stage first"):
+        load_body_init(Conv4(5, SIZE), "models/pretrain", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"absent\.pt does not exist.*weights file"):
+        load_body_init(Conv4(5, SIZE), "absent.pt", tmp_path)
 
 
 def glyph_dataset(classes: int = 4, per_class: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +98,15 @@ def test_pretrain_body_learns_features_and_round_trips_through_the_background_fi
     assert all(torch.equal(state[k], again[k]) for k in state)
     assert not torch.equal(state["0.0.weight"], other_seed["0.0.weight"])
 
-    path = tmp_path / "body.pt"
+    path = tmp_path / "models" / "pretrain" / "body.pt"
+    path.parent.mkdir(parents=True)
     torch.save({"model": config.model_dump(), "image_size": SIZE, "body": state}, path)
     torch.manual_seed(3)
     pretrained = Conv4(5, SIZE, hidden=8)
     random_body_accuracy = nearest_centroid_accuracy(pretrained, images, labels)
-    load_pretrained_body(pretrained, "background", str(path))
+    load_body_init(pretrained, "models/pretrain", tmp_path)
     assert all(torch.equal(pretrained.body.state_dict()[k], v) for k, v in state.items())
     pretrained_accuracy = nearest_centroid_accuracy(pretrained, images, labels)
     assert pretrained_accuracy >= 0.95 and pretrained_accuracy > random_body_accuracy
     with pytest.raises(ValueError, match="conv4"):
-        load_pretrained_body(ResNet18(5), "background", str(path))
+        load_body_init(ResNet18(5), "models/pretrain", tmp_path)

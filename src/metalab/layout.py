@@ -8,7 +8,11 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")
 PREFETCHED_FILE = Path("data/prefetched/omniglot.npz")
 EPISODES_DIR = Path("data/episodes")
-PRETRAINED_BODY_FILE = Path("models/pretrain/body.pt")
+PRETRAIN_DIR = Path("models/pretrain")
+PRETRAINED_BODY_FILE = PRETRAIN_DIR / "body.pt"
+# ``experiments.<name>.body_init`` for a random start: the starting weights are a function of
+# the model code (and the seed), so that code is the train stage's dependency.
+RANDOM_BODY_INIT = "src/metalab/models"
 MODELS_DIR = Path("models")
 CHECKPOINTS_DIR = Path("checkpoints")
 METRICS_DIR = Path("metrics")

@@ -49,6 +49,7 @@ from metalab.data.config import (
     drawings_needed,
     split_classes,
 )
+from metalab.layout import PRETRAIN_DIR, RANDOM_BODY_INIT
 from metalab.models.config import ModelConfig, PretrainConfig
 from metalab.rl.config import RLExperimentConfig
 from metalab.schema import (
@@ -122,13 +123,6 @@ TrainOverrides = create_model(
 )
 
 
-class PretrainedConfig(Strict):
-    source: Literal["none", "background", "torchvision", "file"] = Field(
-        "none", description="where the body's starting weights come from"
-    )
-    path: str | None = Field(None, description="state-dict file for source 'file'")
-
-
 class ExperimentConfig(Strict):
     """``experiments.<name>``: one learner, its network, options and training overrides.
 
@@ -139,7 +133,13 @@ class ExperimentConfig(Strict):
     algorithm: str
     description: str = ""
     model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrained: PretrainedConfig = Field(default_factory=PretrainedConfig)
+    body_init: str = Field(
+        RANDOM_BODY_INIT,
+        description=f"where the body's starting weights come from, as the path the train "
+        f"stage depends on: {RANDOM_BODY_INIT} (random start), {PRETRAIN_DIR.as_posix()} (the "
+        "body the pretrain stage trained on the meta-train classes) or a weights file; "
+        "written out in every experiment of a params file, since dvc.yaml reads it",
+    )
     options: Any = Field(default_factory=dict)
     train: TrainOverrides = Field(default_factory=TrainOverrides)  # type: ignore[valid-type]
 
@@ -149,6 +149,14 @@ class ExperimentConfig(Strict):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm; allowed: {', '.join(sorted(ALGORITHMS))}")
         return algorithm
+
+    @field_validator("body_init")
+    @classmethod
+    def _project_path(cls, body_init: str) -> str:
+        path = Path(body_init)
+        if not body_init.strip() or ".." in path.parts:
+            raise ValueError("must be a path inside the project (no '..')")
+        return path.as_posix()
 
     @field_validator("options")
     @classmethod
@@ -316,5 +324,18 @@ def validate_params(raw: Any) -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raises `ParamsError` with a one-line message."""
-    return validate_params(read_params_file(path))
+    """Read and validate params.yaml; raises `ParamsError` with a one-line message.
+
+    In a file every experiment writes out ``body_init``: dvc.yaml makes it the train stage's
+    dependency, and DVC cannot fall back to the schema's default."""
+    raw = read_params_file(path)
+    experiments = raw.get("experiments") if isinstance(raw, dict) else None
+    for name, experiment in (experiments or {}).items():
+        if isinstance(experiment, dict) and "body_init" not in experiment:
+            raise ParamsError(
+                f"{path}: experiments.{name}.body_init: missing; every experiment names its "
+                f"starting body ({RANDOM_BODY_INIT} for a random start, "
+                f"{PRETRAIN_DIR.as_posix()} for the pretrained body, or a weights file), "
+                "since dvc.yaml makes it the train stage's dependency"
+            )
+    return validate_params(raw)

@@ -55,6 +55,7 @@ from metalab.distributed import (
 from metalab.errors import DivergedError
 from metalab.evaluation import evaluate_accuracy
 from metalab.learner_api import ModelPayload, save_model
+from metalab.models.pretrained import load_body_init
 from metalab.params import Params, TrainConfig
 
 
@@ -104,7 +105,7 @@ class Trainer:
         checkpoint_dir: Path,
         progress: bool = True,
         on_log: Callable[[dict[str, float], int], None] | None = None,
-        pretrained_body: Path | None = None,
+        project_root: Path = Path("."),
         distributed: DistributedContext | None = None,
     ) -> None:
         self.name = name
@@ -126,13 +127,7 @@ class Trainer:
             seed=self.config.seed,
         )
         self.learner = build_learner(self.experiment.algorithm, self.options, self.context)
-        if self.experiment.pretrained.source != "none":
-            from metalab.models.pretrained import load_pretrained_body
-
-            path = self.experiment.pretrained.path
-            if self.experiment.pretrained.source == "background":
-                path = str(pretrained_body) if pretrained_body else path
-            load_pretrained_body(self.learner.model, self.experiment.pretrained.source, path)
+        load_body_init(self.learner.model, self.experiment.body_init, project_root)
         # Everything the result depends on: a checkpoint of other inputs is never resumed.
         self.checkpoint = Checkpoint(
             checkpoint_dir / f"{name}.pt",

@@ -61,7 +61,7 @@ def pretrain_body(
     images: uint8 [N, S, S] (255 = ink, read as ``images / 255``); labels: int [N], any class
     ids (remapped to 0..C-1). Deterministic given ``seed`` (initialisation and batch order;
     the global torch RNG is left as it was). Returns the body's state dict (keys without
-    ``body.``), which `metalab.models.pretrained.load_pretrained_body` loads.
+    ``body.``), which `metalab.models.pretrained.load_body_init` loads.
     """
     if images.dim() != 3 or images.dtype != torch.uint8:
         raise ValueError(

@@ -1,26 +1,20 @@
-"""Starting weights for a model's body: ImageNet (local torch hub cache), a file, or the
-body pretrained on the meta-train classes by the ``pretrain`` stage.
+"""Starting weights for a model's body, named by ``experiments.<name>.body_init``: a random
+start, the body the ``pretrain`` stage trained on the meta-train classes, or a weights file
+(for example torchvision's ImageNet ResNet18 weights copied into the project).
 
-Nothing here downloads: ImageNet weights are read from the torch hub cache only.
+``body_init`` is a path because it is also the train stage's DVC dependency: an experiment
+depends on ``models/pretrain`` only when it starts from that body. Nothing here downloads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
+from metalab.layout import PRETRAIN_DIR, PRETRAINED_BODY_FILE, RANDOM_BODY_INIT
 from metalab.models.resnet import ResNet18
-
-PretrainedSource = Literal["none", "torchvision", "file", "background"]
-TORCHVISION_RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ImageNet1K_V1 weights
-
-
-def torchvision_resnet18_path() -> Path:
-    """Where torchvision caches the ImageNet ResNet18 weights ($TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_RESNET18_FILE
 
 
 def read_weights(path: Path) -> object:
@@ -34,49 +28,41 @@ def read_weights(path: Path) -> object:
         ) from error
 
 
-def load_pretrained_body(model: nn.Module, source: PretrainedSource, path: str | None) -> None:
-    """Overwrite ``model.body`` with pretrained weights (the head is left alone).
+def load_body_init(model: nn.Module, body_init: str, root: Path = Path(".")) -> None:
+    """Overwrite ``model.body`` with the starting weights `body_init` names (the head is
+    left alone); paths are relative to the project `root`.
 
-    * ``none``: do nothing.
-    * ``torchvision``: ImageNet ResNet18 weights from the local torch hub cache (ResNet18
-      only; RGB ``conv1`` averaged to one channel). Never downloads.
-    * ``file``: a state dict at ``path``: torchvision layout for ResNet18, or a Conv4 body
-      (keys with or without ``body.``; ``head.*``/``fc.*`` entries are ignored).
-    * ``background``: the file the ``pretrain`` stage writes (``{"body": state_dict, ...}``).
+    * ``src/metalab/models``: the random initialisation the model was built with (no-op).
+    * ``models/pretrain``: the body the ``pretrain`` stage wrote (``body.pt`` in it); its
+      network must match the experiment's.
+    * any other path: a state dict in torchvision's ResNet18 layout, of a Conv4 body (keys
+      with or without ``body.``; ``head.*``/``fc.*`` entries are ignored) or a pretrain-stage
+      file.
     """
-    if source == "none":
+    if Path(body_init) == Path(RANDOM_BODY_INIT):
         return
-    if source == "torchvision":
-        if not isinstance(model, ResNet18):
-            raise ValueError("pretrained source 'torchvision' needs the resnet18 model")
-        weights = torchvision_resnet18_path()
-        if not weights.exists():
-            raise FileNotFoundError(
-                f"ImageNet ResNet18 weights not found at {weights}; metalab never downloads "
-                f"them. Put {TORCHVISION_RESNET18_FILE} (torchvision's ResNet18_Weights."
-                "IMAGENET1K_V1) into $TORCH_HOME/hub/checkpoints, or use pretrained source "
-                "'file' with an explicit path."
-            )
-        load_body_weights(model, read_weights(weights))
-        return
-    if source not in ("file", "background"):
-        raise ValueError(f"unknown pretrained source {source!r}")
-    if path is None:
-        raise ValueError(f"pretrained source {source!r} needs a path")
-    if not Path(path).exists():
-        hint = " (run the pretrain stage first)" if source == "background" else ""
-        raise FileNotFoundError(f"pretrained body file {path} does not exist{hint}")
-    payload = read_weights(Path(path))
-    if source == "background":
+    background = Path(body_init) == PRETRAIN_DIR
+    path = root / (PRETRAINED_BODY_FILE if background else Path(body_init))
+    if not path.is_file():
+        hint = (
+            "run the pretrain stage first"
+            if background
+            else f"body_init is {RANDOM_BODY_INIT} (random start), {PRETRAIN_DIR} (the "
+            "pretrain stage's body) or a weights file"
+        )
+        raise FileNotFoundError(f"body weights file {path} does not exist; {hint}")
+    payload = read_weights(path)
+    if background:
         if not isinstance(payload, dict) or "body" not in payload:
             raise ValueError(f"{path} is not a pretrain-stage file (no 'body' entry)")
         expected = "resnet18" if isinstance(model, ResNet18) else "conv4"
         trained = payload.get("model", {}).get("name", expected)
         if trained != expected:
             raise ValueError(f"{path} holds a {trained} body, the experiment uses {expected}")
+    if isinstance(payload, dict) and isinstance(payload.get("body"), dict):
         payload = payload["body"]
-    elif isinstance(payload, dict) and isinstance(payload.get("body"), dict):
-        payload = payload["body"]
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(payload).__name__}")
     load_body_weights(model, payload)
 
 
