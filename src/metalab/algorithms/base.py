@@ -74,7 +74,7 @@ class MetaLearner(nn.Module):
     #: ``train.n_way`` (ProtoNets trains on more ways than it is tested on).
     train_n_way: int | None = None
     #: The network with a ``body`` (a submodule or property of every learner): a pretrained
-    #: body (``experiments.<name>.pretrained``) is loaded into ``model.body``.
+    #: body (``experiments.<name>.body_init``) is loaded into ``model.body``.
     model: nn.Module
 
     @property
