@@ -8,11 +8,12 @@ metrics/eval/<name>.episodes.csv (per-episode accuracies, for paired comparisons
 
 from __future__ import annotations
 
-import torch
+from dataclasses import asdict
 
 from metalab import load_learner
 from metalab.cli import run_stage, stage_parser
 from metalab.data.prefetch import load_prefetched
+from metalab.device import configure, device_record, resolve_device
 from metalab.evaluation import (
     evaluate_learner,
     load_episode_sets,
@@ -29,18 +30,20 @@ from metalab.layout import (
     train_metrics_file,
 )
 from metalab.params import Params, load_params
-from metalab.tracking import peak_memory_mb, stage_run
+from metalab.tracking import memory_figures, stage_run
 
 
 def main(args, params: Params) -> None:
     name = args.experiment
     experiment = params.experiment(name)
     settings = params.evaluation_settings()
-    learner = load_learner(model_file(name))
+    device = resolve_device()
+    # train.threads: the thread count changes some learners' numbers (tests/test_threads.py)
+    configure(device, params.train_config(name).threads)
+    learner = load_learner(model_file(name), device=device)
     arrays = load_prefetched(PREFETCHED_FILE)
     episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
     parent_run = train_run_id(train_metrics_file(name))
-    torch.set_num_threads(params.train_config(name).threads)
     tags = {"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "evaluate"}
     if parent_run:
         # The UI nests this run under its training run; the tag also makes it searchable.
@@ -51,7 +54,9 @@ def main(args, params: Params) -> None:
         "episodes": {"settings": params.episodes.settings, "seed": params.episodes.seed},
         "model": {"algorithm": learner.algorithm, "n_way": learner.n_way},
     }
-    with stage_run(f"evaluate@{name}", logged, params.tracking, tags=tags) as run:
+    with stage_run(
+        f"evaluate@{name}", logged, params.tracking, tags=tags, device=device, system_metrics=True
+    ) as run:
         evaluation = evaluate_learner(
             learner,
             arrays.images,
@@ -62,7 +67,10 @@ def main(args, params: Params) -> None:
             experiment=name,
         )
         metrics = evaluation.record(
-            peak_memory_mb=peak_memory_mb(), train_run_id=parent_run, mlflow_run_id=run.run_id
+            train_run_id=parent_run,
+            mlflow_run_id=run.run_id,
+            **asdict(device_record(device)),
+            **memory_figures(device),
         )
         run.meter.add_tasks(metrics.episodes, metrics.evaluation_seconds)
         run.log_metrics(numeric_metrics(metrics))

@@ -1,24 +1,40 @@
 """Stage `evaluate_rl@<name>`: average return on held-out tasks before adaptation and
-after each of `eval_adaptation_steps` policy-gradient steps, mean and 95% CI."""
+after each of `eval_adaptation_steps` policy-gradient steps, mean and 95% CI.
+
+Computes on ``METALAB_DEVICE`` with the experiment's ``num_threads`` (the model file holds
+CPU tensors; they are moved)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from metalab.cli import run_stage, stage_parser
+from metalab.device import configure, device_record, resolve_device
 from metalab.layout import rl_eval_metrics_file, rl_model_file
 from metalab.records import AdaptationReturn, RLEvaluationMetrics, adaptation_key
 from metalab.rl.config import RLParams, load_rl_params
 from metalab.rl.loop import evaluate_rl, load_agent
-from metalab.tracking import stage_run
+from metalab.tracking import memory_figures, stage_run
 
 
 def main(args, params: RLParams) -> None:
     name = args.experiment
     config = params.rl_experiment(name)
+    device = resolve_device()
+    threads = config.num_threads  # a param: the thread count may change the numbers
+    configure(device, threads)
     agent = load_agent(rl_model_file(name))
     tags = {"experiment": name, "algorithm": config.algorithm, "stage_kind": "evaluate_rl"}
     logged = {"rl_experiment": config.model_dump()}
-    with stage_run(f"evaluate_rl@{name}", logged, params.tracking, tags=tags) as run:
-        result = evaluate_rl(config, agent)
+    with stage_run(
+        f"evaluate_rl@{name}",
+        logged,
+        params.tracking,
+        tags=tags,
+        device=device,
+        system_metrics=True,
+    ) as run:
+        result = evaluate_rl(config, agent, device=device, threads=threads)
         run.meter.add_tasks(result["num_tasks"])
         run.log_metrics(result["metrics"])
         metrics = RLEvaluationMetrics(
@@ -32,6 +48,8 @@ def main(args, params: RLParams) -> None:
                 )
                 for row in result["results"]
             },
+            **asdict(device_record(device, threads)),
+            **memory_figures(device),
         )
         metrics.write(rl_eval_metrics_file(name))
         for steps, value in metrics.returns.items():

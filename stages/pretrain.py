@@ -15,6 +15,7 @@ from metalab.algorithms.pretrain import (
 from metalab.cli import run_stage, stage_parser
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
+from metalab.device import configure, resolve_device
 from metalab.io import save_torch
 from metalab.layout import PREFETCHED_FILE, PRETRAINED_BODY_FILE
 from metalab.tracking import stage_run
@@ -23,7 +24,9 @@ from metalab.tracking import stage_run
 def main(args, params: PretrainParams) -> None:
     config = params.pretrain
     logged = {"pretrain": config.model_dump(), "data": {"split": params.data.split.model_dump()}}
-    with stage_run("pretrain", logged, params.tracking) as run:
+    device = resolve_device()
+    configure(device, config.threads)
+    with stage_run("pretrain", logged, params.tracking, device=device) as run:
         arrays = load_prefetched(PREFETCHED_FILE)
         split = make_split(arrays.character_origin, params.data.split)
         images, labels = meta_train_drawings(arrays, split)
@@ -36,6 +39,7 @@ def main(args, params: PretrainParams) -> None:
             lr=config.lr,
             seed=config.seed,
             progress=not args.no_progress,
+            device=device,
         )
         run.meter.add_tasks(config.epochs * labels.numel())  # 'tasks' here: training images
         save_torch(
@@ -43,7 +47,9 @@ def main(args, params: PretrainParams) -> None:
             {"model": config.model.model_dump(), "image_size": arrays.image_size, "body": state},
         )
         characters = int(labels.max()) + 1
-        print(f"pretrained {config.model.name} body on {characters} meta-train characters")
+        print(
+            f"pretrained {config.model.name} body on {characters} meta-train characters on {device}"
+        )
 
 
 if __name__ == "__main__":

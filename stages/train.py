@@ -9,12 +9,15 @@ the N processes (`metalab.distributed`); only rank 0 logs to MLflow and writes f
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pandas as pd
 
 from metalab.cli import run_stage, stage_parser
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
-from metalab.distributed import distributed_session
+from metalab.device import configure, device_record, resolve_device
+from metalab.distributed import distributed_session, environment_context, threads_per_process
 from metalab.io import write_text
 from metalab.layout import (
     CHECKPOINTS_DIR,
@@ -25,7 +28,7 @@ from metalab.layout import (
 )
 from metalab.params import Params, load_params
 from metalab.records import TrainSummary
-from metalab.tracking import peak_memory_mb, stage_run
+from metalab.tracking import memory_figures, stage_run
 from metalab.training import Trainer
 
 
@@ -38,13 +41,22 @@ def main(args, params: Params) -> None:
         "data": {"split": params.data.split.model_dump()},
     }
     tags = {"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "train"}
-    with distributed_session() as distributed:
+    rank = environment_context()
+    device = resolve_device(local_rank=rank.local_rank)
+    configure(device, threads_per_process(params.train_config(name).threads, rank))
+    with distributed_session(device=device) as distributed:
         arrays = load_prefetched(PREFETCHED_FILE)
         split = make_split(arrays.character_origin, params.data.split)
         logged["data"]["image_size"] = arrays.image_size
         tags["processes"] = distributed.world_size
         with stage_run(
-            f"train@{name}", logged, params.tracking, tags=tags, enabled=distributed.is_main
+            f"train@{name}",
+            logged,
+            params.tracking,
+            tags=tags,
+            enabled=distributed.is_main,
+            device=device,
+            system_metrics=True,
         ) as run:
             trainer = Trainer(
                 name,
@@ -55,12 +67,16 @@ def main(args, params: Params) -> None:
                 progress=not args.no_progress,
                 on_log=run.log_metrics,
                 distributed=distributed,
+                device=device,
             )
             result = trainer.run()
             if not distributed.is_main:
                 return  # rank 0 holds the same weights and writes everything
             summary = TrainSummary(
-                **result.summary, peak_memory_mb=peak_memory_mb(), mlflow_run_id=run.run_id
+                **result.summary,
+                **asdict(device_record(device)),
+                **memory_figures(device),
+                mlflow_run_id=run.run_id,
             )
             run.meter.add_tasks(summary.tasks, summary.training_seconds)
             run.log_metrics(
@@ -77,7 +93,8 @@ def main(args, params: Params) -> None:
     print(
         f"{name}: {summary.iterations} iterations, {summary.tasks_per_s:.1f} tasks/s, "
         f"best validation accuracy {summary.best_validation_accuracy:.3f} "
-        f"(iteration {summary.best_iteration}), peak memory {summary.peak_memory_mb:.0f} MB"
+        f"(iteration {summary.best_iteration}), peak memory {summary.peak_memory_mb:.0f} MB "
+        f"on {device}"
     )
 
 

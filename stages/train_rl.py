@@ -1,15 +1,20 @@
 """Stage `train_rl@<name>`: meta-train one named RL experiment (`rl_experiments.<name>`).
 
 Writes models/rl/<name>.pt, metrics/train_rl/<name>.json and plots/train_rl/<name>.csv;
-resumes from checkpoints/rl/<name>.pt after an interruption.
+resumes from checkpoints/rl/<name>.pt after an interruption. Computes on
+``METALAB_DEVICE`` (default: the GPU if there is one) with the experiment's
+``num_threads``; model and checkpoint files hold CPU tensors whatever the device.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 import pandas as pd
 
 from metalab.checkpoints import Checkpoint, fingerprint, source_digest
 from metalab.cli import StageError, run_stage, stage_parser
+from metalab.device import configure, device_record, resolve_device
 from metalab.io import write_text
 from metalab.layout import (
     rl_checkpoint_file,
@@ -21,12 +26,15 @@ from metalab.records import RLTrainSummary
 from metalab.rl.config import RLParams, load_rl_params
 from metalab.rl.learners import NonFiniteLossError
 from metalab.rl.loop import save_agent, train_rl
-from metalab.tracking import peak_memory_mb, stage_run
+from metalab.tracking import memory_figures, stage_run
 
 
 def main(args, params: RLParams) -> None:
     name = args.experiment
     config = params.rl_experiment(name)
+    device = resolve_device()
+    threads = config.num_threads  # a param: the thread count may change the numbers
+    configure(device, threads)
     # The config and the code fix an RL run (its tasks come from the config's seed).
     identity = {"config": config.model_dump(), "code": source_digest()}
     checkpoint = Checkpoint(rl_checkpoint_file(name), fingerprint(identity))
@@ -35,7 +43,9 @@ def main(args, params: RLParams) -> None:
         print(f"resuming {name} from iteration {state['iteration']}")
     tags = {"experiment": name, "algorithm": config.algorithm, "stage_kind": "train_rl"}
     logged = {"rl_experiment": config.model_dump()}
-    with stage_run(f"train_rl@{name}", logged, params.tracking, tags=tags) as run:
+    with stage_run(
+        f"train_rl@{name}", logged, params.tracking, tags=tags, device=device, system_metrics=True
+    ) as run:
 
         def save_checkpoint(iteration: int, trainer_state: dict) -> None:
             checkpoint.save(trainer_state)
@@ -48,6 +58,8 @@ def main(args, params: RLParams) -> None:
                 on_checkpoint=save_checkpoint,
                 checkpoint_every=args.checkpoint_every,
                 progress=not args.no_progress,
+                device=device,
+                threads=threads,
             )
         except NonFiniteLossError as error:
             raise StageError(f"RL experiment {name!r}: {error}") from None
@@ -63,8 +75,9 @@ def main(args, params: RLParams) -> None:
             tasks_per_s=tasks / seconds,
             final_pre_adaptation_return=history[-1]["pre_adaptation_return"],
             final_post_adaptation_return=history[-1]["post_adaptation_return"],
-            peak_memory_mb=peak_memory_mb(),
             mlflow_run_id=run.run_id,
+            **asdict(device_record(device, threads)),
+            **memory_figures(device),
         )
         save_agent(rl_model_file(name), config, agent)
         summary.write(rl_train_metrics_file(name))
@@ -75,7 +88,7 @@ def main(args, params: RLParams) -> None:
             f"{name}: {len(history)} iterations in {seconds:.0f} s "
             f"({tasks / seconds:.1f} tasks/s); "
             f"last return {summary.final_pre_adaptation_return:.2f} before, "
-            f"{summary.final_post_adaptation_return:.2f} after adaptation"
+            f"{summary.final_post_adaptation_return:.2f} after adaptation, on {device}"
         )
 
 

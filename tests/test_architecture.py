@@ -17,7 +17,14 @@ STAGES = ROOT / "stages"
 
 LAYERS: list[set[str]] = [
     # plumbing every layer may use; decides no number
-    {"metalab.errors", "metalab.schema", "metalab.io", "metalab.runtime", "metalab.layout"},
+    {
+        "metalab.errors",
+        "metalab.schema",
+        "metalab.io",
+        "metalab.runtime",
+        "metalab.device",
+        "metalab.layout",
+    },
     # data, networks, the RL track, metrics schemas, checkpoints, MLflow
     {
         "metalab.data",

@@ -12,8 +12,8 @@ from import_graph import MODULES, ROOT, closure, graph, imported_modules
 
 # Modules that decide no number and write no result, so changing them need not rerun a
 # stage: package docstrings and lazy exports, error types, the params-validation machinery,
-# output paths (dvc.yaml spells them itself), process settings, MLflow logging, argument
-# parsing, the UI.
+# output paths (dvc.yaml spells them itself), process and device settings, MLflow logging,
+# argument parsing, the UI.
 PLUMBING = {
     "metalab",
     "metalab.algorithms",
@@ -24,6 +24,7 @@ PLUMBING = {
     "metalab.schema",
     "metalab.layout",
     "metalab.runtime",
+    "metalab.device",
     "metalab.tracking",
     "metalab.tracking_store",
     "metalab.cli",

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from metalab.evaluation import (
     LearnerEvaluation,
@@ -19,6 +21,7 @@ from metalab.evaluation import (
     train_run_id,
 )
 from metalab.records import (
+    DEVICE_FIELDS,
     SCHEMAS,
     AdaptationReturn,
     DataMetrics,
@@ -130,6 +133,67 @@ def test_unknown_numbers_are_null_and_required_numbers_must_be_finite():
     train["training_seconds"] = math.inf
     with pytest.raises(ValueError, match="finite"):
         TrainSummary(**train)
+
+
+# ------------------------------------------------------------------ device fields
+DEVICE_SCHEMAS = {
+    "train/maml.json": TrainSummary,
+    "eval/maml.json": EvaluationMetrics,
+    "train_rl/maml_rl.json": RLTrainSummary,
+    "eval_rl/maml_rl.json": RLEvaluationMetrics,
+}
+GPU_RUN = {
+    "peak_memory_mb": 2100.0,
+    "gpu_peak_allocated_mb": 812.5,
+    "gpu_peak_reserved_mb": 1024.0,
+    "device": "cuda:0",
+    "device_name": "NVIDIA A100-SXM4-80GB",
+    "threads": 8,
+    "torch_version": "2.14.1+cu128",
+    "cuda_version": "12.8",
+}
+
+
+@pytest.mark.parametrize("file", DEVICE_SCHEMAS)
+def test_summaries_record_the_device_and_gpu_peaks_of_a_gpu_run(file):
+    schema = DEVICE_SCHEMAS[file]
+    committed = json.loads((METRICS / file).read_text())
+    assert not DEVICE_FIELDS & set(committed)  # written before the fields existed
+    record = schema.from_json_text(json.dumps({**committed, **GPU_RUN}))
+
+    data = record.to_dict()
+    assert {key: data[key] for key in GPU_RUN} == GPU_RUN
+    keys = list(data)
+    position = keys.index("peak_memory_mb")
+    assert keys[position : position + len(GPU_RUN)] == list(GPU_RUN)  # one block, file order
+    assert schema.from_json_text(record.to_json()) == record
+
+
+@pytest.mark.parametrize("file", DEVICE_SCHEMAS)
+def test_a_cpu_runs_summary_leaves_out_what_it_does_not_have(file):
+    from metalab.device import device_record
+    from metalab.tracking import memory_figures
+
+    cpu = torch.device("cpu")
+    schema = DEVICE_SCHEMAS[file]
+    committed = json.loads((METRICS / file).read_text())
+    figures = {**asdict(device_record(cpu)), **memory_figures(cpu)}
+    record = schema.from_json_text(json.dumps({**committed, **figures}))
+
+    data = json.loads(record.to_json())
+    assert data["device"] == "cpu" and data["threads"] == torch.get_num_threads()
+    assert not {"gpu_peak_allocated_mb", "gpu_peak_reserved_mb"} & set(data)
+    assert ("cuda_version" in data) == (torch.version.cuda is not None)
+    assert "null" not in json.dumps({key: data[key] for key in DEVICE_FIELDS & set(data)})
+    assert record.gpu_peak_allocated_mb is None and record.cuda_version == torch.version.cuda
+
+
+def test_device_fields_are_type_checked():
+    committed = json.loads((METRICS / "train" / "maml.json").read_text())
+    with pytest.raises(MetricsFileError, match=r"threads: Input should be a valid integer"):
+        TrainSummary.from_json_text(json.dumps({**committed, "threads": "8"}))
+    with pytest.raises(MetricsFileError, match=r"gpu_model: Extra inputs are not permitted"):
+        TrainSummary.from_json_text(json.dumps({**committed, "gpu_model": "A100"}))
 
 
 # ------------------------------------------------------------------ writers

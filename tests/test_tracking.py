@@ -50,7 +50,7 @@ def test_run_is_logged_with_figures_tags_and_curves(store):
     tags = logged.data.tags
     assert tags["dvc_stage"] == "train@maml"
     assert tags["dvc_exp_name"] == "sweep-inner-lr-1"
-    assert tags["git_commit"] and tags["device"]
+    assert tags["git_commit"] and tags["device"] == "cpu" and tags["device_name"]
     assert logged.data.params == {"train.meta_lr": "0.001", "train.clip": "null"}
     curve = client.get_metric_history(run.run_id, "loss")
     assert [point.step for point in curve] == [0, 1, 2]

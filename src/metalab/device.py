@@ -7,8 +7,8 @@ switching them does not invalidate a result. Each run records what it used
 (`device_record`) in its metrics file and MLflow tags. Asking for CUDA where there is none
 is a `DeviceSettingError` (exit 2, one line naming CUDA).
 
-Nothing here touches CUDA unless the setting asks for it or ``auto`` finds it: a CPU run
-never initialises a CUDA context.
+Nothing here touches CUDA unless the setting asks for it or ``auto`` finds it, and
+`configure` hides the GPUs from a CPU run, so it never initialises a CUDA context.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def resolve_device(
         return torch.device("cpu")
     index_match = _CUDA_INDEX.fullmatch(value)
     if value not in ("auto", "cuda") and index_match is None:
-        raise DeviceSettingError(f"{DEVICE_VARIABLE}={raw}: not a device; allowed: {DEVICE_CHOICES}")
+        raise DeviceSettingError(
+            f"{DEVICE_VARIABLE}={raw}: not a device; allowed: {DEVICE_CHOICES}"
+        )
     if not torch.cuda.is_available():
         raise DeviceSettingError(
             f"{DEVICE_VARIABLE}={raw}: CUDA is not available ({_cuda_problem()}); "
@@ -76,9 +78,7 @@ def resolve_device(
     return torch.device("cuda", index)
 
 
-def thread_count(
-    processes_on_machine: int = 1, environ: Mapping[str, str] = os.environ
-) -> int:
+def thread_count(processes_on_machine: int = 1, environ: Mapping[str, str] = os.environ) -> int:
     """Torch threads for this process: ``METALAB_THREADS``, else the machine's cores shared
     evenly among the `processes_on_machine` processes (torchrun ranks) running on it."""
     raw = environ.get(THREADS_VARIABLE)
@@ -150,6 +150,11 @@ def configure(device: torch.device, threads: int, environ: Mapping[str, str] = o
     cuBLAS included; slower on a GPU; on the CPU the kernels used here already are).
     """
     torch.set_num_threads(threads)
+    if device.type == "cpu" and not torch.cuda.is_initialized():
+        # Hide the GPUs: torch itself reaches for the accelerator when it sees one (each
+        # optimizer step asks for the current CUDA stream), which would create a CUDA
+        # context in a CPU run. Read when CUDA initialises, so in time before that.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -12,8 +12,10 @@ parameters stay identical without ever being sent again.
 
 The process group is set up from torchrun's environment (``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo for CPU
-tensors, and on a CUDA machine nccl for CUDA tensors. Without those variables everything
-here is a no-op for a single process.
+tensors, and nccl for CUDA tensors when the run is on GPUs and every rank of a machine has
+its own (``LOCAL_RANK`` selects it, see `metalab.device.resolve_device`). A CPU run never
+touches CUDA, even on a GPU machine. Without those variables everything here is a no-op
+for a single process.
 """
 
 from __future__ import annotations
@@ -105,28 +107,39 @@ def environment_context(environ: Mapping[str, str] | None = None) -> Distributed
     )
 
 
-def default_backend() -> str:
-    """gloo for CPU tensors; on a CUDA machine also nccl for CUDA tensors."""
-    if torch.cuda.is_available() and dist.is_nccl_available():
-        return "cpu:gloo,cuda:nccl"
-    return "gloo"
+def default_backend(
+    device: torch.device | None = None, context: DistributedContext | None = None
+) -> str:
+    """The process-group backend for a run on `device`: NCCL for CUDA tensors when every
+    rank of the machine has a GPU of its own (gloo still carries the CPU-side statistics),
+    gloo otherwise (CPU runs, or more ranks than GPUs)."""
+    context = context or environment_context()
+    own_gpu = (
+        device is not None
+        and device.type == "cuda"
+        and dist.is_nccl_available()
+        and context.local_world_size <= torch.cuda.device_count()
+    )
+    return "cpu:gloo,cuda:nccl" if own_gpu else "gloo"
 
 
 def init_distributed(
-    backend: str | None = None, timeout: timedelta | None = None
+    backend: str | None = None,
+    timeout: timedelta | None = None,
+    device: torch.device | None = None,
 ) -> DistributedContext:
     """Join the process group torchrun set up (env:// rendezvous); single process otherwise.
 
     Safe to call when the group already exists. ``timeout`` bounds how long a collective
-    waits for the other processes (torch's default: 30 minutes).
+    waits for the other processes (torch's default: 30 minutes). `device` is where this
+    rank computes (`metalab.device.resolve_device` with its ``LOCAL_RANK``, already made
+    current by `metalab.device.configure`); a CPU run never touches CUDA here.
     """
     context = environment_context()
     if not context.enabled or dist.is_initialized():
         return context
-    if torch.cuda.is_available():
-        torch.cuda.set_device(context.local_rank)  # one GPU per process on each machine
     dist.init_process_group(
-        backend or default_backend(),
+        backend or default_backend(device, context),
         init_method="env://",
         rank=context.rank,
         world_size=context.world_size,
@@ -143,10 +156,12 @@ def shutdown_distributed() -> None:
 
 @contextmanager
 def distributed_session(
-    backend: str | None = None, timeout: timedelta | None = None
+    backend: str | None = None,
+    timeout: timedelta | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[DistributedContext]:
     """`init_distributed` for the duration of a block, then leave the group."""
-    context = init_distributed(backend, timeout)
+    context = init_distributed(backend, timeout, device)
     try:
         yield context
     finally:
@@ -328,7 +343,9 @@ def slice_random_stream(
     if not context.enabled:
         yield use
         return
-    with torch.random.fork_rng(devices=[]):  # the trainer's learners run on the CPU
+    # Learners draw their random numbers from the CPU generator on every device (masks are
+    # moved to the device), so only the CPU stream needs forking.
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(slice_seed(seed, iteration, context.rank))
         before = torch.get_rng_state()
         yield use

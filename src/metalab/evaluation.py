@@ -211,12 +211,14 @@ class LearnerEvaluation:
 
     def record(
         self,
-        peak_memory_mb: float | None = None,
         train_run_id: str | None = None,
         mlflow_run_id: str | None = None,
+        **figures: Any,
     ) -> EvaluationMetrics:
-        """Identity, per-setting summaries, unsupported settings and the stage's figures
-        (peak memory, MLflow runs of the training and of this evaluation)."""
+        """Identity, per-setting summaries, unsupported settings, the MLflow runs of the
+        training and of this evaluation, and the stage's `figures` (fields of
+        `EvaluationMetrics`: peak memory, see `metalab.tracking.memory_figures`, and where
+        it ran, `metalab.device.device_record`)."""
         supported = {s: e for s, e in self.settings.items() if e.unsupported is None}
         return EvaluationMetrics(
             experiment=self.experiment,
@@ -225,7 +227,7 @@ class LearnerEvaluation:
             unsupported={s: e.unsupported for s, e in self.settings.items() if e.unsupported},
             evaluation_seconds=float(sum(e.seconds.sum() for e in supported.values())),
             episodes=int(sum(e.accuracy_after.size for e in supported.values())),
-            peak_memory_mb=peak_memory_mb,
+            **figures,
             train_run_id=train_run_id,
             mlflow_run_id=mlflow_run_id,
         )

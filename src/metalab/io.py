@@ -108,9 +108,38 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
         np.savez(handle, **arrays)
 
 
+def on_cpu(payload: Any) -> Any:
+    """`payload` with every tensor in its dicts, lists and tuples on the CPU, so a file
+    written from a GPU run loads anywhere. What holds no tensor elsewhere is returned as
+    the very same object (a CPU run's file keeps its exact bytes); a container that does
+    keeps its type (an ``OrderedDict`` state dict its ``_metadata``, a named tuple its
+    fields)."""
+    import torch
+
+    if isinstance(payload, torch.Tensor):
+        return payload if payload.device.type == "cpu" else payload.cpu()
+    if isinstance(payload, dict):
+        moved = {key: on_cpu(value) for key, value in payload.items()}
+        if all(moved[key] is value for key, value in payload.items()):
+            return payload
+        copy = type(payload)(moved) if type(payload) is not dict else moved
+        if hasattr(payload, "_metadata"):
+            copy._metadata = payload._metadata  # state-dict version info
+        return copy
+    if isinstance(payload, list | tuple):
+        items = [on_cpu(value) for value in payload]
+        if all(new is old for new, old in zip(items, payload, strict=True)):
+            return payload
+        if hasattr(payload, "_fields"):  # a named tuple
+            return type(payload)(*items)
+        return type(payload)(items)
+    return payload
+
+
 def save_torch(path: str | Path, payload: Any) -> None:
-    """`torch.save`, atomically."""
+    """`torch.save` of `payload` with its tensors on the CPU, atomically."""
     import torch  # here, not at the top: see the module docstring
 
+    payload = on_cpu(payload)
     with atomic_output(path) as handle:
         torch.save(payload, handle)

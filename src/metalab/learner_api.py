@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from metalab.algorithms.base import BuildContext, MetaLearner
 from metalab.algorithms.registry import ALGORITHMS, build_learner, options_class
 from metalab.data.prefetch import decode_drawing
+from metalab.device import resolve_device
 from metalab.io import save_torch
 from metalab.models.config import ModelConfig
 
@@ -88,7 +89,7 @@ class AdaptedLearner:
         self._learner.check_images(query_x, "query_x")
         try:
             with torch.no_grad():
-                logits = self._predictor(query_x)
+                logits = self._predictor(query_x.to(self._learner.device))
         except (ValueError, RuntimeError) as error:
             self._learner.raise_if_unsupported(self.n_way, error)
             raise
@@ -97,7 +98,7 @@ class AdaptedLearner:
                 f"{self._learner.algorithm} returned logits of shape {tuple(logits.shape)}, "
                 f"expected {(query_x.shape[0], self.n_way)}"
             )
-        return logits
+        return logits.to(query_x.device)  # on the caller's device, whatever computed it
 
     __call__ = predict
 
@@ -109,7 +110,9 @@ class Learner:
     trained on), ``image_size`` (S), ``options`` (the algorithm's validated `Options`),
     ``adapts_by_gradient`` (whether `adapt` takes gradient steps, so that ``steps=0`` means
     "before adaptation"), ``default_adaptation_steps`` (None when not applicable) and
-    ``meta_learner`` (the underlying `MetaLearner` module, in eval mode).
+    ``meta_learner`` (the underlying `MetaLearner` module, in eval mode) and ``device``
+    (where it computes; inputs on any device are moved there, logits come back on the
+    device of the query images).
     """
 
     def __init__(
@@ -120,8 +123,10 @@ class Learner:
         image_size: int,
         k_shot: int | None = None,
         experiment: str | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.meta_learner = meta_learner.eval()
+        self.device = torch.device(device)
+        self.meta_learner = meta_learner.eval().to(self.device)
         self.options = options
         self.algorithm: str = meta_learner.algorithm
         self.experiment = experiment or self.algorithm
@@ -189,6 +194,7 @@ class Learner:
         self.check_images(support_x, "support_x")
         support_y = as_label_tensor(support_y, support_x.device)
         n_way = check_labels(support_y, support_x.shape[0])
+        support_x, support_y = support_x.to(self.device), support_y.to(self.device)
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         try:
@@ -341,8 +347,11 @@ def read_model_payload(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def learner_from_payload(payload: dict[str, Any], source: str = "model") -> Learner:
-    """Rebuild the learner a Trainer payload describes and load its weights."""
+def learner_from_payload(
+    payload: dict[str, Any], source: str = "model", device: torch.device | str = "cpu"
+) -> Learner:
+    """Rebuild the learner a Trainer payload describes, load its weights (on the CPU, so
+    the same file gives the same starting point everywhere) and move it to `device`."""
     algorithm = payload["algorithm"]
     try:
         options = options_class(algorithm).model_validate(payload["options"])
@@ -373,13 +382,17 @@ def learner_from_payload(payload: dict[str, Any], source: str = "model") -> Lear
         image_size=context.image_size,
         k_shot=payload.get("k_shot"),
         experiment=payload.get("experiment"),
+        device=device,
     )
 
 
-def load_learner(path: str | Path) -> Learner:
-    """Load models/<name>.pt (written by the train stage) as a ready-to-adapt `Learner`.
+def load_learner(path: str | Path, device: torch.device | str | None = None) -> Learner:
+    """Load models/<name>.pt (written by the train stage) as a ready-to-adapt `Learner`
+    computing on `device` (default: ``METALAB_DEVICE``, see `metalab.device`: the GPU when
+    there is one, else the CPU).
 
     Raises FileNotFoundError for a missing file and `ModelFileError` for a file that is
     not a metalab model, has an unknown format version, or does not fit its algorithm.
     """
-    return learner_from_payload(read_model_payload(path), source=str(path))
+    chosen = resolve_device() if device is None else torch.device(device)
+    return learner_from_payload(read_model_payload(path), source=str(path), device=chosen)

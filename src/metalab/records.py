@@ -23,6 +23,13 @@ byte for byte. ``write(path)`` writes that text atomically.
 Non-finite numbers become ``None`` (JSON null) in the fields that allow it, because dvc
 and browsers reject NaN in JSON; required numbers must be finite.
 
+The train and evaluation summaries also record where the stage computed (`DEVICE_FIELDS`:
+``device``, ``device_name``, ``threads``, ``torch_version``, ``cuda_version``, as
+`metalab.device.DeviceRecord` has them) and, on a CUDA device, its allocator's peaks
+(``gpu_peak_allocated_mb``, ``gpu_peak_reserved_mb``). These fields came later: they are
+optional, and a field of a schema's ``omitted_when_none`` that is None is left out of the
+file (so files written before them, and CPU runs' GPU figures, stay as they were).
+
 This is a low layer: pydantic, the standard library and `metalab.io` (no torch).
 """
 
@@ -83,6 +90,8 @@ class MetricsFile:
     pydantic models below)."""
 
     description: ClassVar[str] = "metrics file"
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset()
+    """Fields left out of the file when None (rather than written as null)."""
 
     @classmethod
     def from_json_text(cls, text: str, source: str | Path = "<text>") -> Self:
@@ -124,8 +133,16 @@ class MetricsFile:
         return cls.from_json_text(text, path)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data, keys in file order."""
-        return self.model_dump(mode="python")  # type: ignore[attr-defined]
+        """Plain JSON-ready data, keys in file order (without the `omitted_when_none`
+        fields that are None)."""
+        data = self.model_dump(mode="python")  # type: ignore[attr-defined]
+        if self.omitted_when_none:
+            data = {
+                key: value
+                for key, value in data.items()
+                if not (value is None and key in self.omitted_when_none)
+            }
+        return data
 
     def to_json(self) -> str:
         """The file's exact text (as `metalab.io.write_json` writes it)."""
@@ -140,6 +157,31 @@ class _Schema(MetricsFile, BaseModel):
     """A metrics file whose keys are all known: anything else is an error."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+# Where a stage computed (`metalab.device.DeviceRecord`) and its GPU allocator's peaks
+# (`metalab.tracking.memory_figures`); see the module docstring.
+Device = Annotated[str | None, Field(description="torch device: cpu or cuda:N")]
+DeviceName = Annotated[str | None, Field(description="the GPU's or the CPU's model")]
+Threads = Annotated[int | None, Field(description="torch threads of the process")]
+TorchVersion = Annotated[str | None, Field(description="torch version")]
+CudaVersion = Annotated[
+    str | None, Field(description="the CUDA torch is built with; None for a CPU build")
+]
+GpuPeakAllocated = Annotated[
+    OptionalFloat, Field(description="peak memory allocated on the GPU, MB; None on the CPU")
+]
+GpuPeakReserved = Annotated[
+    OptionalFloat,
+    Field(description="peak memory reserved by the GPU's allocator, MB; None on the CPU"),
+]
+
+DEVICE_FIELDS = frozenset(
+    "device device_name threads torch_version cuda_version gpu_peak_allocated_mb "
+    "gpu_peak_reserved_mb".split()
+)
+"""The device and GPU memory fields of the train and evaluation summaries (each left out of
+the file when None)."""
 
 
 # ------------------------------------------------------------------------- data stages
@@ -201,6 +243,7 @@ class TrainSummary(_Schema):
     peak memory and MLflow run id."""
 
     description: ClassVar[str] = "train summary"
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS
 
     experiment: str = Field(description="experiment name (params.yaml `experiments` key)")
     algorithm: str = Field(description="meta-learning algorithm")
@@ -222,7 +265,14 @@ class TrainSummary(_Schema):
     parameters_per_training_task: float = Field(description="trainable parameters / tasks")
     precision: str = Field(description="training precision (fp32, bf16, ...)")
     processes: int = Field(description="training processes (1 unless torchrun)")
-    peak_memory_mb: float = Field(description="peak memory of the train stage, MB")
+    peak_memory_mb: float = Field(description="peak memory (host RSS) of the train stage, MB")
+    gpu_peak_allocated_mb: GpuPeakAllocated = None
+    gpu_peak_reserved_mb: GpuPeakReserved = None
+    device: Device = None
+    device_name: DeviceName = None
+    threads: Threads = None
+    torch_version: TorchVersion = None
+    cuda_version: CudaVersion = None
     mlflow_run_id: str | None = Field(description="MLflow run of the stage; None if untracked")
 
 
@@ -267,6 +317,7 @@ class EvaluationMetrics(_Schema):
     """metrics/eval/<name>.json: `metalab.evaluation.LearnerEvaluation` summarised."""
 
     description: ClassVar[str] = "evaluation summary"
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS
 
     experiment: str = Field(description="experiment name")
     algorithm: str = Field(description="meta-learning algorithm")
@@ -279,8 +330,15 @@ class EvaluationMetrics(_Schema):
     evaluation_seconds: float = Field(description="sum of the per-episode seconds")
     episodes: int = Field(description="episodes evaluated over all settings")
     peak_memory_mb: OptionalFloat = Field(
-        default=None, description="peak memory of the evaluate stage, MB"
+        default=None, description="peak memory (host RSS) of the evaluate stage, MB"
     )
+    gpu_peak_allocated_mb: GpuPeakAllocated = None
+    gpu_peak_reserved_mb: GpuPeakReserved = None
+    device: Device = None
+    device_name: DeviceName = None
+    threads: Threads = None
+    torch_version: TorchVersion = None
+    cuda_version: CudaVersion = None
     train_run_id: str | None = Field(default=None, description="MLflow run of the training")
     mlflow_run_id: str | None = Field(default=None, description="MLflow run of the evaluation")
 
@@ -290,6 +348,7 @@ class RLTrainSummary(_Schema):
     """metrics/train_rl/<name>.json: one meta-RL training run."""
 
     description: ClassVar[str] = "RL train summary"
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS
 
     experiment: str = Field(description="experiment name (params.yaml `rl_experiments` key)")
     algorithm: str = Field(description="meta-RL algorithm")
@@ -303,7 +362,14 @@ class RLTrainSummary(_Schema):
     final_post_adaptation_return: float = Field(
         description="mean return after adaptation, last iteration"
     )
-    peak_memory_mb: float = Field(description="peak memory of the stage, MB")
+    peak_memory_mb: float = Field(description="peak memory (host RSS) of the stage, MB")
+    gpu_peak_allocated_mb: GpuPeakAllocated = None
+    gpu_peak_reserved_mb: GpuPeakReserved = None
+    device: Device = None
+    device_name: DeviceName = None
+    threads: Threads = None
+    torch_version: TorchVersion = None
+    cuda_version: CudaVersion = None
     mlflow_run_id: str | None = Field(description="MLflow run of the stage; None if untracked")
 
 
@@ -343,11 +409,22 @@ class RLEvaluationMetrics(_Schema):
     """
 
     description: ClassVar[str] = "RL evaluation summary"
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS | {"peak_memory_mb"}
 
     experiment: str = Field(description="experiment name")
     algorithm: str = Field(description="meta-RL algorithm")
     env: str = Field(description="environment family")
     num_tasks: int = Field(description="held-out tasks evaluated")
+    peak_memory_mb: OptionalFloat = Field(
+        default=None, description="peak memory (host RSS) of the stage, MB; None if not recorded"
+    )
+    gpu_peak_allocated_mb: GpuPeakAllocated = None
+    gpu_peak_reserved_mb: GpuPeakReserved = None
+    device: Device = None
+    device_name: DeviceName = None
+    threads: Threads = None
+    torch_version: TorchVersion = None
+    cuda_version: CudaVersion = None
     returns: dict[int, AdaptationReturn] = Field(
         description="{adaptation steps: return}; 0 is before adaptation"
     )

@@ -12,10 +12,23 @@ a locked database, one-line errors for a corrupt or unwritable file) is
 `metalab.tracking_store`'s.
 
 Every run carries the tags ``git_commit``, ``dvc_stage``, ``host`` and ``pid`` (with
-``process_start``, the process's identity on Linux) and, inside ``dvc exp run``,
+``process_start``, the process's identity on Linux), where it computed (``device``,
+``device_name`` and, for a stage given its torch device, ``threads``, ``torch_version`` and
+``cuda_version``: `metalab.device.DeviceRecord`) and, inside ``dvc exp run``,
 ``dvc_exp_name`` and ``dvc_exp_baseline_rev``, and ends with the figures ``wall_time_s``,
-``tasks_per_s`` (where the stage counts tasks), ``peak_memory_mb`` and the ``device`` it ran
-on. A stage killed outright (SIGKILL, out of memory, power loss) cannot close its run: the
+``tasks_per_s`` (where the stage counts tasks) and the memory figures of `memory_figures`:
+``peak_memory_mb`` (peak RSS of the host process, on every device) and, for a stage on a
+CUDA device, ``gpu_peak_allocated_mb`` and ``gpu_peak_reserved_mb`` of that device. Nothing
+here touches ``torch.cuda`` unless the stage's device is a CUDA device: a CPU run never
+initialises CUDA, and a stage without torch work (download) never imports torch.
+
+``system_metrics=True`` (training and evaluation) also samples the machine every
+`SYSTEM_METRICS_INTERVAL_S` seconds with MLflow's system metrics monitor (``system/...``
+curves: CPU, memory, disk, network; GPU utilisation and memory where ``nvidia-ml-py``, the
+``gpu`` extra, is installed). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides the
+interval. A monitor that cannot start or stop only logs a warning.
+
+A stage killed outright (SIGKILL, out of memory, power loss) cannot close its run: the
 next start of the same stage marks it KILLED once its process is gone (`close_dead_runs`).
 """
 
@@ -26,7 +39,6 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -46,9 +58,13 @@ from metalab.tracking_store import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from mlflow import MlflowClient
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SYSTEM_METRICS_INTERVAL_S = 10.0
+"""Seconds between two samples of the system metrics monitor (``system_metrics=True``)."""
 
 # Set before mlflow is imported anywhere: no telemetry leaves this machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -80,20 +96,20 @@ def tracking_uri() -> str:
     return resolve_tracking_uri(uri, project_root())
 
 
-def _cuda_in_use() -> bool:
-    """Whether this process has torch loaded and a CUDA device (a stage that never imported
-    torch, such as download, never initialises CUDA here)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and torch.cuda.is_available()
+def _on_cuda(device: torch.device | None) -> bool:
+    """Whether `device` is a CUDA device (without importing torch or touching CUDA)."""
+    return device is not None and device.type == "cuda"
 
 
-def device_name() -> str:
-    """The accelerator's name, or the CPU model."""
-    if _cuda_in_use():
-        import torch
+def device_tags(device: torch.device | None) -> dict[str, str]:
+    """Where a run computed: `metalab.device.DeviceRecord`'s tags for a stage's torch
+    `device`; for a stage without torch work (None), the CPU (``device`` and its model as
+    ``device_name``), without importing torch."""
+    if device is None:
+        return {"device": "cpu", "device_name": cpu_model()}
+    from metalab.device import device_record
 
-        return torch.cuda.get_device_name(0)
-    return cpu_model()
+    return device_record(device).tags()
 
 
 def git_commit() -> str:
@@ -115,22 +131,43 @@ def git_commit() -> str:
 
 
 def peak_memory_mb() -> float:
-    """Peak memory so far: CUDA allocator peak on a GPU, else peak RSS of this process
-    and of its largest finished child (worker pools)."""
-    if _cuda_in_use():
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
+    """Peak RSS so far of this process and of its largest finished child (worker pools),
+    MB: host memory, whatever device the stage computes on."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) / 1024  # ru_maxrss is in KiB on Linux
 
 
-class ResourceMeter:
-    """Wall time, tasks processed and peak memory of one stage run."""
+def reset_peak_memory(device: torch.device | None) -> None:
+    """Start the GPU peak figures of `memory_figures` afresh: on a CUDA `device`, reset its
+    allocator's peak statistics; nothing otherwise (host RSS peaks cannot be reset)."""
+    if _on_cuda(device):
+        import torch
 
-    def __init__(self) -> None:
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_figures(device: torch.device | None) -> dict[str, float]:
+    """The memory a stage used, MB, for its metrics file and MLflow run: ``peak_memory_mb``
+    (host peak RSS, `peak_memory_mb()`) always; on a CUDA `device` also
+    ``gpu_peak_allocated_mb`` and ``gpu_peak_reserved_mb``, the peaks of that device's
+    allocator (since `reset_peak_memory`). Touches CUDA only for a CUDA `device`."""
+    figures = {"peak_memory_mb": peak_memory_mb()}
+    if _on_cuda(device):
+        import torch
+
+        figures["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        figures["gpu_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return figures
+
+
+class ResourceMeter:
+    """Wall time, tasks processed and peak memory of one stage run on `device` (None: a
+    stage without torch work)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self.started = time.perf_counter()
+        self.device = device
         self.tasks = 0
         self.busy_seconds = 0.0  # time spent on the counted tasks (excludes validation etc.)
 
@@ -141,7 +178,7 @@ class ResourceMeter:
 
     def figures(self) -> dict[str, float]:
         wall = time.perf_counter() - self.started
-        figures = {"wall_time_s": wall, "peak_memory_mb": peak_memory_mb()}
+        figures = {"wall_time_s": wall, **memory_figures(self.device)}
         if self.tasks:
             figures["tasks_per_s"] = self.tasks / (self.busy_seconds or wall)
         return figures
@@ -172,11 +209,13 @@ class StageRun:
         run_id: str | None,
         client: MlflowClient | None = None,
         database: Path | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.run_id = run_id
         self.client = client
         self.database = database
-        self.meter = ResourceMeter()
+        self.device = device
+        self.meter = ResourceMeter(device)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.run_id is None or self.client is None:
@@ -315,11 +354,14 @@ def close_dead_runs(
     return closed
 
 
-def run_tags(stage: str, extra: Mapping[str, Any] | None) -> dict[str, str]:
+def run_tags(
+    stage: str, extra: Mapping[str, Any] | None, device: torch.device | None = None
+) -> dict[str, str]:
     """The tags that lead from a run back to its code and params: the commit, the DVC stage
-    and, inside ``dvc exp run``, the DVC experiment name and its baseline commit; and to
-    the process that ran it (`process_tags`)."""
-    tags: dict[str, Any] = {"git_commit": git_commit(), "dvc_stage": stage, "device": device_name()}
+    and, inside ``dvc exp run``, the DVC experiment name and its baseline commit; to where
+    it computed (`device_tags`); and to the process that ran it (`process_tags`)."""
+    tags: dict[str, Any] = {"git_commit": git_commit(), "dvc_stage": stage}
+    tags.update(device_tags(device))
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
@@ -327,6 +369,48 @@ def run_tags(stage: str, extra: Mapping[str, Any] | None) -> dict[str, str]:
     tags.update(extra or {})
     tags.update(process_tags())  # after `extra`: closing runs of killed stages relies on them
     return {key: str(value) for key, value in tags.items()}
+
+
+def start_system_metrics(
+    run_id: str, uri: str, database: Path | None = None
+) -> SystemMetricsMonitor | None:
+    """Start MLflow's system metrics monitor on run `run_id` of store `uri`, sampling every
+    `SYSTEM_METRICS_INTERVAL_S` seconds (its writes retried on a locked database like the
+    stage's own); None, with a warning, if it cannot start."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri
+        )
+        client = getattr(getattr(monitor, "mlflow_logger", None), "client", None)
+        if client is not None:  # its writes share the SQLite file with the stage's
+            log_batch = client.log_batch
+
+            def retried_log_batch(*args: Any, **kwargs: Any) -> Any:
+                return with_store_retries(
+                    lambda: log_batch(*args, **kwargs),
+                    "log_batch (system metrics)",
+                    database=database,
+                )
+
+            client.log_batch = retried_log_batch
+        monitor.start()
+    except Exception as error:  # the stage's work matters more than its system metrics
+        logger.warning("could not start the MLflow system metrics monitor: %s", error)
+        return None
+    return monitor
+
+
+def finish_system_metrics(monitor: SystemMetricsMonitor | None) -> None:
+    """Stop `monitor` (from `start_system_metrics`) and log what it still holds; a failure
+    only logs a warning."""
+    if monitor is None:
+        return
+    try:
+        monitor.finish()
+    except Exception as error:
+        logger.warning("could not stop the MLflow system metrics monitor: %s", error)
 
 
 @contextmanager
@@ -337,18 +421,26 @@ def stage_run(
     *,
     tags: Mapping[str, Any] | None = None,
     enabled: bool = True,
+    device: torch.device | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[StageRun]:
     """Open an MLflow run for a stage; on exit log the resource figures and close it.
 
     `stage` is the DVC stage name (``train@maml``; the run is named ``train maml``),
     `params` the settings it read (logged flattened), `tracking` params.yaml's section;
-    ``enabled=False`` (e.g. torchrun ranks other than 0) only measures. A failing stage
-    still logs its figures and is marked FAILED (KILLED on Ctrl-C). Runs of earlier
-    processes of this stage killed outright are closed first (`close_dead_runs`). An
-    unusable SQLite store raises a one-line `metalab.errors.MetalabError`.
+    ``enabled=False`` (e.g. torchrun ranks other than 0) only measures. `device` is the
+    torch device the stage computes on (None for a stage without torch work): the run is
+    tagged with it (`device_tags`), a CUDA device's peak memory statistics are reset here
+    and its peaks logged at the end (`memory_figures`). ``system_metrics=True`` samples
+    the machine during the run (MLflow's system metrics monitor; see the module
+    docstring). A failing stage still logs its figures and is marked FAILED (KILLED on
+    Ctrl-C). Runs of earlier processes of this stage killed outright are closed first
+    (`close_dead_runs`). An unusable SQLite store raises a one-line
+    `metalab.errors.MetalabError`.
     """
+    reset_peak_memory(device)
     if not (enabled and tracking.enabled):
-        yield StageRun(None)
+        yield StageRun(None, device=device)
         return
     import mlflow
     from mlflow.tracking.context.registry import resolve_tags
@@ -360,14 +452,15 @@ def stage_run(
     with store_errors(database):
         client = mlflow.MlflowClient(uri)
     # resolve_tags adds what mlflow.start_run would (user, source), so the UI shows them.
-    all_tags = resolve_tags(run_tags(stage, tags))
+    all_tags = resolve_tags(run_tags(stage, tags, device))
     created = with_store_retries(
         lambda: client.create_run(experiment_id, tags=all_tags, run_name=stage.replace("@", " ")),
         "create_run",
         database=database,
     )
-    run = StageRun(created.info.run_id, client, database)
+    run = StageRun(created.info.run_id, client, database, device=device)
     status = "FAILED"
+    monitor = None
     try:
         try:
             close_dead_runs(client, experiment_id, stage, database)
@@ -377,6 +470,8 @@ def stage_run(
             logger.warning("could not close the MLflow runs of killed %s stages: %s", stage, error)
         flat = {key: "null" if value is None else value for key, value in flatten(params).items()}
         run.log_params(flat)
+        if system_metrics:
+            monitor = start_system_metrics(created.info.run_id, uri, database)
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -384,6 +479,7 @@ def stage_run(
         raise
     finally:
         try:
+            finish_system_metrics(monitor)
             run.log_metrics(run.meter.figures())
         finally:
             with_store_retries(

@@ -39,6 +39,7 @@ from metalab.checkpoints import (
 from metalab.data.episodes import materialize, sample_episode_index
 from metalab.data.prefetch import OmniglotArrays
 from metalab.data.splits import Split
+from metalab.device import synchronize
 from metalab.distributed import (
     DistributedContext,
     RandomUse,
@@ -107,8 +108,10 @@ class Trainer:
         on_log: Callable[[dict[str, float], int], None] | None = None,
         project_root: Path = Path("."),
         distributed: DistributedContext | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.name = name
+        self.device = device or torch.device("cpu")
         self.distributed = distributed or current_context()
         self.experiment = params.experiment(name)
         self.config = params.train_config(name)
@@ -144,6 +147,9 @@ class Trainer:
             ),
         )
         check_splittable(self.learner, self.config.meta_batch_size, self.distributed)
+        # Built and initialised on the CPU (the same seeded weights on every device), then
+        # moved; the optimizer is made after the move so its state lives there too.
+        self.learner.to(self.device)
         self.optimizer = self._make_optimizer()
         self.train_n_way = self.learner.train_n_way or self.config.n_way
         self.sampler = torch.Generator().manual_seed(self.config.seed)
@@ -187,6 +193,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.get_state(),
             "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.on_cuda else {}),
             "history": self.history,
             "best_accuracy": self.best_accuracy,
             "best_state": self.best_state,
@@ -213,6 +220,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.set_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if self.on_cuda and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.iteration = state["iteration"]
         self.history = state["history"]
         self.best_accuracy = state["best_accuracy"]
@@ -221,12 +230,15 @@ class Trainer:
         self.busy_seconds = state["busy_seconds"]
         return True
 
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
     # ------------------------------------------------------------------ loop
     def validate(self) -> float:
         self.learner.eval()
-        accuracy = evaluate_accuracy(
-            self.learner, materialize(self.arrays.images, self.validation_index)
-        )
+        episodes = materialize(self.arrays.images, self.validation_index).to(self.device)
+        accuracy = evaluate_accuracy(self.learner, episodes)
         self.learner.train()
         return float(accuracy.mean())
 
@@ -250,6 +262,7 @@ class Trainer:
             self.sampler,
         )
         episodes = materialize(self.arrays.images, index[distributed.task_slice(index.num_tasks)])
+        episodes = episodes.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with slice_random_stream(config.seed, self.iteration, distributed) as random_use:
             stats = self.learner.meta_gradients(
@@ -272,6 +285,7 @@ class Trainer:
             group["lr"] = scheduled_lr(group, base_lr, self.iteration)
         self.optimizer.step()
         self._stop_if_diverged(None)
+        synchronize(self.device)  # the step's kernels may still be queued on a GPU
         self.busy_seconds += time.perf_counter() - started
         record = {
             "iteration": self.iteration,
@@ -353,8 +367,10 @@ class Trainer:
                 if record["validation_accuracy"] > self.best_accuracy:
                     self.best_accuracy = record["validation_accuracy"]
                     self.best_iteration = self.iteration
+                    # Kept on the CPU: a copy on the GPU would cost the device memory.
                     self.best_state = {
-                        k: v.detach().clone() for k, v in self.learner.state_dict().items()
+                        k: v.detach().to("cpu", copy=True)
+                        for k, v in self.learner.state_dict().items()
                     }
             self.history.append(record)
             logging_due = self.iteration % config.log_every == 0 or done

@@ -78,7 +78,7 @@ class CAVIALearner(MetaLearner):
         """x [B, 1, H, W], context [P] -> logits [B, n_way]."""
         if n_way > self.trained_n_way:
             raise ValueError(f"CAVIA was trained {self.trained_n_way}-way, got {n_way}-way")
-        with autocast(self.precision):
+        with autocast(self.precision, x.device.type):
             logits = self.model(x, context)[:, :n_way]
         return logits.float() if self.precision == "bf16" else logits
 

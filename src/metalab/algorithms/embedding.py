@@ -1,6 +1,7 @@
 """What the metric and embedding-based learners share (ProtoNets, Meta Networks, LEO).
 
-- support-set helpers: `check_support_labels`, `class_means`, `squared_euclidean_logits`;
+- support-set helpers: `check_support_labels`, `class_counts`, `class_means`,
+  `squared_euclidean_logits`;
 - `FeatureExtractor`: the body of a `build_model` network as an embedding, with per-task
   Meta Dropout masks and the run's precision (`metalab.algorithms.precision`);
 - `backward_mean_over_tasks`: the per-task meta-training loop, one task's graph at a time;
@@ -55,13 +56,21 @@ def check_support_labels(support_y: torch.Tensor) -> int:
     if int(support_y.min()) < 0:
         raise ValueError("support labels must be 0..N-1, found a negative label")
     n_way = int(support_y.max()) + 1
-    counts = torch.bincount(support_y, minlength=n_way)
+    counts = class_counts(support_y, n_way)
     if bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(
             f"support labels must cover 0..{n_way - 1}; classes {missing} have no example"
         )
     return n_way
+
+
+def class_counts(labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Examples per class: labels int64 [S] in 0..n_way-1 -> int64 [n_way].
+
+    A one-hot sum rather than ``bincount``: the same counts, from an op with a kernel on
+    every device (the meta device has none for ``bincount``)."""
+    return F.one_hot(labels, n_way).sum(dim=0)
 
 
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -119,22 +128,27 @@ class FeatureExtractor(nn.Module):
         self.precision = context.precision
 
     def draw_task_masks(self) -> DropoutMasks | None:
-        """Fresh Meta Dropout masks for one task (global torch RNG), or None when off."""
+        """Fresh Meta Dropout masks for one task, or None when off: drawn from torch's
+        global CPU RNG (the same masks on every device), on the parameters' device."""
         if self.meta_dropout_rates is None:
             return None
-        dtype = next(self.network.parameters()).dtype
+        reference = next(self.network.parameters())
         return draw_dropout_masks(
-            self.network.block_output_shapes, self.meta_dropout_rates, dtype=dtype
+            self.network.block_output_shapes,
+            self.meta_dropout_rates,
+            dtype=reference.dtype,
+            device=reference.device,
         )
 
-    def autocast(self) -> AbstractContextManager:
-        """The autocast context of this run's precision (a no-op for fp32)."""
-        return autocast(self.precision)
+    def autocast(self, device_type: str) -> AbstractContextManager:
+        """The autocast context of this run's precision on ``device_type`` (a no-op for
+        fp32)."""
+        return autocast(self.precision, device_type)
 
     def forward(self, images: torch.Tensor, masks: DropoutMasks | None = None) -> torch.Tensor:
         """images float [B, 1, H, W] -> features [B, feature_dim] in the parameters' dtype."""
         dtype = next(self.network.parameters()).dtype
-        with self.autocast():
+        with self.autocast(images.device.type):
             if masks is None:
                 features = self.network.features(images)
             else:

@@ -72,13 +72,14 @@ def inner_loop(
 
 
 def multi_step_loss_weights(num_steps: int, iteration: int, anneal_iterations: int) -> Tensor:
-    """MAML++ importance of the query loss after each inner step, float64 [num_steps].
+    """MAML++ importance of the query loss after each inner step, float64 [num_steps] on
+    the CPU whatever the learner's device (`weighted_query_losses` reads them as floats).
 
     Starts uniform (1/K each); the non-final weights decay linearly to a floor of
     0.03/K over ``anneal_iterations`` while the final step takes the rest, so the weights
     always sum to 1. From ``anneal_iterations`` on, only the final step counts.
     """
-    weights = torch.zeros(num_steps, dtype=torch.float64)
+    weights = torch.zeros(num_steps, dtype=torch.float64, device="cpu")
     if num_steps == 1 or iteration >= anneal_iterations:
         weights[-1] = 1.0
         return weights
@@ -277,7 +278,7 @@ def _first_block_folded(
     positions = patches.shape[-1]  # [B, T*9, L] -> [B*L, T, 9]
     patches = patches.transpose(1, 2).reshape(batch * positions, num_tasks, kernel)
     weight = conv_weight.reshape(num_tasks, -1, kernel)  # [T, C, 9]
-    with full_precision():  # statistics in full precision
+    with full_precision(x.device.type):  # statistics in full precision
         patches_full = patches.to(weight.dtype)
         patch_mean = patches_full.mean(dim=0)  # [T, 9]
         centred = patches_full - patch_mean
@@ -293,7 +294,7 @@ def _first_block_folded(
     block_weight = torch.cat(
         [torch.block_diag(*folded_weight.transpose(1, 2)), folded_bias.reshape(1, -1)]
     )  # [T*9 + 1, T*C]
-    ones = torch.ones(batch * positions, 1, dtype=patches.dtype)
+    ones = torch.ones(batch * positions, 1, dtype=patches.dtype, device=patches.device)
     out = torch.cat([patches.reshape(batch * positions, -1), ones], dim=1) @ block_weight
     height = (x.shape[3] + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     width = (x.shape[4] + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1

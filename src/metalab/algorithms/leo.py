@@ -88,10 +88,13 @@ def gaussian_from(parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def sample_gaussian(mean: torch.Tensor, std: torch.Tensor, stochastic: bool) -> torch.Tensor:
-    """Reparameterised sample mean + std * eps (global torch RNG), or the mean."""
+    """Reparameterised sample mean + std * eps, or the mean. eps [same shape as mean] comes
+    from torch's global CPU RNG and is moved to mean's device: the same samples on every
+    device."""
     if not stochastic:
         return mean
-    return mean + std * torch.randn_like(mean)
+    noise = torch.randn(mean.shape, dtype=mean.dtype, device="cpu").to(mean.device)
+    return mean + std * noise
 
 
 def kl_to_standard_normal(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

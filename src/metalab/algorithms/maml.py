@@ -126,8 +126,8 @@ class Options(BaseModel):
     task_parallel: bool = Field(
         True,
         description=(
-            "vectorised path with several torch threads: each thread runs whole task chunks "
-            "single-threaded instead of all threads splitting every kernel"
+            "vectorised path on the CPU with several torch threads: each thread runs whole "
+            "task chunks single-threaded instead of all threads splitting every kernel"
         ),
     )
 
@@ -242,7 +242,8 @@ class MAMLLearner(MetaLearner):
     @property
     def task_runner(self) -> TaskRunner:
         """How meta-batches are split: chunks of ``task_chunk_size`` tasks, on several
-        threads with ``task_parallel`` (vectorised path only; the loop runs task by task)."""
+        threads with ``task_parallel`` (vectorised path on the CPU only; the loop runs task
+        by task)."""
         if not self.vectorised:
             return TaskRunner(chunk_size=1, task_parallel=False)
         return TaskRunner(self.options.task_chunk_size, self.options.task_parallel)
@@ -379,7 +380,7 @@ class MAMLLearner(MetaLearner):
         second_order = self.second_order_at(progress.iteration)
         step_weights = self.step_loss_weights(progress.iteration)
         masks = draw_task_dropout_masks(
-            self.model, self.options.meta_dropout_rates, num_tasks, dtype
+            self.model, self.options.meta_dropout_rates, num_tasks, dtype, support_x.device
         )
         # The backward's inputs: meta-parameters with a nonzero outer lr at this iteration.
         inputs = outer_groups.trained_parameters(self.parameter_groups(), progress.iteration)
@@ -435,10 +436,11 @@ class MAMLLearner(MetaLearner):
                 for name, p in self._initial_params(None).items()
             }
             if n_way != self.n_way:
-                params["head.weight"] = torch.zeros(
-                    n_way, self.model.head.in_features, dtype=dtype, requires_grad=True
-                )
-                params["head.bias"] = torch.zeros(n_way, dtype=dtype, requires_grad=True)
+                # On the learner's device, like the parameters it replaces.
+                like = {"dtype": dtype, "device": self.model.head.weight.device}
+                in_features = self.model.head.in_features
+                params["head.weight"] = torch.zeros(n_way, in_features, **like).requires_grad_()
+                params["head.bias"] = torch.zeros(n_way, **like).requires_grad_()
             if forward.stacked:
                 params = stack_for_tasks(params, 1)
 

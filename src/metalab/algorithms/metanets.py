@@ -37,6 +37,7 @@ from metalab.algorithms.embedding import (
     OnePassLearner,
     QueryClassifier,
     check_support_labels,
+    class_counts,
     class_means,
     squared_euclidean_logits,
 )
@@ -231,7 +232,7 @@ class MetaNetwork(OnePassLearner):
         # Fast weights of a class = a learned step along minus the output layer's gradient
         # (per support example of the class; the paper's simplest use of meta-information)
         # + the generator's output from the class memory.
-        shots = torch.bincount(support_y, minlength=n_way).to(memory.dtype)
+        shots = class_counts(support_y, n_way).to(memory.dtype)
         descent = -output_layer_gradient(support_representations, support_y, n_way, keep_graph)
         weight = self.log_output_step.exp() * descent / shots[:, None] + self.weight_generator(
             class_memory

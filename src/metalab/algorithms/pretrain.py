@@ -55,8 +55,10 @@ def pretrain_body(
     lr: float,
     seed: int,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Train ``model_config``'s network to classify ``images`` and return its body's weights.
+    """Train ``model_config``'s network to classify ``images`` on `device` and return its
+    body's weights (on the CPU).
 
     images: uint8 [N, S, S] (255 = ink, read as ``images / 255``); labels: int [N], any class
     ids (remapped to 0..C-1). Deterministic given ``seed`` (initialisation and batch order;
@@ -72,10 +74,10 @@ def pretrain_body(
     _, targets = torch.unique(labels, return_inverse=True)
     num_classes = int(targets.max()) + 1
     order_generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: the same start everywhere
         torch.manual_seed(seed)
         model = build_model(model_config, num_classes, images.shape[-1])
-    model.train()
+    model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches_per_epoch = -(-images.shape[0] // batch_size)
     bar = tqdm(
@@ -86,8 +88,8 @@ def pretrain_body(
         seen, correct, loss_sum = 0, 0, 0.0
         for start in range(0, images.shape[0], batch_size):
             batch = order[start : start + batch_size]
-            x = images[batch].unsqueeze(1).float().div(255.0)
-            y = targets[batch]
+            x = images[batch].unsqueeze(1).to(device).float().div(255.0)
+            y = targets[batch].to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -101,4 +103,6 @@ def pretrain_body(
             )
             bar.update(1)
     bar.close()
-    return {name: value.detach().clone() for name, value in model.body.state_dict().items()}
+    return {
+        name: value.detach().to("cpu", copy=True) for name, value in model.body.state_dict().items()
+    }

@@ -88,14 +88,16 @@ def support_batches(
 ) -> list[torch.Tensor | None]:
     """Index tensors [batch_size] into the support set, one per inner step.
 
-    Passes over the support set are reshuffled with the global torch RNG and concatenated,
-    so a batch may straddle two passes. ``None`` entries mean "the whole support set"
-    (when ``batch_size`` is None or not smaller than the support set; no RNG is drawn).
+    Passes over the support set are reshuffled with the global torch CPU RNG (the same
+    batches on every device; a CPU index tensor indexes a tensor on any device) and
+    concatenated, so a batch may straddle two passes. ``None`` entries mean "the whole
+    support set" (when ``batch_size`` is None or not smaller than the support set; no RNG
+    is drawn).
     """
     if batch_size is None or batch_size >= num_support:
         return [None] * steps
     passes = math.ceil(steps * batch_size / num_support)
-    order = torch.cat([torch.randperm(num_support) for _ in range(passes)])
+    order = torch.cat([torch.randperm(num_support, device="cpu") for _ in range(passes)])
     return list(order[: steps * batch_size].view(steps, batch_size))
 
 
@@ -145,18 +147,18 @@ class ReptileLearner(MetaLearner):
 
     def forward_with(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits [B, N] of ``model`` with ``params`` substituted; x [B, 1, H, W]."""
-        with autocast(self.precision):
+        with autocast(self.precision, x.device.type):
             logits = functional_call(self.model, params, (x,))
         return logits.float() if self.precision == "bf16" else logits
 
     def _fresh_head(self, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.model.head.weight
+        # Initialised on the CPU (torch's global CPU RNG), then moved: the same head on
+        # every device.
+        head = nn.Linear(weight.shape[1], n_way, device="cpu")
         if self.options.head_init == "zero":
-            head = nn.Linear(weight.shape[1], n_way)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        else:
-            head = nn.Linear(weight.shape[1], n_way)
         head = head.to(dtype=weight.dtype, device=weight.device)
         return head.weight.detach(), head.bias.detach()
 
@@ -191,7 +193,7 @@ class ReptileLearner(MetaLearner):
             params["head.weight"] = weight.clone().requires_grad_(True)
             params["head.bias"] = bias.clone().requires_grad_(True)
         optimizer = self._inner_optimizer(params.values())
-        last_loss = math.nan
+        last_loss: torch.Tensor | None = None
         with torch.enable_grad():
             for indices in support_batches(support_x.shape[0], batch_size, steps):
                 batch_x = support_x if indices is None else support_x[indices]
@@ -200,8 +202,10 @@ class ReptileLearner(MetaLearner):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                last_loss = loss.item()
-        return {name: p.detach() for name, p in params.items()}, last_loss
+                last_loss = loss.detach()
+        # Read once, after the loop: a read per step would wait for a GPU at every step.
+        adapted = {name: p.detach() for name, p in params.items()}
+        return adapted, math.nan if last_loss is None else last_loss.item()
 
     def meta_gradients(self, episodes: Episodes, progress: TrainProgress) -> StepStats:
         """Leave ``-epsilon_t * mean_t(adapted_t - theta)`` in ``.grad`` (accumulated).

@@ -220,9 +220,10 @@ class TAMLEncoderLearner(MAMLLearner):
             head = {name: self.model.get_parameter(name).detach() for name in HEAD_NAMES}
         else:
             feature_dim = self.model.head.in_features
+            like = {"dtype": dtype, "device": self.model.head.weight.device}
             head = {
-                "head.weight": torch.zeros(n_way, feature_dim, dtype=dtype),
-                "head.bias": torch.zeros(n_way, dtype=dtype),
+                "head.weight": torch.zeros(n_way, feature_dim, **like),
+                "head.bias": torch.zeros(n_way, **like),
             }
         head = stack_for_tasks({n: p.clone().requires_grad_(True) for n, p in head.items()}, 1)
         with torch.enable_grad():

@@ -50,15 +50,20 @@ def stack_dropout_masks(dropout_masks: TaskDropoutMasks | None) -> list[Tensor |
 
 
 def draw_task_dropout_masks(
-    model: nn.Module, rates: list[float] | None, num_tasks: int, dtype: torch.dtype
+    model: nn.Module,
+    rates: list[float] | None,
+    num_tasks: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> TaskDropoutMasks | None:
     """Meta Dropout: per task, one mask per block of ``model`` (a Conv4), drawn once from
-    the global torch RNG (task by task) and fixed for all inner steps and the query pass of
-    that task. None without ``rates``."""
+    the global torch CPU RNG (task by task, the same numbers on every device), moved to
+    ``device`` and fixed for all inner steps and the query pass of that task. None without
+    ``rates``."""
     if rates is None:
         return None
     shapes = model.block_output_shapes
-    return [draw_dropout_masks(shapes, rates, dtype=dtype) for _ in range(num_tasks)]
+    return [draw_dropout_masks(shapes, rates, dtype=dtype, device=device) for _ in range(num_tasks)]
 
 
 def body_features(
@@ -77,7 +82,7 @@ def body_features(
     """
     body = {n: p for n, p in model.named_parameters() if n.startswith("body.")}
     num_tasks = x.shape[0]
-    with autocast(precision):
+    with autocast(precision, x.device.type):
         if grouped and isinstance(model, Conv4):
             features = conv4_grouped_features(
                 model,
@@ -151,7 +156,7 @@ class ModuleForward(TaskForward):
         params = self.step_parameters(params, step)
         x = self.inputs[split][0]
         masks = None if self.dropout_masks is None else self.dropout_masks[0]
-        with autocast(self.precision):
+        with autocast(self.precision, x.device.type):
             features = module_features(self.model, params, x, masks)
             logits = F.linear(features, params["head.weight"], params["head.bias"])
         return logits.to(self.dtype).unsqueeze(0)
@@ -164,11 +169,12 @@ class GroupedConv4Forward(TaskForward):
 
     def logits(self, params: ParameterDict, split: str, step: int) -> Tensor:
         params = self.step_parameters(params, step)
-        with autocast(self.precision):
+        x = self.inputs[split]
+        with autocast(self.precision, x.device.type):
             features = conv4_grouped_features(
                 self.model,
                 params,
-                self.inputs[split],
+                x,
                 stack_dropout_masks(self.dropout_masks),
                 self.channels_last,
                 twice_differentiable=self.second_order and split == "support",

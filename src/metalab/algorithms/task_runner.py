@@ -6,9 +6,11 @@ tasks, its gradient is the sum of the chunks' gradients / T, so each chunk is
 backpropagated as soon as it is done and its graph freed; otherwise every chunk's graph is
 kept for one backward pass of the combined loss (the caller's).
 
-With several torch threads, whole chunks run on worker threads with single-threaded
-kernels instead of all threads splitting every (small) kernel: `run_chunks_in_threads`.
-Gradients are summed in a fixed order, so reruns are bit-identical.
+With several torch threads on the CPU, whole chunks run on worker threads with
+single-threaded kernels instead of all threads splitting every (small) kernel:
+`run_chunks_in_threads`. Gradients are summed in a fixed order, so reruns are
+bit-identical. On any other device (a GPU) chunks run one after another in the calling
+thread: its kernels are asynchronous, and torch's CPU thread count says nothing about it.
 """
 
 from __future__ import annotations
@@ -67,10 +69,11 @@ class TaskRunner:
         size = self.chunk_size
         return [slice(s, min(s + size, num_tasks)) for s in range(0, num_tasks, size)]
 
-    def workers(self, num_chunks: int) -> int:
-        """How many threads share ``num_chunks`` chunks: torch's intra-op thread count when
-        ``task_parallel``, at most one per chunk."""
-        if not self.task_parallel:
+    def workers(self, num_chunks: int, device: torch.device | str = "cpu") -> int:
+        """How many threads share ``num_chunks`` chunks computed on ``device``: torch's
+        intra-op thread count when ``task_parallel`` on the CPU, at most one per chunk;
+        one (the calling thread) on any other device."""
+        if not self.task_parallel or torch.device(device).type != "cpu":
             return 1
         return max(1, min(torch.get_num_threads(), num_chunks))
 
@@ -90,7 +93,7 @@ class TaskRunner:
         """
         num_tasks = query_y.shape[0]
         chunks = self.chunks(num_tasks)
-        workers = self.workers(len(chunks)) if backward_per_chunk else 1
+        workers = self.workers(len(chunks), query_y.device) if backward_per_chunk else 1
         if workers > 1:
             outcomes = run_chunks_in_threads(run_chunk, chunks, workers, inputs, num_tasks)
         else:

@@ -31,3 +31,9 @@ class PretrainConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.001, gt=0)
     seed: int = Field(0, ge=0)
+    threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="CPU threads (a param, not METALAB_THREADS: the body's bits depend on it)",
+    )

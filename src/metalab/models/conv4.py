@@ -89,21 +89,27 @@ def draw_dropout_masks(
     rates: list[float],
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> list[torch.Tensor | None]:
     """Inverted-dropout masks, one per block, each [1, *shape], values 0 or 1/(1-rate).
 
     Drawn once per task and reused for every inner step and the query pass, so the task
-    sees one fixed thinned network (Meta Dropout as in the seed project).
+    sees one fixed thinned network (Meta Dropout as in the seed project). The numbers come
+    from ``generator`` on its own device (None: torch's global CPU generator), so a seed
+    gives the same masks whatever ``device`` the masks are then moved to (default: the
+    generator's device).
     """
     if len(shapes) != len(rates):
         raise ValueError(
             f"need one dropout rate per block: {len(shapes)} blocks, {len(rates)} rates"
         )
+    source = torch.device("cpu") if generator is None else generator.device
+    target = source if device is None else torch.device(device)
     masks: list[torch.Tensor | None] = []
     for shape, rate in zip(shapes, rates, strict=True):
         if rate <= 0:
             masks.append(None)
             continue
-        keep = torch.rand((1, *shape), generator=generator) >= rate
-        masks.append(keep.to(dtype) / (1.0 - rate))
+        keep = torch.rand((1, *shape), generator=generator, device=source) >= rate
+        masks.append((keep.to(dtype) / (1.0 - rate)).to(target))
     return masks

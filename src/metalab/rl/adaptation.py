@@ -4,7 +4,9 @@ The inner step is vanilla policy gradient (REINFORCE with a baseline): per task,
 is minus the mean over valid steps of log pi(a|s) * A with GAE advantages normalised per
 task, and the adapted parameters are ``theta - inner_lr * grad``. All T tasks are adapted
 at once: per-task parameters carry a leading task dimension and the per-task losses are
-summed, so one backward pass yields every task's own gradient.
+summed, so one backward pass yields every task's own gradient. Everything computes on
+the device of the policy and the tasks (the environment's); nothing here creates a tensor
+of its own.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class LinearFeatureBaseline:
         targets = (returns * trajectories.mask).to(torch.float64).reshape(num_tasks, -1, 1)
         gram = design.transpose(1, 2) @ design
         moment = design.transpose(1, 2) @ targets
-        identity = torch.eye(num_features, dtype=torch.float64)
+        identity = torch.eye(num_features, dtype=torch.float64, device=design.device)
         regularization = self.regularization
         for _ in range(5):
             weights = torch.linalg.solve(gram + regularization * identity, moment)
@@ -107,18 +107,22 @@ class MLPCriticBaseline:
         meta_lr: float = 1e-3,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
-        with torch.random.fork_rng(devices=[]):
+        # Drawn on the CPU (seeded stream, same start on every device), then moved.
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(seed)
-            self.critic = nn.Sequential(
+            critic = nn.Sequential(
                 TaskLinear(feature_dim(observation_dim), hidden_size),
                 nn.Tanh(),
                 TaskLinear(hidden_size, hidden_size),
                 nn.Tanh(),
                 TaskLinear(hidden_size, 1),
-            ).to(dtype)
+            )
+        self.critic = critic.to(device=torch.device(device), dtype=dtype)
         self.fit_steps = fit_steps
         self.fit_lr = fit_lr
+        # After the move: Adam keeps its moments beside the parameters it updates.
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=meta_lr)
 
     def _per_task_errors(
@@ -181,9 +185,11 @@ class MLPCriticBaseline:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
+        """Critic weights and Adam state (live tensors on the critic's device)."""
         return {"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore from tensors on any device: they are copied to the critic's device."""
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -198,12 +204,21 @@ def build_baseline(
     meta_lr: float = 1e-3,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> Baseline:
-    """A ``"linear"`` or ``"mlp"`` baseline."""
+    """A ``"linear"`` or ``"mlp"`` baseline; an MLP critic lives on ``device`` (the linear
+    fit computes wherever the trajectories are)."""
     if kind == "linear":
         return LinearFeatureBaseline(regularization)
     if kind == "mlp":
         return MLPCriticBaseline(
-            observation_dim, hidden_size, fit_steps, fit_lr, meta_lr, seed=seed, dtype=dtype
+            observation_dim,
+            hidden_size,
+            fit_steps,
+            fit_lr,
+            meta_lr,
+            seed=seed,
+            dtype=dtype,
+            device=device,
         )
     raise ValueError(f"unknown baseline {kind!r}")

@@ -5,6 +5,11 @@ Every environment runs ``T`` tasks x ``N`` trajectories at once: observations ar
 has finished stays finished (its ``done`` flag is sticky, its later steps are inactive and
 earn zero reward) until every trajectory is done or the horizon is reached.
 
+An environment lives on a device (``device``, default the CPU): tasks, states, rewards
+and flags are created there. Random numbers are drawn on the generator's own device (the
+CPU generator of a run) and then moved, so a run draws the same numbers on any device and
+the CPU streams are those of a device-less run.
+
 Two families with deliberately different structure:
 
 - ``Navigation2D`` (the MAML paper's 2D navigation): continuous state and actions,
@@ -28,6 +33,21 @@ import torch
 EVALUATION_SEED_OFFSET = 1_000_003
 
 
+def uniform(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """U[0, 1) draws of ``shape`` from ``generator``'s stream, delivered on ``device``.
+
+    Drawn on the generator's device and moved, so the numbers do not depend on where the
+    run computes (a CPU generator gives the same values for a CPU and a CUDA run).
+    """
+    draws = torch.rand(shape, generator=generator, dtype=dtype, device=generator.device)
+    return draws.to(device)
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one batched step returns; all tensors are [T, N]."""
@@ -46,6 +66,7 @@ class MetaRLEnvironment(Protocol):
     horizon: int
     discrete_actions: bool
     action_dim: int  # Gaussian action dimension, or the number of arms when discrete
+    device: torch.device  # where tasks, states and rewards live
 
     def sample_tasks(self, num_tasks: int, generator: torch.Generator) -> torch.Tensor: ...
 
@@ -90,21 +111,25 @@ class Navigation2D:
         max_step: float = 0.1,
         goal_tolerance: float = 0.01,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.horizon = horizon
         self.goal_range = goal_range
         self.max_step = max_step
         self.goal_tolerance = goal_tolerance
         self.dtype = dtype
+        self.device = torch.device(device)
 
     def sample_tasks(self, num_tasks: int, generator: torch.Generator) -> torch.Tensor:
-        """Goals float [num_tasks, 2], uniform in the square."""
-        unit = torch.rand(num_tasks, 2, generator=generator, dtype=self.dtype)
+        """Goals float [num_tasks, 2] on the environment's device, uniform in the square."""
+        unit = uniform((num_tasks, 2), generator, self.dtype, self.device)
         return (2.0 * unit - 1.0) * self.goal_range
 
     def reset(self, tasks: torch.Tensor, trajectories_per_task: int) -> NavigationState:
-        positions = torch.zeros(tasks.shape[0], trajectories_per_task, 2, dtype=tasks.dtype)
-        done = torch.zeros(tasks.shape[0], trajectories_per_task, dtype=torch.bool)
+        """Goals tasks [T, 2] -> every trajectory at the origin, on the tasks' device."""
+        shape = (tasks.shape[0], trajectories_per_task)
+        positions = torch.zeros(*shape, 2, dtype=tasks.dtype, device=tasks.device)
+        done = torch.zeros(shape, dtype=torch.bool, device=tasks.device)
         return NavigationState(goals=tasks, positions=positions, done=done, step_count=0)
 
     def observe(self, state: NavigationState) -> torch.Tensor:
@@ -161,24 +186,30 @@ class BernoulliBandit:
     discrete_actions = True
 
     def __init__(
-        self, num_arms: int = 5, horizon: int = 100, dtype: torch.dtype = torch.float32
+        self,
+        num_arms: int = 5,
+        horizon: int = 100,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.action_dim = num_arms
         self.observation_dim = num_arms + 1
         self.horizon = horizon
         self.dtype = dtype
+        self.device = torch.device(device)
 
     def sample_tasks(self, num_tasks: int, generator: torch.Generator) -> torch.Tensor:
-        """Arm success probabilities float [num_tasks, K]."""
-        return torch.rand(num_tasks, self.action_dim, generator=generator, dtype=self.dtype)
+        """Arm success probabilities float [num_tasks, K] on the environment's device."""
+        return uniform((num_tasks, self.action_dim), generator, self.dtype, self.device)
 
     def reset(self, tasks: torch.Tensor, trajectories_per_task: int) -> BanditState:
+        """Probabilities tasks [T, K] -> no arm pulled yet, on the tasks' device."""
         shape = (tasks.shape[0], trajectories_per_task)
         return BanditState(
             arm_probabilities=tasks,
-            previous_actions=torch.full(shape, -1, dtype=torch.int64),
-            previous_rewards=torch.zeros(shape, dtype=tasks.dtype),
-            done=torch.zeros(shape, dtype=torch.bool),
+            previous_actions=torch.full(shape, -1, dtype=torch.int64, device=tasks.device),
+            previous_rewards=torch.zeros(shape, dtype=tasks.dtype, device=tasks.device),
+            done=torch.zeros(shape, dtype=torch.bool, device=tasks.device),
             step_count=0,
         )
 
@@ -195,7 +226,7 @@ class BernoulliBandit:
         """actions int64 [T, N] in 0..K-1."""
         active = ~state.done
         success_probability = torch.gather(state.arm_probabilities, 1, actions)
-        draws = torch.rand(actions.shape, generator=generator, dtype=self.dtype)
+        draws = uniform(tuple(actions.shape), generator, self.dtype, actions.device)
         rewards = ((draws < success_probability) & active).to(self.dtype)
         out_of_time = state.step_count + 1 >= self.horizon
         terminated = active & out_of_time
@@ -213,17 +244,22 @@ class BernoulliBandit:
 
 
 def build_environment(
-    name: str, horizon: int, num_arms: int = 5, dtype: torch.dtype = torch.float32
+    name: str,
+    horizon: int,
+    num_arms: int = 5,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> MetaRLEnvironment:
-    """The environment called ``name`` ("navigation_2d" or "bernoulli_bandit")."""
+    """The environment called ``name`` ("navigation_2d" or "bernoulli_bandit") on ``device``."""
     if name == "navigation_2d":
-        return Navigation2D(horizon=horizon, dtype=dtype)
+        return Navigation2D(horizon=horizon, dtype=dtype, device=device)
     if name == "bernoulli_bandit":
-        return BernoulliBandit(num_arms=num_arms, horizon=horizon, dtype=dtype)
+        return BernoulliBandit(num_arms=num_arms, horizon=horizon, dtype=dtype, device=device)
     raise ValueError(f"unknown environment {name!r}")
 
 
 def evaluation_tasks(env: MetaRLEnvironment, num_tasks: int, seed: int) -> torch.Tensor:
-    """Fixed held-out tasks for ``seed``: the same tensor every call, never a training draw."""
+    """Fixed held-out tasks [num_tasks, task_dim] for ``seed`` on the environment's device:
+    the same values every call (and on every device), never a training draw."""
     generator = torch.Generator().manual_seed(seed + EVALUATION_SEED_OFFSET)
     return env.sample_tasks(num_tasks, generator)

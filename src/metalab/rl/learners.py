@@ -15,6 +15,9 @@ TRPO. ANIL-RL is the same with only the head (mean layer + log-std, or logits) a
 in the inner loop; the outer step still trains body and head. Reptile-RL moves the
 meta-parameters toward the mean adapted parameters: theta += epsilon * (mean_i
 theta_i' - theta).
+
+A learner computes on its policy's device (environment and baseline on the same one);
+``tasks_per_second`` waits for the device's queued work before reading the clock.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 import torch
 from torch import nn
 
+from metalab.device import synchronize
 from metalab.rl.adaptation import inner_update, policy_gradient_losses, sample_adaptation
 from metalab.rl.baselines import Baseline
 from metalab.rl.buffer import MetaBuffer
@@ -55,6 +59,13 @@ def _check_finite(iteration: int, losses: dict[str, float]) -> None:
         raise NonFiniteLossError(iteration, losses)
 
 
+def _elapsed(started: float, device: torch.device) -> float:
+    """Seconds since ``started`` once ``device`` has finished its queued work (CUDA kernels
+    run asynchronously: without the wait the clock would miss them)."""
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 class RLMetaLearner:
     """Common machinery: environment, policy, baseline, inner-loop settings."""
 
@@ -79,6 +90,11 @@ class RLMetaLearner:
         self.inner_steps = inner_steps
         self.gamma = gamma
         self.gae_lambda = gae_lambda
+
+    @property
+    def device(self) -> torch.device:
+        """Where the learner computes: its policy's device."""
+        return next(self.policy.parameters()).device
 
     def adapted_parameter_names(self) -> list[str]:
         """Names the inner loop changes (all of them unless overridden)."""
@@ -200,7 +216,7 @@ class MAMLRL(RLMetaLearner):
         self.optimizer.step()
         self.baseline.step()
         policy_loss = float(loss.detach())
-        return self._metrics(buffer, policy_loss, critic_loss, time.perf_counter() - started)
+        return self._metrics(buffer, policy_loss, critic_loss, _elapsed(started, self.device))
 
     def optimizer_state(self) -> dict | None:
         return self.optimizer.state_dict()
@@ -261,4 +277,5 @@ class ReptileRL(RLMetaLearner):
         _check_finite(iteration, losses)
         self.interpolate(adapted)
         self.baseline.step()
-        return self._metrics(buffer, policy_loss_value, critic_loss, time.perf_counter() - started)
+        seconds = _elapsed(started, self.device)
+        return self._metrics(buffer, policy_loss_value, critic_loss, seconds)

@@ -5,6 +5,11 @@ task/sampling generator, iteration, history) behind ``state_dict`` /
 ``load_state_dict``, so a run resumed from a saved state ends with the same weights as
 an uninterrupted one. :func:`train_rl` drives it with a tqdm bar; :func:`evaluate_rl`
 measures held-out return before and after adaptation.
+
+Both compute on a chosen ``device`` (default the CPU): policy, critic and environment
+live there, while the task/sampling generator stays on the CPU, so a run draws the same
+random numbers on every device. Saved states (agent, checkpoints) hold CPU tensors, so
+files move between machines; loading copies them to the run's device.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from metalab.errors import MetalabError
-from metalab.io import save_torch
+from metalab.io import on_cpu, save_torch
 from metalab.rl.adaptation import sample_adaptation
 from metalab.rl.baselines import Baseline, build_baseline
 from metalab.rl.config import RLExperimentConfig
@@ -46,13 +52,21 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def cpu_snapshot(tree: Any) -> Any:
+    """A deep copy of ``tree`` with every tensor on the CPU (what files hold)."""
+    return copy.deepcopy(on_cpu(tree))
+
+
 def build_components(
-    config: RLExperimentConfig, dtype: torch.dtype = torch.float32
+    config: RLExperimentConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> tuple[MetaRLEnvironment, Policy, Baseline]:
-    """Environment, freshly initialised policy and baseline for ``config``."""
-    env = build_environment(config.env, config.horizon, config.num_arms, dtype)
+    """Environment, freshly initialised policy and baseline for ``config``, on ``device``
+    (weights initialised on the CPU and moved: the same start on every device)."""
+    env = build_environment(config.env, config.horizon, config.num_arms, dtype, device)
     policy = build_policy(
-        env, config.hidden_size, config.hidden_layers, config.init_std, config.seed, dtype
+        env, config.hidden_size, config.hidden_layers, config.init_std, config.seed, dtype, device
     )
     baseline = build_baseline(
         config.baseline,
@@ -64,6 +78,7 @@ def build_components(
         meta_lr=config.critic_meta_lr,
         seed=config.seed + CRITIC_SEED_OFFSET,
         dtype=dtype,
+        device=device,
     )
     return env, policy, baseline
 
@@ -96,11 +111,21 @@ def build_learner(
 
 
 class RLTrainer:
-    """Everything a meta-RL run needs to continue exactly where it stopped."""
+    """Everything a meta-RL run needs to continue exactly where it stopped.
 
-    def __init__(self, config: RLExperimentConfig, dtype: torch.dtype = torch.float32) -> None:
+    Computes on ``device``; the task/sampling generator is a CPU generator on every device
+    (its draws are moved), and the states it hands out hold CPU tensors.
+    """
+
+    def __init__(
+        self,
+        config: RLExperimentConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.config = config
-        self.env, self.policy, self.baseline = build_components(config, dtype)
+        self.device = torch.device(device)
+        self.env, self.policy, self.baseline = build_components(config, dtype, self.device)
         self.learner = build_learner(config, self.env, self.policy, self.baseline)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
@@ -115,14 +140,14 @@ class RLTrainer:
         return metrics
 
     def agent_state(self) -> dict:
-        """What evaluation needs: policy weights and baseline state (copies)."""
-        return copy.deepcopy(
+        """What evaluation needs: policy weights and baseline state (CPU copies)."""
+        return cpu_snapshot(
             {"policy": self.policy.state_dict(), "baseline": self.baseline.state_dict()}
         )
 
     def state_dict(self) -> dict:
-        """A snapshot (deep copy) of the full training state."""
-        return copy.deepcopy(
+        """A snapshot (deep copy, CPU tensors) of the full training state."""
+        return cpu_snapshot(
             {
                 "config": self.config.model_dump(),
                 "iteration": self.iteration,
@@ -135,6 +160,7 @@ class RLTrainer:
         )
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (tensors on any device; copied to this trainer's)."""
         saved = state["config"]
         for name in _RESUME_INVARIANT_FIELDS:
             if saved[name] != getattr(self.config, name):
@@ -158,17 +184,23 @@ def train_rl(
     on_checkpoint: Callable[[int, dict], None] | None = None,
     checkpoint_every: int = 0,
     progress: bool = True,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
 ) -> tuple[dict, list[dict[str, float]]]:
-    """Meta-train until ``config.iterations``; resume from ``state`` when given.
+    """Meta-train until ``config.iterations`` on ``device``; resume from ``state`` when given.
 
     ``on_iteration(iteration, metrics)`` runs after every meta-iteration (0-based index).
     ``on_checkpoint(iterations_done, trainer_state)`` runs every ``checkpoint_every``
     iterations with a full, deep-copied training state for :class:`RLTrainer` /
     ``train_rl(state=...)``. Returns the agent state (``{"policy", "baseline"}``) and the
-    per-iteration metrics history. Raises ``NonFiniteLossError`` naming the iteration.
+    per-iteration metrics history; states hold CPU tensors. ``threads`` torch threads
+    while training (default ``config.num_threads``). Raises
+    ``NonFiniteLossError`` naming the iteration.
     """
-    with torch_threads(config.num_threads):
-        return _train(config, on_iteration, state, on_checkpoint, checkpoint_every, progress)
+    with torch_threads(config.num_threads if threads is None else threads):
+        return _train(
+            config, on_iteration, state, on_checkpoint, checkpoint_every, progress, device
+        )
 
 
 def _train(
@@ -178,8 +210,9 @@ def _train(
     on_checkpoint: Callable[[int, dict], None] | None,
     checkpoint_every: int,
     progress: bool,
+    device: torch.device | str,
 ) -> tuple[dict, list[dict[str, float]]]:
-    trainer = RLTrainer(config)
+    trainer = RLTrainer(config, device=device)
     if state is not None:
         trainer.load_state_dict(state)
     with tqdm(
@@ -217,13 +250,15 @@ def _summarise(returns: torch.Tensor) -> dict:
 
 
 def save_agent(path: str | Path, config: RLExperimentConfig, agent_state: dict) -> None:
-    """Write a trained agent (``{"policy", "baseline"}`` state) and its config, atomically."""
+    """Write a trained agent (``{"policy", "baseline"}`` state) and its config, atomically;
+    the file holds CPU tensors whatever device the state is on."""
     save_torch(path, {"config": config.model_dump(), "agent": agent_state})
 
 
 def load_agent(path: str | Path) -> dict:
-    """The agent state saved by `save_agent`; read with ``weights_only=True`` (no code in the
-    file runs), `MetalabError` in one line for a missing or unreadable file."""
+    """The agent state saved by `save_agent`, CPU tensors (`evaluate_rl` moves them to its
+    device); read with ``weights_only=True`` (no code in the file runs), `MetalabError` in
+    one line for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise MetalabError(f"{path}: no such RL model (train it with `dvc repro train_rl@<name>`)")
@@ -239,7 +274,12 @@ def load_agent(path: str | Path) -> dict:
 
 
 def evaluate_rl(
-    config: RLExperimentConfig, agent_state: dict, tasks: torch.Tensor | None = None
+    config: RLExperimentConfig,
+    agent_state: dict,
+    tasks: torch.Tensor | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
 ) -> dict:
     """Held-out return before adaptation and after each of ``config.eval_adaptation_steps``.
 
@@ -249,19 +289,27 @@ def evaluate_rl(
     trajectories with the current policy and takes one policy-gradient step with
     ``inner_lr`` (ANIL-RL adapts the head only). A task's return is the mean undiscounted
     return of its trajectories; statistics are over tasks. Returns ``{"results": [...],
-    "metrics": {flat floats}}``.
+    "metrics": {flat floats}}``. Computes on ``device`` (agent tensors from any device are
+    copied there) with ``threads`` torch threads (default ``config.num_threads``); the
+    sampling generator is a CPU one, so every device sees the same random numbers.
     """
-    with torch_threads(config.num_threads):
-        return _evaluate(config, agent_state, tasks)
+    with torch_threads(config.num_threads if threads is None else threads):
+        return _evaluate(config, agent_state, tasks, torch.device(device))
 
 
-def _evaluate(config: RLExperimentConfig, agent_state: dict, tasks: torch.Tensor | None) -> dict:
-    env, policy, baseline = build_components(config)
+def _evaluate(
+    config: RLExperimentConfig,
+    agent_state: dict,
+    tasks: torch.Tensor | None,
+    device: torch.device,
+) -> dict:
+    env, policy, baseline = build_components(config, device=device)
     policy.load_state_dict(agent_state["policy"])
     baseline.load_state_dict(copy.deepcopy(agent_state["baseline"]))
     learner = build_learner(config, env, policy, baseline)
     if tasks is None:
         tasks = evaluation_tasks(env, config.eval_tasks, config.seed)
+    tasks = tasks.to(device)
     generator = torch.Generator().manual_seed(config.seed + EVALUATION_SAMPLING_SEED_OFFSET)
     max_steps = max(config.eval_adaptation_steps)
     buffer, _, _ = sample_adaptation(

@@ -10,6 +10,10 @@ to ``T`` copies by :func:`stack_parameters`, which keeps gradients flowing back 
 Gradients always go through ``functional_call`` (:func:`policy_outputs`); gradient-free
 rollouts use :func:`sampling_outputs`, the same computation without module dispatch
 (tested equal).
+
+A policy is initialised on the CPU and then moved to its device, so its starting weights
+are the same on every device; actions are drawn on the sampling generator's device (the
+run's CPU generator) and moved to the policy's, so the random streams do not depend on it.
 """
 
 from __future__ import annotations
@@ -67,7 +71,10 @@ class GaussianHead(nn.Module):
     def __init__(self, hidden_size: int, action_dim: int, init_std: float) -> None:
         super().__init__()
         self.mean = TaskLinear(hidden_size, action_dim)
-        self.log_std = nn.Parameter(torch.full((action_dim,), math.log(init_std)))
+        # Built on the CPU like the layers beside it; `build_policy` moves the whole policy.
+        self.log_std = nn.Parameter(
+            torch.full((action_dim,), math.log(init_std), device=torch.device("cpu"))
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [..., hidden] -> [..., 2 * action_dim]: mean then log-std.
@@ -107,10 +114,13 @@ class GaussianMLPPolicy(nn.Module):
         return per_dim.sum(dim=-1)
 
     def sample(self, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """outputs [..., 2A] -> actions float [..., A]."""
+        """outputs [..., 2A] -> actions float [..., A] on the outputs' device."""
         mean, log_std = outputs.split(self.action_dim, dim=-1)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        return mean + torch.exp(log_std) * noise
+        # Drawn where the generator lives, so the noise is the same whichever device computes.
+        noise = torch.randn(
+            mean.shape, generator=generator, dtype=mean.dtype, device=generator.device
+        )
+        return mean + torch.exp(log_std) * noise.to(mean.device)
 
 
 class CategoricalMLPPolicy(nn.Module):
@@ -139,11 +149,12 @@ class CategoricalMLPPolicy(nn.Module):
         return torch.gather(log_probs, -1, actions.unsqueeze(-1)).squeeze(-1)
 
     def sample(self, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """logits [..., K] -> actions int64 [...]."""
+        """logits [..., K] -> actions int64 [...] on the logits' device."""
         probabilities = torch.softmax(outputs, dim=-1)
         flat = probabilities.reshape(-1, probabilities.shape[-1])
-        drawn = torch.multinomial(flat, 1, generator=generator)
-        return drawn.reshape(probabilities.shape[:-1])
+        # The draw runs on the generator's device (its stream, whichever device computes).
+        drawn = torch.multinomial(flat.to(generator.device), 1, generator=generator)
+        return drawn.to(outputs.device).reshape(probabilities.shape[:-1])
 
 
 Policy = GaussianMLPPolicy | CategoricalMLPPolicy
@@ -156,9 +167,15 @@ def build_policy(
     init_std: float = 1.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> Policy:
-    """The policy family ``env`` needs, initialised from ``seed`` (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
+    """The policy family ``env`` needs, initialised from ``seed`` (global RNG untouched).
+
+    The weights are drawn on the CPU and then moved to ``device``: the same start on every
+    device.
+    """
+    # On the CPU whatever the default device: the seeded CPU stream draws the weights.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         if env.discrete_actions:
             policy: Policy = CategoricalMLPPolicy(
@@ -168,7 +185,7 @@ def build_policy(
             policy = GaussianMLPPolicy(
                 env.observation_dim, env.action_dim, hidden_size, hidden_layers, init_std
             )
-    return policy.to(dtype)
+    return policy.to(device=torch.device(device), dtype=dtype)
 
 
 def head_parameter_names(policy: nn.Module) -> list[str]:

@@ -34,8 +34,10 @@ class Trajectories:
 
     @property
     def timesteps(self) -> torch.Tensor:
-        """Step index of every entry, float [T, N, L]."""
-        steps = torch.arange(self.rewards.shape[-1], dtype=self.rewards.dtype)
+        """Step index of every entry, float [T, N, L], on the rewards' device."""
+        steps = torch.arange(
+            self.rewards.shape[-1], dtype=self.rewards.dtype, device=self.rewards.device
+        )
         return steps.expand_as(self.rewards)
 
     def episode_returns(self) -> torch.Tensor:
@@ -63,8 +65,9 @@ def sample_trajectories(
 ) -> Trajectories:
     """Run ``trajectories_per_task`` trajectories of each task with its own parameters.
 
-    task_parameters: per-task policy parameters, each [T, ...]; tasks [T, task_dim].
-    Stops early once every trajectory has ended.
+    task_parameters: per-task policy parameters, each [T, ...]; tasks [T, task_dim]; all
+    on the environment's device, where the trajectories are made. Stops early once every
+    trajectory has ended.
     """
     state = env.reset(tasks, trajectories_per_task)
     steps: dict[str, list[torch.Tensor]] = {name: [] for name in _TRAJECTORY_FIELDS}
