@@ -43,6 +43,7 @@ def main(args, params: DataParams) -> None:
             for name, summary in summaries.items()
         }
         DataMetrics.model_validate(report).write(DATA_METRICS_FILE)
+        run.log_archives(report, context="download")  # MLflow datasets, by their sha256
         for name, row in report.items():
             run.log_metrics(
                 {f"{name}.drawings": row["drawings"], f"{name}.mb": row["size_bytes"] / 2**20}

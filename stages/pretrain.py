@@ -29,7 +29,7 @@ def main(args, params: PretrainParams) -> None:
     with stage_run("pretrain", logged, params.tracking, device=device) as run:
         arrays = load_prefetched(PREFETCHED_FILE)
         split = make_split(arrays.character_origin, params.data.split)
-        images, labels = meta_train_drawings(arrays, split)
+        images, labels = meta_train_drawings(arrays, split, config.drawings_per_class)
         state = pretrain_body(
             config.model,
             images,
@@ -40,6 +40,7 @@ def main(args, params: PretrainParams) -> None:
             seed=config.seed,
             progress=not args.no_progress,
             device=device,
+            on_epoch=run.log_metrics,  # loss and accuracy curves, step = epoch
         )
         run.meter.add_tasks(config.epochs * labels.numel())  # 'tasks' here: training images
         save_torch(

@@ -9,6 +9,7 @@ the N processes (`metalab.distributed`); only rank 0 logs to MLflow and writes f
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 
 import pandas as pd
@@ -21,15 +22,26 @@ from metalab.distributed import distributed_session, environment_context, thread
 from metalab.io import write_text
 from metalab.layout import (
     CHECKPOINTS_DIR,
+    DATA_METRICS_FILE,
     PREFETCHED_FILE,
     model_file,
     train_curve_file,
     train_metrics_file,
 )
 from metalab.params import Params, load_params
-from metalab.records import TrainSummary
+from metalab.records import DataMetrics, MetricsFileError, TrainSummary
 from metalab.tracking import memory_figures, stage_run
 from metalab.training import Trainer
+
+
+def downloaded_archives() -> dict:
+    """The download stage's record of each Omniglot archive (metrics/data.json: source,
+    sha256, counts); none, with a warning, if it is missing or unreadable."""
+    try:
+        return DataMetrics.read(DATA_METRICS_FILE).to_dict()
+    except MetricsFileError as error:
+        print(f"warning: no dataset input on the MLflow run: {error}", file=sys.stderr)
+        return {}
 
 
 def main(args, params: Params) -> None:
@@ -58,6 +70,8 @@ def main(args, params: Params) -> None:
             device=device,
             system_metrics=True,
         ) as run:
+            if run.run_id is not None:  # lineage: the archives the prefetched data came from
+                run.log_archives(downloaded_archives(), context="training")
             trainer = Trainer(
                 name,
                 params,
@@ -79,14 +93,19 @@ def main(args, params: Params) -> None:
                 mlflow_run_id=run.run_id,
             )
             run.meter.add_tasks(summary.tasks, summary.training_seconds)
-            run.log_metrics(
-                {
-                    "total_parameters": summary.total_parameters,
-                    "trainable_parameters": summary.trainable_parameters,
-                    "best_validation_accuracy": summary.best_validation_accuracy,
-                }
-            )
+            figures = {
+                "total_parameters": summary.total_parameters,
+                "trainable_parameters": summary.trainable_parameters,
+                "best_validation_accuracy": summary.best_validation_accuracy,
+            }
+            run.log_metrics(figures)
             trainer.save_model(model_file(name))
+            if run.run_id is not None:  # the learner as an MLflow model on this run
+                from metalab.mlflow_model import example_task, log_learner_model
+
+                config = params.train_config(name)
+                example = example_task(arrays, split.validation, config.n_way, config.k_shot)
+                log_learner_model(run, model_file(name), example, metrics=figures)
             summary.write(train_metrics_file(name))
             history = pd.DataFrame(result.history).to_csv(index=False)
             write_text(train_curve_file(name), history)

@@ -13,7 +13,8 @@ from import_graph import MODULES, ROOT, closure, graph, imported_modules
 # Modules that decide no number and write no result, so changing them need not rerun a
 # stage: package docstrings and lazy exports, error types, the params-validation machinery,
 # output paths (dvc.yaml spells them itself), process and device settings, MLflow logging,
-# argument parsing, the UI.
+# argument parsing, the UI, the MLflow model wrapper (it serves a model file the stage has
+# already written; a change to it cannot change models/<name>.pt or any metric).
 PLUMBING = {
     "metalab",
     "metalab.algorithms",
@@ -29,6 +30,7 @@ PLUMBING = {
     "metalab.tracking_store",
     "metalab.cli",
     "metalab.ui",
+    "metalab.mlflow_model",
 }
 
 

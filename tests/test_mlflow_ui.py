@@ -2,9 +2,10 @@
 
 A small store is written with metalab.tracking (the metric names the train stage logs),
 the UI is started exactly as documented (``metalab-ui``, here as ``python -m metalab.ui``
-so no PATH is needed) on a free loopback port, and headless Chromium, driven by selenium,
-opens the experiment and the run page. Without chromium/chromedriver the test is skipped,
-except under CI (``CI=true``), where it fails.
+so no PATH is needed) from a subfolder of the project on a free loopback port, and
+headless Chromium, driven by selenium, opens the experiment and the run page. Without
+chromium/chromedriver the test is skipped, except under CI (``CI=true``), where it fails.
+Outside a project, or without a store, ``metalab-ui`` exits 1 with one line.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from mlflow import MlflowClient
 
 from metalab.schema import TrackingConfig
 from metalab.tracking import stage_run
-
-pytestmark = pytest.mark.slow
+from metalab.ui import NoStoreError, find_project_root, store_uri
 
 SERVER_START_TIMEOUT_S = 60
 PAGE_TIMEOUT_S = 30
 EXPERIMENT_NAME = "metalab"
-RUN_NAME = "train tiny"
+STAGE = "train@tiny"  # the run is named after it (then " · <commit>")
 UNDER_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -85,12 +85,14 @@ def browser_paths() -> tuple[str, str]:
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
-    """A store holding the experiment `metalab` with one finished training run; returns the
-    store URI and the run id."""
+    """A project (``.dvc/``, ``dvc.yaml``) whose store holds the experiment `metalab` with one
+    finished training run; returns the store URI and the run id."""
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with stage_run(
-        "train@tiny",
+        STAGE,
         {"train": {"meta_lr": 0.001}},
         TrackingConfig(experiment_name=EXPERIMENT_NAME),
         tags={"experiment": "tiny", "stage_kind": "train"},
@@ -103,16 +105,20 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
 
 @pytest.fixture
 def ui_server(store: tuple[str, str], tmp_path: Path) -> Iterator[str]:
-    """The documented UI command on a free loopback port, in its own process group (the
-    server forks workers); the whole group is killed afterwards. Yields the base URL."""
-    uri, _ = store
+    """The documented UI command on a free loopback port, started from a subfolder of the
+    project with no MLFLOW_TRACKING_URI (it must find the project's store), in its own
+    process group (the server forks workers); the whole group is killed afterwards. Yields
+    the base URL."""
     port = free_loopback_port()
     log_path = tmp_path / "mlflow_ui.log"
+    subfolder = tmp_path / "notebooks" / "scratch"
+    subfolder.mkdir(parents=True)
+    unset = ("MLFLOW_TRACKING_URI", "DVC_ROOT")
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "metalab.ui", "--port", str(port)],
-            cwd=tmp_path,
-            env=os.environ | {"MLFLOW_TRACKING_URI": uri},
+            cwd=subfolder,
+            env={key: value for key, value in os.environ.items() if key not in unset},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -206,6 +212,7 @@ def value_after(lines: list[str], label: str) -> str:
     return lines[lines.index(label) + 1]
 
 
+@pytest.mark.slow
 def test_ui_shows_experiment_run_and_resource_metrics(
     browser_paths: tuple[str, str],
     store: tuple[str, str],
@@ -221,6 +228,8 @@ def test_ui_shows_experiment_run_and_resource_metrics(
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
     metrics = client.get_run(run_id).data.metrics
+    run_name = client.get_run(run_id).info.run_name
+    assert run_name.startswith(STAGE)
     wait = WebDriverWait(browser, PAGE_TIMEOUT_S)
     artifacts = Path(os.environ.get("METALAB_TEST_ARTIFACTS", tmp_path))
     try:
@@ -232,9 +241,9 @@ def test_ui_shows_experiment_run_and_resource_metrics(
         # Its runs table (the experiment's default tab depends on the UI's GenAI/Model
         # training switch, so open the runs tab by URL) and from there the run page.
         browser.get(f"{ui_server}/#/experiments/{experiment_id}/runs")
-        wait.until(expected_conditions.element_to_be_clickable((By.LINK_TEXT, RUN_NAME))).click()
+        wait.until(expected_conditions.element_to_be_clickable((By.LINK_TEXT, run_name))).click()
         wait.until(expected_conditions.url_contains(f"/experiments/{experiment_id}/runs/{run_id}"))
-        wait_for_text(browser, EXPERIMENT_NAME, RUN_NAME, "tasks_per_s", "peak_memory_mb")
+        wait_for_text(browser, EXPERIMENT_NAME, run_name, "tasks_per_s", "peak_memory_mb")
         lines = page_lines(browser)
         assert value_after(lines, "tasks_per_s") == "32"
         assert value_after(lines, "peak_memory_mb") == js_number(metrics["peak_memory_mb"])
@@ -245,3 +254,61 @@ def test_ui_shows_experiment_run_and_resource_metrics(
         browser.save_screenshot(str(screenshot))
         print(f"screenshot of the failing page: {screenshot} (URL {browser.current_url})")
         raise
+
+
+# ----------------------------------------------------------- which store, from where
+def make_project(root: Path, store: bool = True) -> Path:
+    (root / ".dvc").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    if store:
+        (root / "mlflow.db").write_bytes(b"")
+    return root
+
+
+def test_the_store_is_found_from_any_subfolder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    project = make_project(tmp_path / "project")
+    deep = project / "src" / "metalab" / "deeper"
+    deep.mkdir(parents=True)
+    assert find_project_root(deep) == project
+    assert store_uri(cwd=deep) == f"sqlite:///{project / 'mlflow.db'}"
+    # A queued experiment's workspace (a copy with its own .dvc/) leads to the project.
+    workspace = make_project(project / ".dvc" / "tmp" / "exps" / "tmp123", store=False)
+    assert store_uri(cwd=workspace) == f"sqlite:///{project / 'mlflow.db'}"
+    # DVC_ROOT and MLFLOW_TRACKING_URI are respected as by the stages.
+    other = make_project(tmp_path / "other")
+    monkeypatch.setenv("DVC_ROOT", str(other))
+    assert store_uri(cwd=deep) == f"sqlite:///{other / 'mlflow.db'}"
+    monkeypatch.delenv("DVC_ROOT")
+    (project / "runs").mkdir()
+    (project / "runs" / "m.db").write_bytes(b"")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")
+    assert store_uri(cwd=deep) == f"sqlite:///{project / 'runs' / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert store_uri(cwd=tmp_path) == "http://127.0.0.1:5001"  # no project needed
+    assert store_uri(f"sqlite:///{other / 'mlflow.db'}", cwd=tmp_path).endswith("other/mlflow.db")
+    with pytest.raises(NoStoreError, match="no MLflow store at"):
+        store_uri("sqlite:///missing.db", cwd=deep)
+
+
+@pytest.mark.parametrize("where", ["outside", "no store yet"])
+def test_without_a_store_the_ui_exits_1_in_one_line(tmp_path: Path, where: str):
+    cwd = tmp_path / "somewhere"
+    if where == "no store yet":
+        make_project(tmp_path, store=False)
+    cwd.mkdir()
+    unset = ("MLFLOW_TRACKING_URI", "DVC_ROOT")
+    result = subprocess.run(
+        [sys.executable, "-m", "metalab.ui", "--port", str(free_loopback_port())],
+        cwd=cwd,
+        env={key: value for key, value in os.environ.items() if key not in unset},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("metalab-ui: ")
+    expected = "is not inside a metalab project" if where == "outside" else "no MLflow store at"
+    assert expected in result.stderr
+    assert not list(tmp_path.rglob("mlflow.db*"))  # no new, empty store

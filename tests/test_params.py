@@ -399,3 +399,25 @@ def test_a_params_file_names_every_experiments_starting_body(tmp_path):
         tmp_path, {"experiments": {"x": {"algorithm": "maml", "body_init": "models/pretrain/"}}}
     )
     assert load_params(path).experiment("x").body_init == "models/pretrain"
+
+
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", ROOT / "params" / "paper.yaml"])
+def test_dvc_set_param_overrides_work_for_every_experiment(tmp_path, path):
+    # `dvc exp run -S experiments.<name>.train.iterations=4` edits params.yaml through this
+    # function; it refuses a key whose parent mapping is missing ("not in struct").
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text(path.read_text())
+    names = list(yaml.safe_load(copy.read_text())["experiments"])
+    keys = list(TrainConfig.model_fields)
+    overrides = [f"experiments.{name}.train.iterations=4" for name in names]
+    overrides += [f"experiments.{names[0]}.train.{key}=null" for key in keys if key != "iterations"]
+    apply_overrides(copy, overrides)
+    params = load_params(copy)
+    for name in names:
+        assert params.train_config(name).iterations == 4
+    default = load_params(path)
+    assert params.train_config(names[1]) == default.train_config(names[1]).model_copy(
+        update={"iterations": 4}
+    )

@@ -253,6 +253,26 @@ def test_plots_are_valid_pngs(project):
     assert row["accuracy_before"].item() == pytest.approx(20.0)
 
 
+def test_figures_get_each_experiments_algorithm_and_one_look(project, monkeypatch):
+    """The loss figure's panels follow the learner families: build_report hands it every
+    experiment's algorithm (from its metrics, else params.yaml) and one style each."""
+    import metalab.report.build as build_module
+
+    seen = {}
+    real = build_module.plot_training_loss
+
+    def spy(curves, path, styles=None, algorithms=None):
+        seen.update(styles=styles, algorithms=algorithms)
+        return real(curves, path, styles, algorithms)
+
+    monkeypatch.setattr(build_module, "plot_training_loss", spy)
+    build(project)
+
+    assert seen["algorithms"] == CONFIGURED
+    assert set(seen["styles"]) == set(CONFIGURED)
+    assert len(set(seen["styles"].values())) == len(CONFIGURED)
+
+
 def test_report_without_any_results_still_renders(tmp_path):
     files = build(tmp_path, experiments=["maml", "ghost"])
 

@@ -1,31 +1,42 @@
 """MLflow tracking: a stage run's params, curves, tags and resource figures read back; an
 unusable store reported in one line; runs of killed stages closed on the next start."""
 
+import hashlib
+import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from omniglot_fixture import expected_counts
 
+from metalab.algorithms.pretrain import pretrain_body
 from metalab.errors import MetalabError
+from metalab.models.config import ModelConfig
 from metalab.schema import TrackingConfig
 from metalab.tracking import (
+    DATASET_DIGEST_CHARS,
     flatten,
-    process_start,
     resolve_tracking_uri,
+    run_name,
     run_tags,
     stage_run,
     tracking_uri,
 )
-from metalab.tracking_store import with_store_retries
+from metalab.tracking_store import process_start, with_store_retries
 
 UNIT = TrackingConfig(experiment_name="unit")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -52,6 +63,8 @@ def test_run_is_logged_with_figures_tags_and_curves(store):
     assert tags["dvc_exp_name"] == "sweep-inner-lr-1"
     assert tags["git_commit"] and tags["device"] == "cpu" and tags["device_name"]
     assert logged.data.params == {"train.meta_lr": "0.001", "train.clip": "null"}
+    assert logged.info.run_name == run_name("train@maml", tags)
+    assert logged.info.run_name.startswith("train@maml · sweep-inner-lr-1")
     curve = client.get_metric_history(run.run_id, "loss")
     assert [point.step for point in curve] == [0, 1, 2]
     assert curve[-1].value == pytest.approx(1 / 3)
@@ -73,6 +86,129 @@ def test_disabled_tracking_still_measures(tmp_path, monkeypatch):
     assert run.run_id is None
     assert run.meter.figures()["tasks_per_s"] > 0
     assert not (tmp_path / "never.db").exists()
+
+
+def test_run_names_say_stage_experiment_and_commit():
+    commit = "859b862" + "0" * 33
+    assert run_name("train@maml", {"git_commit": commit}) == "train@maml · 859b862"
+    tags = {"git_commit": f"{commit}-dirty", "dvc_exp_name": "anil-lr-0.3"}
+    assert run_name("train@anil", tags) == "train@anil · anil-lr-0.3 · 859b862-dirty"
+    assert run_name("download", {"git_commit": "unknown"}) == "download"
+
+
+def test_archives_are_dataset_inputs_by_digest_with_their_source(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    records = {
+        "images_background": {
+            "source": "https://example.org/omniglot/",
+            "sha256": "5e40902b4b72" + "a" * 52,
+            "size_bytes": 8556666,
+            "drawings": 19280,
+        },
+        "images_evaluation": {
+            "source": "../mirror",  # a local mirror, relative to the project root
+            "sha256": "bcc0b44a73cc" + "b" * 52,
+            "size_bytes": 5838819,
+            "drawings": 13180,
+        },
+    }
+    with stage_run("download", {}, UNIT) as run:
+        run.log_archives(records, context="download")
+    inputs = MlflowClient(store).get_run(run.run_id).inputs.dataset_inputs
+    found = {entry.dataset.name: entry for entry in inputs}
+    assert sorted(found) == ["omniglot/images_background", "omniglot/images_evaluation"]
+    background = found["omniglot/images_background"]
+    evaluation = found["omniglot/images_evaluation"]
+    assert DATASET_DIGEST_CHARS <= 36  # MLflow's limit
+    assert background.dataset.digest == "5e40902b4b72"
+    assert background.dataset.source_type == "http"
+    assert json.loads(background.dataset.source) == {
+        "url": "https://example.org/omniglot/images_background.zip"
+    }
+    assert json.loads(background.dataset.profile) == {
+        "sha256": records["images_background"]["sha256"],
+        "size_bytes": 8556666,
+        "drawings": 19280,
+    }
+    assert evaluation.dataset.source_type == "local"
+    assert json.loads(evaluation.dataset.source) == {
+        "uri": str(tmp_path / "mirror" / "images_evaluation.zip")
+    }
+    assert [(tag.key, tag.value) for tag in evaluation.tags] == [
+        ("mlflow.data.context", "download")
+    ]
+
+
+def test_download_stage_logs_the_archives_it_fetched(store, tmp_path, tiny_omniglot_dir):
+    counts = expected_counts()
+    params = {
+        "data": {
+            "sources": [str(tiny_omniglot_dir)],
+            "expected": {name: vars(count) for name, count in counts.items()},
+            "split": {"validation_characters": 5},
+        },
+        "episodes": {"settings": ["5w1s"]},
+        "tracking": {"experiment_name": "unit"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "download.py"), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    inputs = {entry.dataset.name: entry.dataset for entry in run.inputs.dataset_inputs}
+    for name in counts:
+        digest = hashlib.sha256((tmp_path / "data" / "raw" / f"{name}.zip").read_bytes())
+        dataset = inputs[f"omniglot/{name}"]
+        assert dataset.digest == digest.hexdigest()[:DATASET_DIGEST_CHARS]
+        assert json.loads(dataset.profile)["sha256"] == digest.hexdigest()
+        assert json.loads(dataset.source) == {"uri": str(tiny_omniglot_dir / f"{name}.zip")}
+
+
+def test_pretraining_logs_loss_and_accuracy_per_epoch_without_changing_weights(store):
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(48, 28, 28, generator=generator) * 255).to(torch.uint8)
+    labels = torch.arange(4).repeat_interleave(12)
+    settings = dict(epochs=3, batch_size=16, lr=0.01, seed=0, progress=False)
+    plain = pretrain_body(ModelConfig(hidden=8), images, labels, **settings)
+    with stage_run("pretrain", {}, UNIT) as run:
+        logged = pretrain_body(
+            ModelConfig(hidden=8), images, labels, **settings, on_epoch=run.log_metrics
+        )
+    assert plain.keys() == logged.keys()
+    assert all(torch.equal(plain[key], logged[key]) for key in plain)
+    client = MlflowClient(store)
+    for key in ("loss", "accuracy"):
+        curve = client.get_metric_history(run.run_id, key)
+        assert [point.step for point in curve] == [0, 1, 2], key
+    assert all(0 <= p.value <= 1 for p in client.get_metric_history(run.run_id, "accuracy"))
+    assert all(p.value > 0 for p in client.get_metric_history(run.run_id, "loss"))
+
+
+def test_pretrain_stage_logs_its_curves(store, tmp_path, tiny_prefetched_28):
+    (tmp_path / "data" / "prefetched").mkdir(parents=True)
+    shutil.copy(tiny_prefetched_28, tmp_path / "data" / "prefetched" / "omniglot.npz")
+    params = {
+        "data": {"split": {"validation_characters": 5}},
+        "pretrain": {"model": {"hidden": 8}, "epochs": 2, "batch_size": 64, "threads": 1},
+        "tracking": {"experiment_name": "unit"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "pretrain.py"), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    for key in ("loss", "accuracy"):
+        assert [p.step for p in client.get_metric_history(run.info.run_id, key)] == [0, 1]
 
 
 def test_flatten_nested_params():

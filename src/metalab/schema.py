@@ -139,6 +139,9 @@ def validate_model(schema: type[BaseModel], raw: Any, prefix: tuple[Any, ...] = 
         raise ParamsError(format_validation_error(error, schema, prefix)) from None
 
 
+ANCHOR_PREFIX = "x-"
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """params.yaml parsed as a mapping of sections; `ParamsError` for a missing or bad file."""
     path = Path(path)
@@ -156,7 +159,8 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ParamsError("params.yaml: the top level must be a mapping of sections")
-    return raw
+    # Keys starting with "x-" only hold YAML anchors for the sections (as in Compose files).
+    return {key: value for key, value in raw.items() if not str(key).startswith(ANCHOR_PREFIX)}
 
 
 def load_sections(path: str | Path, schema: type[M]) -> M:

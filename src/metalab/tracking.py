@@ -28,21 +28,23 @@ curves: CPU, memory, disk, network; GPU utilisation and memory where ``nvidia-ml
 ``gpu`` extra, is installed). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides the
 interval. A monitor that cannot start or stop only logs a warning.
 
+A run is named ``train@maml · 859b862`` (`run_name`); `StageRun.log_archives` records the
+Omniglot archives as dataset inputs, `StageRun.log_model` an MLflow model on the run.
+
 A stage killed outright (SIGKILL, out of memory, power loss) cannot close its run: the
 next start of the same stage marks it KILLED once its process is gone (`close_dead_runs`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
-import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,15 +53,19 @@ from metalab.runtime import cpu_model
 from metalab.schema import TrackingConfig
 from metalab.tracking_store import (
     SQLITE_URI_PREFIX,
+    close_dead_runs,
     prepare_experiment,
+    process_tags,
     sqlite_file,
     store_errors,
     with_store_retries,
+    write_logged_model,
 )
 
 if TYPE_CHECKING:
     import torch
     from mlflow import MlflowClient
+    from mlflow.models import Model
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -196,6 +202,19 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# MLflow allows digests of at most 36 characters: an archive's digest is its SHA-256's first
+# 12 hex digits (as the download stage prints it), the full hash is in the profile.
+DATASET_DIGEST_CHARS = 12
+
+
+def dataset_source(location: str) -> tuple[str, str]:
+    """(source type, source JSON) of a dataset at `location` as MLflow's dataset sources
+    write them: ``http`` ``{"url": ...}`` for an http(s) URL, else ``local`` ``{"uri": ...}``."""
+    if location.startswith(("http://", "https://")):
+        return "http", json.dumps({"url": location})
+    return "local", json.dumps({"uri": location})
+
+
 class StageRun:
     """Logging handle of one stage run. With tracking disabled, it only measures.
 
@@ -252,6 +271,75 @@ class StageRun:
             database=self.database,
         )
 
+    def log_dataset(
+        self,
+        name: str,
+        digest: str,
+        source: str,
+        *,
+        context: str = "training",
+        profile: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record the dataset `name` (content `digest`, at most 36 characters) read from
+        `source` (a URL or a file path) as an input of this run for `context` (``training``,
+        ``download``...), with `profile` (counts, the full hash). The same name and digest
+        on several runs is one MLflow dataset: it leads to every run that used it."""
+        if self.run_id is None or self.client is None:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        source_type, source_json = dataset_source(source)
+        dataset = Dataset(
+            name=name,
+            digest=digest,
+            source_type=source_type,
+            source=source_json,
+            profile=None if profile is None else json.dumps(dict(profile)),
+        )
+        entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        client, run_id = self.client, self.run_id
+        with_store_retries(
+            lambda: client.log_inputs(run_id, datasets=[entry]),
+            "log_inputs",
+            database=self.database,
+        )
+
+    def log_archives(self, archives: Mapping[str, Mapping[str, Any]], context: str) -> None:
+        """Log each Omniglot archive as the dataset input ``omniglot/<name>``: `archives`
+        maps its name to its metrics/data.json record (``source``, ``sha256``, size and
+        counts, the profile); the digest is the hash's first `DATASET_DIGEST_CHARS` digits,
+        the source the URL or mirror file (resolved against `project_root`) it came from."""
+        for name, record in archives.items():
+            source = str(record["source"])
+            if source.startswith(("http://", "https://")):
+                location = source.rstrip("/") + f"/{name}.zip"
+            else:
+                location = str((project_root() / source / f"{name}.zip").resolve())
+            digest = str(record["sha256"])[:DATASET_DIGEST_CHARS]
+            profile = {key: value for key, value in record.items() if key != "source"}
+            self.log_dataset(f"omniglot/{name}", digest, location, context=context, profile=profile)
+
+    def log_model(
+        self,
+        save: Callable[[Path, Model], None],
+        name: str = "model",
+        *,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Log an MLflow model on this run (an MLflow 3 logged model carrying the run's
+        params) and return its id; None with tracking disabled. `save(path, mlflow_model)`
+        writes the model directory (``mlflow.pyfunc.save_model(path,
+        mlflow_model=mlflow_model, ...)``); it loads as ``runs:/<run id>/<name>``.
+        `metrics` are logged on the run linked to the model. See
+        `metalab.tracking_store.write_logged_model`."""
+        if self.run_id is None or self.client is None:
+            return None
+        return write_logged_model(
+            self.client, self.run_id, save, name, metrics=metrics, tags=tags, database=self.database
+        )
+
     def _log_batch(self, **entities: Any) -> None:
         client, run_id = self.client, self.run_id
         assert client is not None and run_id is not None
@@ -261,97 +349,6 @@ class StageRun:
             "log_batch",
             database=self.database,
         )
-
-
-def process_tags() -> dict[str, str]:
-    """Which process on which machine opened a run: ``host``, ``pid`` and, on Linux,
-    ``process_start`` (so a later process that reuses the pid is not taken for it)."""
-    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
-    started = process_start(os.getpid())
-    if started is not None:
-        tags["process_start"] = started
-    return tags
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) of process `pid` from /proc (Linux)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) ": field 3 on
-        return fields[0], fields[19]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def process_start(pid: int) -> str | None:
-    """When process `pid` started, as ``<boot id>:<clock ticks since boot>``: unique per
-    process across reboots; None where /proc cannot tell (not Linux, process gone)."""
-    stat = _proc_stat(pid)
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-    return None if stat is None else f"{boot}:{stat[1]}"
-
-
-def process_alive(pid: int, started: str | None = None) -> bool:
-    """Whether process `pid` of this machine still runs; with `started` (its
-    `process_start`), whether that very process does. In doubt, True."""
-    if pid <= 0:
-        return True  # not one process (os.kill would signal a group): cannot tell
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        pass  # e.g. PermissionError: it exists but belongs to another user
-    stat = _proc_stat(pid)
-    if stat is not None and stat[0] in ("Z", "X"):
-        return False  # killed, only waiting for its parent to collect its exit status
-    if started is not None:
-        current = process_start(pid)
-        if current is not None and current != started:
-            return False  # the pid now belongs to a later process
-    return True
-
-
-def close_dead_runs(
-    client: MlflowClient, experiment_id: str, stage: str, database: Path | None = None
-) -> list[str]:
-    """Mark KILLED, ending now, the RUNNING runs of `stage` in the experiment that a process
-    of this host opened and that process is gone (SIGKILL, out of memory, power loss);
-    return their ids. Runs of live processes (concurrent queue workers), of other hosts
-    and without ``host``/``pid`` tags are left alone."""
-    if "'" in stage:  # cannot be quoted in a search filter; DVC stage names never are
-        return []
-    host = socket.gethostname()
-    found = with_store_retries(
-        lambda: client.search_runs(
-            [experiment_id],
-            filter_string=f"attributes.status = 'RUNNING' and tags.dvc_stage = '{stage}'",
-            max_results=1000,
-        ),
-        "search_runs",
-        database=database,
-    )
-    closed = []
-    for candidate in found:
-        tags = candidate.data.tags
-        if tags.get("host") != host or not tags.get("pid", "").isdigit():
-            continue
-        if process_alive(int(tags["pid"]), tags.get("process_start") or None):
-            continue
-        run_id, ended = candidate.info.run_id, int(time.time() * 1000)
-        with_store_retries(
-            partial(client.set_terminated, run_id, "KILLED", end_time=ended),
-            "set_terminated",
-            database=database,
-        )
-        logger.info(
-            "closed MLflow run %s of %s as KILLED: process %s is gone", run_id, stage, tags["pid"]
-        )
-        closed.append(run_id)
-    return closed
 
 
 def run_tags(
@@ -369,6 +366,20 @@ def run_tags(
     tags.update(extra or {})
     tags.update(process_tags())  # after `extra`: closing runs of killed stages relies on them
     return {key: str(value) for key, value in tags.items()}
+
+
+def run_name(stage: str, tags: Mapping[str, str]) -> str:
+    """A run's name in the UI, from its `tags` (`run_tags`): the DVC stage, inside ``dvc exp
+    run`` the DVC experiment, and the short commit, e.g. ``train@maml · 859b862`` or
+    ``train@anil_s1 · anil-s1-lr-0.3 · 859b862-dirty`` (no commit outside git)."""
+    parts = [stage]
+    if tags.get("dvc_exp_name"):
+        parts.append(tags["dvc_exp_name"])
+    commit = tags.get("git_commit", "unknown")
+    if commit and commit != "unknown":
+        dirty = commit.endswith("-dirty")
+        parts.append(commit.removesuffix("-dirty")[:7] + ("-dirty" if dirty else ""))
+    return " · ".join(parts)
 
 
 def start_system_metrics(
@@ -426,7 +437,7 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Open an MLflow run for a stage; on exit log the resource figures and close it.
 
-    `stage` is the DVC stage name (``train@maml``; the run is named ``train maml``),
+    `stage` is the DVC stage name (``train@maml``; the run is named by `run_name`),
     `params` the settings it read (logged flattened), `tracking` params.yaml's section;
     ``enabled=False`` (e.g. torchrun ranks other than 0) only measures. `device` is the
     torch device the stage computes on (None for a stage without torch work): the run is
@@ -454,7 +465,7 @@ def stage_run(
     # resolve_tags adds what mlflow.start_run would (user, source), so the UI shows them.
     all_tags = resolve_tags(run_tags(stage, tags, device))
     created = with_store_retries(
-        lambda: client.create_run(experiment_id, tags=all_tags, run_name=stage.replace("@", " ")),
+        lambda: client.create_run(experiment_id, tags=all_tags, run_name=run_name(stage, all_tags)),
         "create_run",
         database=database,
     )

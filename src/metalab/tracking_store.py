@@ -10,6 +10,10 @@ be, a file or directory without write permission, a full disk) raises `StoreUnus
 one line naming the database file and the fix (move it aside, or ``tracking.enabled:
 false`` in params.yaml) instead of SQLAlchemy's traceback. It is checked before the store
 is opened and recognised in the errors of every later write.
+
+Also here: the store's housekeeping of runs whose stage was killed outright
+(`close_dead_runs`, from the ``host``/``pid`` tags of `process_tags`), and a logged model
+written step by step with each write retried (`write_logged_model`).
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ import logging
 import os
 import random
 import shlex
+import socket
 import sqlite3
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, closing, contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from metalab.errors import MetalabError
 
@@ -31,6 +38,9 @@ try:  # POSIX only; elsewhere store creation is not serialised across processes
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 SQLITE_URI_PREFIX = "sqlite:///"
 
@@ -307,3 +317,155 @@ def prepare_experiment(uri: str, experiment_name: str) -> str:
             "experiment creation",
             database=database,
         )
+
+
+# ------------------------------------------------------------ runs of killed stages
+def process_tags() -> dict[str, str]:
+    """Which process on which machine opened a run: ``host``, ``pid`` and, on Linux,
+    ``process_start`` (so a later process that reuses the pid is not taken for it)."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    started = process_start(os.getpid())
+    if started is not None:
+        tags["process_start"] = started
+    return tags
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process `pid` from /proc (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) ": field 3 on
+        return fields[0], fields[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as ``<boot id>:<clock ticks since boot>``: unique per
+    process across reboots; None where /proc cannot tell (not Linux, process gone)."""
+    stat = _proc_stat(pid)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return None if stat is None else f"{boot}:{stat[1]}"
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` of this machine still runs; with `started` (its
+    `process_start`), whether that very process does. In doubt, True."""
+    if pid <= 0:
+        return True  # not one process (os.kill would signal a group): cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        pass  # e.g. PermissionError: it exists but belongs to another user
+    stat = _proc_stat(pid)
+    if stat is not None and stat[0] in ("Z", "X"):
+        return False  # killed, only waiting for its parent to collect its exit status
+    if started is not None:
+        current = process_start(pid)
+        if current is not None and current != started:
+            return False  # the pid now belongs to a later process
+    return True
+
+
+def close_dead_runs(
+    client: MlflowClient, experiment_id: str, stage: str, database: Path | None = None
+) -> list[str]:
+    """Mark KILLED, ending now, the RUNNING runs of `stage` in the experiment that a process
+    of this host opened and that process is gone (SIGKILL, out of memory, power loss);
+    return their ids. Runs of live processes (concurrent queue workers), of other hosts
+    and without ``host``/``pid`` tags are left alone."""
+    if "'" in stage:  # cannot be quoted in a search filter; DVC stage names never are
+        return []
+    host = socket.gethostname()
+    found = with_store_retries(
+        lambda: client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.dvc_stage = '{stage}'",
+            max_results=1000,
+        ),
+        "search_runs",
+        database=database,
+    )
+    closed = []
+    for candidate in found:
+        tags = candidate.data.tags
+        if tags.get("host") != host or not tags.get("pid", "").isdigit():
+            continue
+        if process_alive(int(tags["pid"]), tags.get("process_start") or None):
+            continue
+        run_id, ended = candidate.info.run_id, int(time.time() * 1000)
+        with_store_retries(
+            partial(client.set_terminated, run_id, "KILLED", end_time=ended),
+            "set_terminated",
+            database=database,
+        )
+        logger.info(
+            "closed MLflow run %s of %s as KILLED: process %s is gone", run_id, stage, tags["pid"]
+        )
+        closed.append(run_id)
+    return closed
+
+
+# --------------------------------------------------------------------- logged models
+def write_logged_model(
+    client: MlflowClient,
+    run_id: str,
+    save: Callable[[Path, Any], None],
+    name: str,
+    *,
+    metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    database: Path | None = None,
+) -> str:
+    """Create the MLflow logged model `name` of run `run_id` (in the run's experiment, with
+    the run's params and `tags`), let `save(path, mlflow_model)` write its directory,
+    upload it, log `metrics` on the run linked to the model, mark it READY and return its
+    id. Unlike ``mlflow.pyfunc.log_model`` this needs no active run or experiment, and
+    each store write is retried on a locked database (`with_store_retries`); a model whose
+    directory could not be written or uploaded is marked FAILED and the error raised."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.models import Model
+    from mlflow.tracking.context.registry import resolve_tags
+
+    def retried(action: Callable[[], T], what: str) -> T:
+        return with_store_retries(action, what, database=database)
+
+    run = retried(lambda: client.get_run(run_id), "get_run")
+    model = retried(
+        lambda: client.create_logged_model(
+            run.info.experiment_id,
+            name=name,
+            source_run_id=run_id,
+            params=dict(run.data.params),
+            tags=resolve_tags({key: str(value) for key, value in (tags or {}).items()}),
+        ),
+        "create_logged_model",
+    )
+    model_id = model.model_id
+    try:
+        outputs = [LoggedModelOutput(model_id, step=0)]
+        retried(lambda: client.log_outputs(run_id, outputs), "log_outputs")
+        with tempfile.TemporaryDirectory(prefix="metalab-model-") as directory:
+            local = Path(directory) / name
+            save(
+                local,
+                Model(model.artifact_location, run_id, model_uuid=model_id, model_id=model_id),
+            )
+            retried(lambda: client.log_model_artifacts(model_id, str(local)), "log_model")
+        if metrics:
+            now = int(time.time() * 1000)
+            linked = [Metric(key, float(value), now, 0, model_id) for key, value in metrics.items()]
+            retried(lambda: client.log_batch(run_id, metrics=linked, synchronous=True), "log_batch")
+        retried(lambda: client.finalize_logged_model(model_id, LoggedModelStatus.READY), "finalize")
+    except BaseException:
+        try:
+            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        except Exception as error:  # the original error matters more
+            logger.warning("could not mark MLflow model %s as FAILED: %s", model_id, error)
+        raise
+    return model_id

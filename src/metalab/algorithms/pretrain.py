@@ -7,6 +7,7 @@ characters stay unseen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,13 +36,20 @@ def load_pretrain_params(path: str | Path = "params.yaml") -> PretrainParams:
     return load_sections(path, PretrainParams)
 
 
-def meta_train_drawings(arrays: OmniglotArrays, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every drawing of the meta-train characters and its character: images uint8
-    [C*D, S, S], labels int64 [C*D] (character ids). Validation and meta-test characters
-    are left out, so they stay unseen by the pretrained body."""
+def meta_train_drawings(
+    arrays: OmniglotArrays, split: Split, drawings_per_class: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drawings of the meta-train characters (the first `drawings_per_class` of each,
+    default all D) and their characters: images uint8 [C*D, S, S], labels int64 [C*D]
+    (character ids). Validation and meta-test characters are left out, so they stay
+    unseen by the pretrained body."""
     characters = split.meta_train[:, 0].unique()
-    drawings = arrays.drawings_per_character
-    rows = (characters.view(-1, 1) * drawings + torch.arange(drawings)).flatten()
+    drawings = min(
+        drawings_per_class or arrays.drawings_per_character, arrays.drawings_per_character
+    )
+    rows = (
+        characters.view(-1, 1) * arrays.drawings_per_character + torch.arange(drawings)
+    ).flatten()
     labels = torch.arange(characters.numel()).repeat_interleave(drawings)
     return arrays.images[rows], labels
 
@@ -56,6 +64,7 @@ def pretrain_body(
     seed: int,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    on_epoch: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train ``model_config``'s network to classify ``images`` on `device` and return its
     body's weights (on the CPU).
@@ -63,7 +72,9 @@ def pretrain_body(
     images: uint8 [N, S, S] (255 = ink, read as ``images / 255``); labels: int [N], any class
     ids (remapped to 0..C-1). Deterministic given ``seed`` (initialisation and batch order;
     the global torch RNG is left as it was). Returns the body's state dict (keys without
-    ``body.``), which `metalab.models.pretrained.load_body_init` loads.
+    ``body.``), which `metalab.models.pretrained.load_body_init` loads. After each epoch,
+    `on_epoch` (if given) receives ``{"loss": ..., "accuracy": ...}`` (the epoch's mean
+    training loss and accuracy, over its images) and the epoch number (0-based).
     """
     if images.dim() != 3 or images.dtype != torch.uint8:
         raise ValueError(
@@ -102,6 +113,8 @@ def pretrain_body(
                 epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}"
             )
             bar.update(1)
+        if on_epoch is not None:
+            on_epoch({"loss": loss_sum / seen, "accuracy": correct / seen}, epoch)
     bar.close()
     return {
         name: value.detach().to("cpu", copy=True) for name, value in model.body.state_dict().items()

@@ -31,6 +31,12 @@ class PretrainConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.001, gt=0)
     seed: int = Field(0, ge=0)
+    drawings_per_class: int | None = Field(
+        None,
+        ge=1,
+        le=20,
+        description="train on the first N drawings of each meta-train class (null = all)",
+    )
     threads: int = Field(
         2,
         ge=1,

@@ -10,7 +10,7 @@ import pandas as pd
 from metalab.io import write_text
 from metalab.report.collect import ReportInputs, collect_inputs
 from metalab.report.plots import (
-    experiment_colors,
+    experiment_styles,
     plot_accuracy,
     plot_pareto,
     plot_speed_memory,
@@ -115,9 +115,12 @@ def build_report(
     write_text(files.pairs_csv, pair_rows.to_csv(index=False))
     write_text(files.accuracy_csv, accuracy_long_table(table, inputs.settings).to_csv(index=False))
     curves = {name: record.curve for name, record in inputs.experiments.items()}
-    colors = experiment_colors(list(inputs.experiments))
+    # one look per experiment in every figure; learner families decide the loss panels
+    algorithms = {name: record.algorithm for name, record in inputs.experiments.items()}
+    styles = experiment_styles(list(inputs.experiments), algorithms)
+    colors = {name: color for name, (color, _) in styles.items()}
     files.plots = [
-        plot_training_loss(curves, plots_dir / "training_loss.png", colors),
+        plot_training_loss(curves, plots_dir / "training_loss.png", styles, algorithms),
         plot_accuracy(table, inputs.settings, plots_dir / "accuracy.png", colors),
         plot_pareto(table, sort_by, plots_dir / "pareto.png"),
         plot_speed_memory(table, plots_dir / "speed_memory.png", colors),
