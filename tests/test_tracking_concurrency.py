@@ -93,7 +93,7 @@ def test_two_workers_at_once_lose_no_run_metric_or_tag(tmp_path: Path) -> None:
     for run in runs:
         name = run.data.tags["dvc_exp_name"]
         assert run.info.status == "FINISHED", name
-        assert run.info.run_name == "train anil_s1"  # named after its stage
+        assert run.info.run_name == f"train@anil_s1 · {name}"  # stage · DVC experiment (no git)
         tags = run.data.tags
         assert tags["dvc_stage"] == "train@anil_s1" and tags["dvc_exp_baseline_rev"] == "0123abcd"
         assert tags["git_commit"] and tags["halfway"] == "yes" and tags["experiment"] == "anil_s1"
