@@ -52,6 +52,7 @@ from metalab.distributed import (  # noqa: E402
 )
 from metalab.io import write_json  # noqa: E402
 from metalab.models import Conv4  # noqa: E402
+from metalab.runtime import max_rss_mb  # noqa: E402
 
 N_WAY, IMAGE_SIZE, HIDDEN, TASKS = 5, 28, 64, 32  # random_episodes: 1 shot, 15 queries
 RUNS = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process)
@@ -93,7 +94,7 @@ def measure(threads: int, warmup: int, timed: int) -> dict | None:
         for index in range(timed):
             iteration(warmup + index)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_mb = max_rss_mb()
         totals = torch.tensor([cpu, rss_mb], dtype=torch.float64)
         if context.enabled:
             dist.all_reduce(totals)  # CPU seconds and peak RSS of all processes together

@@ -48,7 +48,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -413,6 +412,15 @@ METRICS_FILES = {
 }
 
 
+def stage_record(project: Path, stage: str, experiment: str) -> dict[str, Any]:
+    """What `stage` recorded for `experiment` in `project`: its metrics file's numbers and,
+    from the info file beside it, its text (the device); `MetricsFileError` if unreadable."""
+    from metalab.records import schema_for
+
+    relative = Path(METRICS_FILES[stage].format(experiment))
+    return schema_for(relative.relative_to("metrics")).read(project / relative).to_dict()
+
+
 def stage_environment(device: str, project: Path) -> dict[str, str]:
     """The stages' environment: the device, the project's own MLflow store, frequent
     system-metric samples (tiny runs last seconds), this checkout's metalab first."""
@@ -476,10 +484,9 @@ def run_stage(
         row.note = f"{reason}: {last[:160]}"
         return row
     if stage in METRICS_FILES:
-        path = project / METRICS_FILES[stage].format(experiment)
         try:
-            metrics = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
+            metrics = stage_record(project, stage, experiment)
+        except ValueError as error:  # MetricsFileError: one line naming the file
             row.note = f"metrics file unreadable: {error}"
             return row
         row.device = metrics.get("device")
@@ -940,6 +947,7 @@ def measure_throughput(
     import torch
 
     from metalab.device import synchronize
+    from metalab.runtime import max_rss_mb
 
     episodes = random_episodes(tasks).to(device)
     step = make_stepper(variant, precision, device, episodes, chunk_size)
@@ -965,7 +973,7 @@ def measure_throughput(
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "GPU allocated"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
+        peak, kind = max_rss_mb(), "host RSS"
     return {
         "tasks_per_s": tasks * iterations / seconds,
         "timed_iterations": iterations,

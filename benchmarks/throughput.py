@@ -60,7 +60,7 @@ from metalab.algorithms.maml import MAMLLearner, Options  # noqa: E402
 from metalab.data.episodes import Episodes  # noqa: E402
 from metalab.io import write_json  # noqa: E402
 from metalab.models import Conv4  # noqa: E402
-from metalab.runtime import cpu_flags, cpu_model, keep_freed_memory  # noqa: E402
+from metalab.runtime import cpu_flags, cpu_model, keep_freed_memory, max_rss_mb  # noqa: E402
 
 N_WAY, K_SHOT, QUERIES, IMAGE_SIZE, HIDDEN = 5, 1, 15, 28, 64
 CONFIGS: dict[str, dict] = {
@@ -178,7 +178,7 @@ def measure(config: str, variant: str, precision: str, tasks: int, warmup: int, 
     return {
         "tasks_per_s": tasks * timed / wall,
         "cpu_tasks_per_s": tasks * timed / cpu,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": max_rss_mb(),
         "page_faults_per_iteration": (usage.ru_minflt - faults) / timed,
     }
 

@@ -2,7 +2,8 @@
 
 Loads models/<name>.pt through the public learner API (`metalab.load_learner`) and scores
 it on the fixed meta-test episode sets data/episodes/<setting>.npz, before and after
-adaptation. Writes metrics/eval/<name>.json (scalars per setting, 95% intervals) and
+adaptation. Writes metrics/eval/<name>.json (scalars per setting, 95% intervals; the names,
+episode-set fingerprints and run ids beside it in <name>.info.json) and
 metrics/eval/<name>.episodes.csv (per-episode accuracies, for paired comparisons).
 """
 

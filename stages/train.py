@@ -1,7 +1,7 @@
 """Stage `train@<experiment>`: meta-train one named experiment of params.yaml.
 
-Writes models/<name>.pt (best validation weights), metrics/train/<name>.json and
-plots/train/<name>.csv; resumes from checkpoints/<name>.pt after an interruption.
+Writes models/<name>.pt (best validation weights), metrics/train/<name>.json (with its
+.info.json) and plots/train/<name>.csv; resumes from checkpoints/<name>.pt after an interruption.
 
 Under ``torchrun --nproc_per_node=N stages/train.py <name>`` the meta-batch is split across
 the N processes (`metalab.distributed`); only rank 0 logs to MLflow and writes files.

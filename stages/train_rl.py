@@ -1,8 +1,8 @@
 """Stage `train_rl@<name>`: meta-train one named RL experiment (`rl_experiments.<name>`).
 
-Writes models/rl/<name>.pt, metrics/train_rl/<name>.json and plots/train_rl/<name>.csv;
-resumes from checkpoints/rl/<name>.pt after an interruption. Computes on
-``METALAB_DEVICE`` (default: the GPU if there is one) with the experiment's
+Writes models/rl/<name>.pt, metrics/train_rl/<name>.json (with its .info.json) and
+plots/train_rl/<name>.csv; resumes from checkpoints/rl/<name>.pt after an interruption.
+Computes on ``METALAB_DEVICE`` (default: the GPU if there is one) with the experiment's
 ``num_threads``; model and checkpoint files hold CPU tensors whatever the device.
 """
 

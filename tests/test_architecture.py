@@ -44,7 +44,14 @@ LAYERS: list[set[str]] = [
     {"metalab.training"},
     {"metalab.report"},
     # entry points
-    {"metalab.cli", "metalab.ui", "metalab.mlflow_model", "metalab.smoke", "metalab"},
+    {
+        "metalab.cli",
+        "metalab.ui",
+        "metalab.mlflow_model",
+        "metalab.smoke",
+        "metalab.repro",
+        "metalab",
+    },
 ]
 
 

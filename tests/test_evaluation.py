@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,7 @@ from metalab.io import save_torch
 from metalab.learner_api import Learner, learner_from_payload
 from metalab.models.config import ModelConfig
 from metalab.params import ParamsError, validate_params
+from metalab.records import EvaluationMetrics, info_path
 from metalab.schema import TrackingConfig
 from metalab.statistics import mean_ci95, paired_difference
 
@@ -230,7 +232,10 @@ def make_project(
     payload, _ = trainer_like_payload(algorithm, options)
     save_torch(root / "models" / "tiny.pt", payload)
     (root / "metrics" / "train").mkdir(parents=True)
-    (root / "metrics" / "train" / "tiny.json").write_text(json.dumps({"mlflow_run_id": train_run}))
+    (root / "metrics" / "train" / "tiny.json").write_text("{}")
+    (root / "metrics" / "train" / "tiny.info.json").write_text(
+        json.dumps({"mlflow_run_id": train_run})
+    )
     experiment = {"algorithm": algorithm, "body_init": "src/metalab/models", "model": {"hidden": 8}}
     if options is not None:
         experiment["options"] = options
@@ -255,7 +260,10 @@ def test_evaluate_stage_writes_metrics_and_episodes(
 
     stage.main(argparse.Namespace(experiment="tiny", no_progress=True), validate_params(raw))
 
-    metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
+    path = project / "metrics" / "eval" / "tiny.json"
+    metrics = EvaluationMetrics.read(path).to_dict()  # the numbers and the text beside them
+    assert not {"experiment", "train_run_id", "unsupported"} & set(json.loads(path.read_text()))
+    assert json.loads(info_path(path).read_text())["settings"] == {"3w2s": {"episode_set": ANY}}
     assert list(metrics["settings"]) == ["3w2s"]
     assert metrics["experiment"] == "tiny" and metrics["algorithm"] == "protonets"
     assert metrics["train_run_id"] == "abc" and metrics["mlflow_run_id"] is None
@@ -292,7 +300,7 @@ def test_evaluate_stage_run_is_linked_to_its_train_run(
         argparse.Namespace(experiment="tiny", no_progress=True), validate_params(raw)
     )
 
-    metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
+    metrics = EvaluationMetrics.read(project / "metrics" / "eval" / "tiny.json").to_dict()
     run = MlflowClient(uri).get_run(metrics["mlflow_run_id"])
     assert run.data.tags["train_run_id"] == train.run_id
     assert run.data.tags["mlflow.parentRunId"] == train.run_id

@@ -118,6 +118,24 @@ def test_on_cuda_a_metrics_file_without_gpu_memory_fails(gpu_check):
     assert "cuda:0" in problem("cuda:0", 3.0, "cpu")
 
 
+def test_the_device_is_read_from_the_info_file_beside_the_metrics(gpu_check, tmp_path):
+    from metalab.records import MetricsFileError, TrainSummary, info_path
+
+    committed = Path(__file__).resolve().parents[1] / "metrics" / "train" / "maml.json"
+    record = TrainSummary.read(committed).model_copy(
+        update={"device": "cuda:0", "gpu_peak_allocated_mb": 40.0}
+    )
+    path = tmp_path / "metrics" / "train" / "maml.json"
+    record.write(path)
+    assert "device" not in path.read_text()  # text: in the info file
+
+    read = gpu_check.stage_record(tmp_path, "train", "maml")
+    assert (read["device"], read["gpu_peak_allocated_mb"]) == ("cuda:0", 40.0)
+    info_path(path).unlink()
+    with pytest.raises(MetricsFileError, match=r"maml\.info\.json: missing"):
+        gpu_check.stage_record(tmp_path, "train", "maml")
+
+
 def fake_run(stage: str, metrics: dict[str, float], device: str) -> SimpleNamespace:
     """What `MlflowClient.search_runs` returns, as far as `check_run` reads it."""
     tags = {"dvc_stage": stage, "device": device}

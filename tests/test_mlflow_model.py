@@ -38,6 +38,7 @@ from metalab.mlflow_model import (
     task_frame,
 )
 from metalab.params import TrainConfig
+from metalab.records import DataMetrics
 from metalab.schema import TrackingConfig
 from metalab.tracking import stage_run
 
@@ -219,21 +220,19 @@ def test_train_stage_logs_model_datasets_effective_params_and_a_readable_name(
     shutil.copytree(ROOT / "src" / "metalab" / "models", project / "src" / "metalab" / "models")
     sha = {"images_background": "ab" * 32, "images_evaluation": "cd" * 32}
     (project / "metrics").mkdir()
-    (project / "metrics" / "data.json").write_text(
-        json.dumps(
-            {
-                name: {
-                    "source": "https://example.org/omniglot/",
-                    "sha256": digest,
-                    "size_bytes": 1000,
-                    "alphabets": 4,
-                    "characters": 20,
-                    "drawings": 400,
-                }
-                for name, digest in sha.items()
+    DataMetrics.model_validate(
+        {
+            name: {
+                "source": "https://example.org/omniglot/",
+                "sha256": digest,
+                "size_bytes": 1000,
+                "alphabets": 4,
+                "characters": 20,
+                "drawings": 400,
             }
-        )
-    )
+            for name, digest in sha.items()
+        }
+    ).write(project / "metrics" / "data.json")  # and data.info.json
     params = {
         "data": {"split": {"validation_characters": 5}},
         "train": tiny_params().train.model_dump() | {"iterations": 2, "validate_every": 2},

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from omniglot_fixture import expected_counts
 
+from metalab.records import DataMetrics, TrainSummary, info_path
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -88,6 +90,13 @@ def repo(tmp_path, tiny_omniglot_dir, monkeypatch):
     return repo
 
 
+def numbers_only(value) -> bool:
+    """Whether every leaf of JSON `value` is a number, a boolean or null."""
+    if isinstance(value, dict):
+        return all(numbers_only(item) for item in value.values())
+    return value is None or isinstance(value, int | float)
+
+
 def set_param(repo: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params[section][key] = value
@@ -106,7 +115,7 @@ def test_repro_builds_data_and_reruns_only_affected_stages(repo):
     first = dvc(repo, "repro", "episodes")
     assert ran(first) == {"download", "prefetch", "episodes"}
 
-    data = json.loads((repo / "metrics" / "data.json").read_text())
+    data = DataMetrics.read(repo / "metrics" / "data.json").to_dict()  # with data.info.json
     assert data["images_background"]["drawings"] == 400
     assert data["images_evaluation"]["characters"] == 12
     assert len(data["images_background"]["sha256"]) == 64
@@ -206,7 +215,7 @@ def test_full_pipeline_repro_then_nothing_to_do(repo, tiny_omniglot_dir):
     assert (repo / "models" / "pretrain" / "body.pt").is_file()
     for name, experiment in EXPERIMENTS.items():
         assert (repo / "models" / f"{name}.pt").is_file()
-        trained = json.loads((repo / "metrics" / "train" / f"{name}.json").read_text())
+        trained = TrainSummary.read(repo / "metrics" / "train" / f"{name}.json").to_dict()
         assert trained["experiment"] == name and trained["iterations"] == 2
         assert trained["algorithm"] == experiment["algorithm"]
         evaluated = json.loads((repo / "metrics" / "eval" / f"{name}.json").read_text())
@@ -221,6 +230,13 @@ def test_full_pipeline_repro_then_nothing_to_do(repo, tiny_omniglot_dir):
         assert (repo / "metrics" / "eval_rl" / f"{name}.json").is_file()
     report = (repo / "reports" / "comparison.md").read_text()
     assert all(name in report for name in EXPERIMENTS), report
+    # Every file DVC shows as a metric holds numbers only; the text is in the info files.
+    [workspace] = json.loads(dvc(repo, "metrics", "show", "--json")).values()  # one revision
+    shown = workspace["data"]
+    assert len(shown) == 3 + 2 * (len(EXPERIMENTS) + len(RL_EXPERIMENTS)), sorted(shown)
+    for path, content in shown.items():
+        assert "error" not in content and numbers_only(content["data"]), (path, content)
+        assert info_path(repo / path).is_file() == (path != "metrics/prefetch.json")
     # The stored evaluation episodes use only evaluation-alphabet characters (lake split).
     with np.load(repo / "data" / "prefetched" / "omniglot.npz") as prefetched:
         origin = prefetched["character_origin"]

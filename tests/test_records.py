@@ -1,7 +1,8 @@
-"""The typed schemas of the metrics files (`metalab.records`): every committed file
-validates and is written back byte for byte, bad files give a one-line error naming the
-file, the writers build their metrics through the schemas, and the RL report follows
-whatever adaptation steps were evaluated."""
+"""The typed schemas of the metrics files (`metalab.records`): every committed pair (metrics
+file and info file) validates and is written back byte for byte, numbers and text go to
+their files by declared type, bad files give a one-line error naming the file, the writers
+build their metrics through the schemas, and the RL report follows whatever adaptation
+steps were evaluated."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, get_args, get_origin
 
 import numpy as np
 import pytest
 import torch
+from pydantic import Field, RootModel, create_model
 
 from metalab.evaluation import (
     LearnerEvaluation,
@@ -26,20 +29,26 @@ from metalab.records import (
     AdaptationReturn,
     DataMetrics,
     EvaluationMetrics,
+    MetricsFile,
     MetricsFileError,
+    PrefetchMetrics,
     RLEvaluationMetrics,
     RLTrainSummary,
     TrainSummary,
     adaptation_key,
     adaptation_steps_of,
+    info_path,
+    is_info_file,
     schema_for,
 )
+from metalab.records.base import Schema
 from metalab.report.collect import collect_inputs
 from metalab.report.rl import plot_rl_adaptation, rl_markdown, rl_results
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ROOT / "metrics"
-COMMITTED = sorted(METRICS.rglob("*.json"))
+COMMITTED = sorted(path for path in METRICS.rglob("*.json") if not is_info_file(path))
+COMMITTED_INFO = sorted(path for path in METRICS.rglob("*.json") if is_info_file(path))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,22 +56,49 @@ def relative(path: Path) -> str:
     return path.relative_to(METRICS).as_posix()
 
 
+def committed(file: str) -> dict[str, Any]:
+    """The whole record of committed metrics/`file` (numbers and text), as plain data."""
+    return schema_for(file).read(METRICS / file).to_dict()
+
+
+def leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in leaves(item)]
+    return [value]
+
+
+def is_number(value: Any) -> bool:
+    """A metrics file's leaf: a number, a boolean, or null for an unknown number."""
+    return value is None or (isinstance(value, int | float) and math.isfinite(value))
+
+
 # ------------------------------------------------------------------ committed files
-def test_every_committed_metrics_file_has_a_schema():
+def test_every_committed_metrics_file_has_a_schema_and_its_info_file():
     assert len(COMMITTED) > 20
     kinds = {schema_for(relative(path)) for path in COMMITTED}
     assert None not in kinds, [relative(p) for p in COMMITTED if schema_for(relative(p)) is None]
     assert kinds == set(SCHEMAS.values())  # every schema has a committed file to check
+    with_info = [info_path(p) for p in COMMITTED if schema_for(relative(p)).has_info()]
+    assert COMMITTED_INFO == sorted(with_info)  # each where its schema has text, no other
+    assert not PrefetchMetrics.has_info() and len(with_info) == len(COMMITTED) - 1
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=relative)
-def test_committed_file_validates_and_round_trips_byte_for_byte(path, tmp_path):
+def test_committed_pair_validates_and_round_trips_byte_for_byte(path, tmp_path):
     record = schema_for(relative(path)).read(path)
+    info = info_path(path)
 
-    assert record.to_json() == path.read_text()
+    numbers, text = record.file_texts()
+    assert numbers == path.read_text()
+    assert text == (info.read_text() if info.exists() else None)
     copy = tmp_path / path.name
     record.write(copy)
     assert copy.read_bytes() == path.read_bytes()
+    assert info_path(copy).exists() == info.exists()
+    if info.exists():
+        assert info_path(copy).read_bytes() == info.read_bytes()
+    assert all(is_number(leaf) for leaf in leaves(json.loads(numbers)))
+    assert schema_for(relative(path)).from_json_text(record.to_json()) == record
 
 
 def test_committed_files_read_as_typed_attributes():
@@ -78,45 +114,173 @@ def test_committed_files_read_as_typed_attributes():
     }
 
 
+# ------------------------------------------------------------------ numbers and text
+def every_schema() -> list[type[MetricsFile]]:
+    """Every schema class of `metalab.records` with fields, nested ones included."""
+    found, pending = [], list(MetricsFile.__subclasses__())
+    while pending:
+        schema = pending.pop()
+        pending += schema.__subclasses__()
+        if schema.__module__.startswith("metalab.records") and schema.model_fields:
+            found.append(schema)
+    return sorted(set(found), key=lambda schema: schema.__name__)
+
+
+def example(annotation: Any) -> Any:
+    """A value of type `annotation` with every field filled (never None where a value is
+    allowed), so that each declared field shows where it is written."""
+    options = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is not dict and options:  # Optional[X], Annotated[X, ...]
+        return example(options[0])
+    if annotation is bool:
+        return True
+    if annotation in (int, float, str):
+        return {int: 7, float: 0.25, str: "text"}[annotation]
+    if get_origin(annotation) is dict:
+        key, value = get_args(annotation)
+        return {(1 if key is int else "key"): example(value)}
+    if issubclass(annotation, RootModel):
+        return annotation(example(annotation.model_fields["root"].annotation))
+    fields = annotation.model_fields.items()
+    return annotation(**{name: example(field.annotation) for name, field in fields})
+
+
+def test_every_schema_is_checked():
+    names = {schema.__name__ for schema in every_schema()}
+    assert {s.__name__ for s in SCHEMAS.values()} | {"SettingResult", "TrainRunReference"} <= names
+
+
+@pytest.mark.parametrize("schema", every_schema(), ids=lambda schema: schema.__name__)
+def test_a_full_record_puts_numbers_in_the_metrics_file_and_text_beside_it(schema, tmp_path):
+    record = example(schema)
+    whole = record.to_dict()
+    assert None not in leaves(whole)  # every field is populated
+
+    numbers, text = record.parts()
+
+    assert numbers or text
+    assert all(is_number(leaf) and not isinstance(leaf, str) for leaf in leaves(numbers))
+    assert all(isinstance(leaf, str) for leaf in leaves(text))
+    assert sorted(map(repr, leaves(numbers) + leaves(text))) == sorted(map(repr, leaves(whole)))
+    assert schema.has_info() == bool(leaves(text))
+    path = tmp_path / "record.json"
+    record.write(path)
+    assert json.loads(path.read_text()) == numbers
+    assert info_path(path).exists() == schema.has_info()
+    assert schema.read(path) == record
+
+
+def test_a_new_field_goes_where_its_type_says_and_a_mixed_type_is_refused():
+    class Annotated(TrainSummary):
+        note: str = Field("", description="a remark")
+        note_by_setting: dict[str, str] = Field(default_factory=dict)
+        converged: bool = True
+
+    record = Annotated.model_validate(
+        {**committed("train/maml.json"), "note": "x", "note_by_setting": {"5w1s": "y"}}
+    )
+    numbers, text = record.parts()
+    assert {"note", "note_by_setting"} <= set(text) and "converged" in numbers
+    assert not {"note", "note_by_setting"} & set(numbers)
+    for mixed in (int | str, list[float], Any, dict[float, int]):
+        with pytest.raises(TypeError, match="metrics field|mapping keys"):
+            create_model("Mixed", __base__=Schema, value=(mixed, ...))
+
+
 # ------------------------------------------------------------------ bad files
+def _text(content: dict[str, Any]) -> str:
+    return json.dumps(content, indent=2)
+
+
+# {problem: (which file, its new content from the committed one, what the message says)}
 BAD_TRAIN_FILES = {
-    "not JSON": ("{", "not valid JSON"),
-    "not an object": ("[1, 2]", "not a JSON object"),
-    "missing field": ('{"experiment": "maml"}', "algorithm: Field required"),
-    "wrong type": (None, "iterations: Input should be a valid integer"),
-    "unknown key": (None, "colour: Extra inputs are not permitted"),
+    "not JSON": ("metrics", lambda _: "{", "not valid JSON"),
+    "not an object": ("metrics", lambda _: "[1, 2]", "not a JSON object"),
+    "missing field": ("metrics", lambda c: "{}", "iterations: Field required"),
+    # strict: a string is not taken for a number
+    "wrong type": ("metrics", lambda c: _text({**c, "iterations": "300"}), "iterations: Input"),
+    "unknown key": ("metrics", lambda c: _text({**c, "colour": 1}), "colour: Extra inputs"),
+    "text in metrics": (
+        "metrics",
+        lambda c: _text({**c, "experiment": "maml"}),
+        "text fields belong in maml.info.json: experiment",
+    ),
+    "info not JSON": ("info", lambda _: "{", "not valid JSON"),
+    "info not an object": ("info", lambda _: '"maml"', "not a JSON object"),
+    "info missing field": ("info", lambda c: "{}", "experiment: Field required"),
+    "info wrong type": ("info", lambda c: _text({**c, "experiment": 3}), "experiment: Input"),
+    "info unknown key": ("info", lambda c: _text({**c, "colour": "blue"}), "colour: Extra"),
+    "numbers in info": (
+        "info",
+        lambda c: _text({**c, "iterations": 300}),
+        "numeric fields belong in maml.json: iterations",
+    ),
 }
 
 
 @pytest.mark.parametrize("problem", BAD_TRAIN_FILES)
 def test_bad_file_is_a_one_line_error_naming_it(problem, tmp_path):
-    text, expected = BAD_TRAIN_FILES[problem]
-    if text is None:
-        content = json.loads((METRICS / "train" / "maml.json").read_text())
-        if problem == "wrong type":
-            content["iterations"] = "300"  # strict: a string is not taken for a number
-        else:
-            content["colour"] = "blue"
-        text = json.dumps(content)
+    which, corrupt, expected = BAD_TRAIN_FILES[problem]
     path = tmp_path / "metrics" / "train" / "maml.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(text)
+    TrainSummary.read(METRICS / "train" / "maml.json").write(path)
+    bad = path if which == "metrics" else info_path(path)
+    bad.write_text(corrupt(json.loads(bad.read_text())))
 
     with pytest.raises(MetricsFileError) as caught:
         TrainSummary.read(path)
 
     message = str(caught.value)
-    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert message.startswith(f"{bad}: ") and "\n" not in message
     assert expected in message
+    other = info_path(path) if which == "metrics" else path
+    assert str(other) not in message  # only the file at fault is named
 
 
-def test_missing_file_and_rl_step_key_errors_name_the_file_and_key(tmp_path):
+def test_problems_in_both_files_name_both_on_one_line(tmp_path):
+    path = tmp_path / "maml.json"
+    TrainSummary.read(METRICS / "train" / "maml.json").write(path)
+    path.write_text(_text({**json.loads(path.read_text()), "iterations": 1.5}))
+    info_path(path).write_text(_text({**json.loads(info_path(path).read_text()), "algorithm": 2}))
+
+    with pytest.raises(MetricsFileError) as caught:
+        TrainSummary.read(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a valid train summary: iterations: ") and (
+        f"; {info_path(path)}: algorithm: Input should be a valid string" in message
+    )
+    assert "\n" not in message
+
+
+def test_a_split_field_must_be_an_object_in_both_files(tmp_path):
+    path = tmp_path / "maml.json"
+    EvaluationMetrics.read(METRICS / "eval" / "maml.json").write(path)
+    info_path(path).write_text(_text({**json.loads(info_path(path).read_text()), "settings": 1}))
+
+    with pytest.raises(MetricsFileError) as caught:
+        EvaluationMetrics.read(path)
+
+    assert str(caught.value) == f"{info_path(path)}: settings: not an object, but also in maml.json"
+
+
+def test_missing_files_and_rl_step_key_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(MetricsFileError, match=r"^.*nothing\.json: missing \(train summary\)$"):
         TrainSummary.read(tmp_path / "nothing.json")
-    content = json.loads((METRICS / "eval_rl" / "maml_rl.json").read_text())
+    with pytest.raises(MetricsFileError, match=r"maml\.info\.json: an info file \(read the"):
+        TrainSummary.read(METRICS / "train" / "maml.info.json")
+    alone = tmp_path / "alone.json"  # a metrics file without its info file
+    alone.write_text((METRICS / "train" / "maml.json").read_text())
+    with pytest.raises(MetricsFileError) as caught:
+        TrainSummary.read(alone)
+    assert (
+        str(caught.value)
+        == f"{info_path(alone)}: missing (the text of the train summary alone.json)"
+    )
+    path = tmp_path / "rl.json"
+    RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl.json").write(path)
+    content = json.loads(path.read_text())
     content["after_2_steps"]["std"] = "wide"
     content["after_02_steps"] = content["after_1_steps"]  # not how the stage spells 2
-    path = tmp_path / "rl.json"
     path.write_text(json.dumps(content))
     with pytest.raises(MetricsFileError) as caught:
         RLEvaluationMetrics.read(path)
@@ -127,7 +291,7 @@ def test_missing_file_and_rl_step_key_errors_name_the_file_and_key(tmp_path):
 
 
 def test_unknown_numbers_are_null_and_required_numbers_must_be_finite():
-    train = json.loads((METRICS / "train" / "maml.json").read_text())
+    train = committed("train/maml.json")
     train["final_loss"] = math.nan
     assert TrainSummary(**train).to_dict()["final_loss"] is None
     train["training_seconds"] = math.inf
@@ -157,9 +321,9 @@ GPU_RUN = {
 @pytest.mark.parametrize("file", DEVICE_SCHEMAS)
 def test_summaries_record_the_device_and_gpu_peaks_of_a_gpu_run(file):
     schema = DEVICE_SCHEMAS[file]
-    committed = json.loads((METRICS / file).read_text())
-    assert not DEVICE_FIELDS & set(committed)  # written before the fields existed
-    record = schema.from_json_text(json.dumps({**committed, **GPU_RUN}))
+    before = committed(file)
+    assert not DEVICE_FIELDS & set(before)  # written before the fields existed
+    record = schema.from_json_text(json.dumps({**before, **GPU_RUN}))
 
     data = record.to_dict()
     assert {key: data[key] for key in GPU_RUN} == GPU_RUN
@@ -167,6 +331,9 @@ def test_summaries_record_the_device_and_gpu_peaks_of_a_gpu_run(file):
     position = keys.index("peak_memory_mb")
     assert keys[position : position + len(GPU_RUN)] == list(GPU_RUN)  # one block, file order
     assert schema.from_json_text(record.to_json()) == record
+    numbers, text = record.parts()
+    text_fields = {"device", "device_name", "torch_version", "cuda_version"}
+    assert set(GPU_RUN) - set(numbers) == text_fields == set(GPU_RUN) & set(text)
 
 
 @pytest.mark.parametrize("file", DEVICE_SCHEMAS)
@@ -176,9 +343,8 @@ def test_a_cpu_runs_summary_leaves_out_what_it_does_not_have(file):
 
     cpu = torch.device("cpu")
     schema = DEVICE_SCHEMAS[file]
-    committed = json.loads((METRICS / file).read_text())
     figures = {**asdict(device_record(cpu)), **memory_figures(cpu)}
-    record = schema.from_json_text(json.dumps({**committed, **figures}))
+    record = schema.from_json_text(json.dumps({**committed(file), **figures}))
 
     data = json.loads(record.to_json())
     assert data["device"] == "cpu" and data["threads"] == torch.get_num_threads()
@@ -189,11 +355,11 @@ def test_a_cpu_runs_summary_leaves_out_what_it_does_not_have(file):
 
 
 def test_device_fields_are_type_checked():
-    committed = json.loads((METRICS / "train" / "maml.json").read_text())
+    train = committed("train/maml.json")
     with pytest.raises(MetricsFileError, match=r"threads: Input should be a valid integer"):
-        TrainSummary.from_json_text(json.dumps({**committed, "threads": "8"}))
+        TrainSummary.from_json_text(json.dumps({**train, "threads": "8"}))
     with pytest.raises(MetricsFileError, match=r"gpu_model: Extra inputs are not permitted"):
-        TrainSummary.from_json_text(json.dumps({**committed, "gpu_model": "A100"}))
+        TrainSummary.from_json_text(json.dumps({**train, "gpu_model": "A100"}))
 
 
 # ------------------------------------------------------------------ writers
@@ -229,9 +395,9 @@ def test_evaluation_metrics_are_built_through_the_schema():
     record = evaluation.record(peak_memory_mb=12.5, train_run_id="t", mlflow_run_id="e")
 
     assert isinstance(record, EvaluationMetrics)
-    committed = json.loads((METRICS / "eval" / "maml.json").read_text())
-    assert list(record.to_dict()) == list(committed)  # the file's keys, in its order
-    assert list(record.to_dict()["settings"]["5w1s"]) == list(committed["settings"]["5w1s"])
+    maml = committed("eval/maml.json")
+    assert list(record.to_dict()) == list(maml)  # the file's keys, in its order
+    assert list(record.to_dict()["settings"]["5w1s"]) == list(maml["settings"]["5w1s"])
     assert record.settings["5w1s"].gain == pytest.approx(
         (gradient.accuracy_after - gradient.accuracy_before).mean()
     )
@@ -251,11 +417,15 @@ def test_evaluation_metrics_are_built_through_the_schema():
 def test_train_run_id_reads_only_the_run_id(tmp_path):
     path = tmp_path / "train.json"
     assert train_run_id(path) is None
-    path.write_text(json.dumps({"mlflow_run_id": "abc"}))  # partial summaries still link
+    path.write_text("{}")
+    info_path(path).write_text(json.dumps({"mlflow_run_id": "abc"}))  # partial ones link
     assert train_run_id(path) == "abc"
     assert train_run_id(METRICS / "train" / "maml.json") == "6ee9e6ce259841108789f9a4c108c4bf"
-    path.write_text("not json")
-    with pytest.raises(MetricsFileError, match="train.json: not valid JSON"):
+    info_path(path).write_text("not json")
+    with pytest.raises(MetricsFileError, match=r"train\.info\.json: not valid JSON"):
+        train_run_id(path)
+    info_path(path).unlink()
+    with pytest.raises(MetricsFileError, match=r"train\.info\.json: missing"):
         train_run_id(path)
 
 
@@ -288,16 +458,13 @@ def test_rl_evaluation_with_five_steps_round_trips_in_file_layout():
     record = rl_evaluation("maml_rl", "navigation_2d", [0, 1, 2, 3, 4, 5], -40.0)
 
     data = json.loads(record.to_json())
-    assert list(data) == [
-        "experiment",
-        "algorithm",
-        "env",
-        "num_tasks",
-        "before_adaptation",
-        *(f"after_{s}_steps" for s in range(1, 6)),
-    ]
+    steps = ["before_adaptation", *(f"after_{s}_steps" for s in range(1, 6))]
+    assert list(data) == ["experiment", "algorithm", "env", "num_tasks", *steps]
     assert data["after_5_steps"] == {"mean_return": -35.0, "ci95": 0.5, "std": 1.1}
     assert RLEvaluationMetrics.from_json_text(record.to_json()) == record
+    numbers, text = record.parts()
+    assert list(numbers) == ["num_tasks", *steps]
+    assert list(text) == ["experiment", "algorithm", "env"]
 
 
 def test_rl_report_with_five_adaptation_steps(tmp_path):
@@ -350,9 +517,11 @@ def test_rl_gain_column_follows_the_fewest_evaluated_steps(tmp_path):
 
 def test_report_notes_invalid_metrics_files_instead_of_failing(tmp_path):
     (tmp_path / "eval_rl").mkdir()
-    (tmp_path / "eval_rl" / "broken.json").write_text('{"experiment": "broken"}')
+    (tmp_path / "eval_rl" / "broken.json").write_text('{"num_tasks": 3}')
+    (tmp_path / "eval_rl" / "broken.info.json").write_text('{"experiment": "broken"}')
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "maml.json").write_text('{"experiment": "maml"}')
+    (tmp_path / "train" / "maml.json").write_text('{"iterations": 3}')
+    (tmp_path / "train" / "maml.info.json").write_text('{"experiment": "maml"}')
 
     with pytest.raises(MetricsFileError, match="broken.json: not a valid RL evaluation"):
         rl_results(tmp_path)

@@ -1,4 +1,5 @@
-"""The meta-RL part of the report, from hand-written metric files."""
+"""The meta-RL part of the report, from hand-written metric files (numbers) and the info
+files beside them (text)."""
 
 import json
 
@@ -7,9 +8,10 @@ import pytest
 from metalab.report.rl import plot_rl_adaptation, rl_markdown, rl_results
 
 
-def write(path, payload):
+def write(path, numbers, text):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload))
+    path.write_text(json.dumps(numbers))
+    path.with_name(path.stem + ".info.json").write_text(json.dumps(text))
 
 
 @pytest.fixture
@@ -18,27 +20,27 @@ def metrics(tmp_path):
         write(
             tmp_path / "eval_rl" / f"{name}.json",
             {
-                "experiment": name,
-                "algorithm": name,
-                "env": "navigation_2d",
                 "num_tasks": 40,
                 "before_adaptation": {"mean_return": before, "ci95": 4.0, "std": 12.9},
                 "after_1_steps": {"mean_return": after, "ci95": 1.8, "std": 5.8},
                 "after_3_steps": {"mean_return": after + 1, "ci95": 2.0, "std": 6.6},
             },
+            {"experiment": name, "algorithm": name, "env": "navigation_2d"},
         )
     write(
         tmp_path / "train_rl" / "maml_rl.json",
         {
-            "experiment": "maml_rl",
-            "algorithm": "maml_rl",
-            "env": "navigation_2d",
             "iterations": 200,
             "training_seconds": 250.0,
             "tasks_per_s": 24.0,
             "final_pre_adaptation_return": -40.0,
             "final_post_adaptation_return": -14.0,
             "peak_memory_mb": 1197.0,
+        },
+        {
+            "experiment": "maml_rl",
+            "algorithm": "maml_rl",
+            "env": "navigation_2d",
             "mlflow_run_id": None,
         },
     )

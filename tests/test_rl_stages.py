@@ -40,6 +40,8 @@ def test_train_and_evaluate_rl_stages(tmp_path):
     assert (tmp_path / "models" / "rl" / "nav.pt").exists()
     summary = json.loads((tmp_path / "metrics" / "train_rl" / "nav.json").read_text())
     assert summary["iterations"] == 4 and summary["tasks_per_s"] > 0
+    info = json.loads((tmp_path / "metrics" / "train_rl" / "nav.info.json").read_text())
+    assert info["experiment"] == "nav" and "experiment" not in summary
     curve = pd.read_csv(tmp_path / "plots" / "train_rl" / "nav.csv")
     assert list(curve["iteration"]) == [0, 1, 2, 3]
     assert {"policy_loss", "critic_loss", "total_loss", "pre_adaptation_return"} <= set(curve)

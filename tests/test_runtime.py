@@ -2,11 +2,12 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from metalab import runtime
-from metalab.runtime import keep_freed_memory
+from metalab import runtime, tracking
+from metalab.runtime import keep_freed_memory, max_rss_mb
 
 # Like a training step: allocate a few activation-sized tensors (16 MiB each), free them
 # together, repeat; prints the minor page faults after a warmup.
@@ -150,3 +151,16 @@ def test_settings_serve_large_blocks_from_the_heap_and_keep_it():
     mmapped, heap_growth, heap_kept = run("keep")
     assert mmapped == 0  # from the heap instead
     assert heap_growth >= 16 << 20 and heap_kept == heap_growth  # not trimmed on free
+
+
+@pytest.mark.parametrize(
+    ("platform", "raw", "expected_mb"), [("linux", 2048, 2.0), ("darwin", 3 * 2**20, 3.0)]
+)
+def test_peak_rss_is_in_megabytes_on_linux_and_macos(monkeypatch, platform, raw, expected_mb):
+    # ru_maxrss is KiB on Linux but bytes on macOS: one unit would be 1000x off on the other.
+    import resource
+
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=raw))
+    assert max_rss_mb() == expected_mb
+    assert tracking.peak_memory_mb() == expected_mb

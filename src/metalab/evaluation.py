@@ -302,8 +302,8 @@ def load_episode_sets(
 
 
 def train_run_id(train_metrics_path: str | Path) -> str | None:
-    """The MLflow run id the train stage recorded in metrics/train/<name>.json, if any
-    (`MetricsFileError` if the file is not a JSON object)."""
+    """The MLflow run id the train stage recorded with metrics/train/<name>.json (in its
+    info file), None without that file (`MetricsFileError` if either file is unreadable)."""
     path = Path(train_metrics_path)
     if not path.is_file():
         return None

@@ -86,3 +86,14 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "cpu"
+
+
+def max_rss_mb(who: int | None = None) -> float:
+    """Peak resident set size in MB from ``getrusage(who)`` (default: this process).
+
+    ``ru_maxrss`` is in KiB on Linux and the BSDs but in bytes on macOS."""
+    import resource
+    import sys
+
+    usage = resource.getrusage(resource.RUSAGE_SELF if who is None else who).ru_maxrss
+    return usage / (1024 * 1024) if sys.platform == "darwin" else usage / 1024

@@ -4,9 +4,10 @@ Builds a scratch DVC project in ``smoke/`` (git-ignored) with this project's ``d
 stages and code, and a ``params.yaml`` made from the project's by `smoke_params`: every
 experiment and RL experiment kept, each trained a few iterations, evaluated on a few
 episodes per setting, the body pretrained briefly on a few drawings per class. Then it
-runs ``dvc repro`` there, so the report in ``smoke/reports/`` comes from the same stages
-as the real one, while the committed results in the project are never touched. A rerun
-reuses what did not change (DVC's cache in ``smoke/.dvc``).
+brings that project up to date with `metalab.repro` (``dvc repro``, one stage per core
+side by side), so the report in ``smoke/reports/`` comes from the same stages as the real
+one, while the committed results in the project are never touched. A rerun reuses what
+did not change (DVC's cache in ``smoke/.dvc``).
 
 The numbers only show that everything runs: they are far from converged.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from metalab.repro import default_jobs, failure_message, reproduce
 from metalab.schema import ANCHOR_PREFIX, ParamsError, read_params_file
 
 SMOKE_DIR = "smoke"
@@ -33,12 +35,12 @@ COPIED = ("dvc.yaml", "stages", "src/metalab")  # what the stages run and depend
 SMOKE_TRAIN = {
     "iterations": 4,
     "validate_every": 2,
-    "validation_episodes": 5,
+    "validation_episodes": 3,
     "checkpoint_every": 4,
     "log_every": 1,
     "meta_batch_size": 2,
 }
-SMOKE_EPISODES_PER_SETTING = 5
+SMOKE_EPISODES_PER_SETTING = 3
 SMOKE_PRETRAIN = {"epochs": 1, "drawings_per_class": 2}
 SMOKE_RL = {"iterations": 2, "meta_batch_size": 2, "eval_tasks": 4}
 
@@ -98,7 +100,13 @@ def dvc(work: Path, *args: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", default=".", help="the metalab project (default: here)")
+    parser.add_argument(
+        "-j", "--jobs", type=int, default=default_jobs(), help="stages at once (default: cores)"
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        sys.exit(2)
     project = Path(args.project).resolve()
     if not (project / "dvc.yaml").is_file():
         print(f"error: {project} has no dvc.yaml; run from the project root", file=sys.stderr)
@@ -107,12 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         prepare(project, work)
-        dvc(work, "repro")
+        outcome = reproduce(work, jobs=args.jobs)
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except subprocess.CalledProcessError as error:
-        print(f"error: the smoke pipeline failed ({error})", file=sys.stderr)
+        print(f"error: could not set up the smoke project ({error})", file=sys.stderr)
+        sys.exit(1)
+    if outcome.failed is not None:
+        print(failure_message(work, outcome.failed), file=sys.stderr)
         sys.exit(1)
     minutes = (time.perf_counter() - started) / 60
     print(f"smoke run done in {minutes:.1f} min: {work / 'reports' / 'comparison.md'}")

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metalab.errors import MetalabError
-from metalab.runtime import cpu_model
+from metalab.runtime import cpu_model, max_rss_mb
 from metalab.schema import TrackingConfig
 from metalab.tracking_store import (
     SQLITE_URI_PREFIX,
@@ -139,9 +139,7 @@ def git_commit() -> str:
 def peak_memory_mb() -> float:
     """Peak RSS so far of this process and of its largest finished child (worker pools),
     MB: host memory, whatever device the stage computes on."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024  # ru_maxrss is in KiB on Linux
+    return max(max_rss_mb(resource.RUSAGE_SELF), max_rss_mb(resource.RUSAGE_CHILDREN))
 
 
 def reset_peak_memory(device: torch.device | None) -> None:

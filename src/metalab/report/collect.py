@@ -19,6 +19,7 @@ from metalab.records import (
     MetricsFileError,
     SettingResult,
     TrainSummary,
+    is_info_file,
 )
 
 EPISODES_SUFFIX = ".episodes.csv"
@@ -29,9 +30,10 @@ Record = TypeVar("Record", bound=MetricsFile)
 class ExperimentRecord:
     """Everything known about one experiment (any part may be missing).
 
-    train: metrics/train/<name>.json; evaluation: metrics/eval/<name>.json; curve:
-    plots/train/<name>.csv (iteration, loss, ...); episodes: metrics/eval/<name>.episodes.csv
-    (setting, episode, accuracy_before, accuracy_after, seconds).
+    train: metrics/train/<name>.json (with its .info.json); evaluation:
+    metrics/eval/<name>.json (likewise); curve: plots/train/<name>.csv (iteration, loss,
+    ...); episodes: metrics/eval/<name>.episodes.csv (setting, episode, accuracy_before,
+    accuracy_after, seconds).
     """
 
     name: str
@@ -107,12 +109,16 @@ def _read_csv(path: Path, required: set[str], notes: list[str]) -> pd.DataFrame 
 
 
 def _names_in(directory: Path, suffix: str) -> list[str]:
+    """The experiments with a `suffix` file in `directory` (not counting the per-episode
+    tables and the info files beside the metrics files)."""
     if not directory.is_dir():
         return []
     return sorted(
         path.name.removesuffix(suffix)
         for path in directory.iterdir()
-        if path.name.endswith(suffix) and not path.name.endswith(EPISODES_SUFFIX)
+        if path.name.endswith(suffix)
+        and not path.name.endswith(EPISODES_SUFFIX)
+        and not is_info_file(path)
     )
 
 

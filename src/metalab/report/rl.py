@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from metalab.records import RLEvaluationMetrics, RLTrainSummary
+from metalab.records import RLEvaluationMetrics, RLTrainSummary, metrics_files
 from metalab.report.collect import read_record
 from metalab.report.plots import _empty, _save, experiment_colors, plt
 from metalab.report.tables import durations, markdown_table, number
@@ -42,7 +42,7 @@ def rl_results(metrics_dir: str | Path, notes: list[str] | None = None) -> pd.Da
     """
     metrics_dir = Path(metrics_dir)
     rows = []
-    for path in sorted((metrics_dir / "eval_rl").glob("*.json")):
+    for path in metrics_files(metrics_dir / "eval_rl"):
         evaluation = read_record(RLEvaluationMetrics, path, notes)
         if evaluation is None:
             continue
