@@ -1,6 +1,6 @@
 """Whole train stages: one at a time on every core, or one per core side by side?
 
-    python benchmarks/stage_parallelism.py [--project DIR] [--fraction 0.25] [--jobs 2]
+    python benchmarks/stage_parallelism.py [--data DIR] [--fraction 0.25] [--jobs 2]
 
 Decides how `dvc repro` should use a machine's cores. Runs real ``stages/train.py``
 processes (start-up, data loading, validation and checkpoints included) for a mix of
@@ -12,8 +12,9 @@ interval), in two ways, one after the other in this one command:
     side_by_side `--jobs` stages at once at one thread each
                  (what ``metalab-repro`` does with the committed ``train.threads: 1``)
 
-Each stage runs in its own scratch directory (data symlinked from `--project`, which needs
-``data/prefetched`` from the prefetch stage, MLflow off), so nothing in the project changes.
+Each stage runs in its own scratch directory with this project's params.yaml (scaled) and
+code, the data symlinked from `--data` (a ``data/`` folder holding ``prefetched/`` from the
+prefetch stage; default: this project's), MLflow off, so nothing in the project changes.
 Prints per-stage seconds and both makespans; writes benchmarks/results/stage_parallelism.json
 with the CPU's model.
 """
@@ -58,6 +59,8 @@ def scaled_params(raw: dict, names: list[str], fraction: float, threads: int) ->
     params = copy.deepcopy({k: v for k, v in raw.items() if not k.startswith(ANCHOR_PREFIX)})
     params["experiments"] = {name: params["experiments"][name] for name in names}
     params["rl_experiments"] = {}
+    report = params.get("report", {})
+    report["pairs"] = [pair for pair in report.get("pairs", []) if set(pair) <= set(names)]
     params.setdefault("tracking", {})["enabled"] = False
     defaults = params["train"]
     for experiment in params["experiments"].values():
@@ -74,10 +77,10 @@ def scaled_params(raw: dict, names: list[str], fraction: float, threads: int) ->
     return params
 
 
-def run_stage(project: Path, params: dict, name: str, scratch: Path) -> float:
+def run_stage(data: Path, params: dict, name: str, scratch: Path) -> float:
     """Wall seconds of ``stages/train.py <name>`` in a fresh directory under `scratch`."""
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
-    (work / "data").symlink_to(project / "data")
+    (work / "data").symlink_to(data)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     started = time.perf_counter()
     subprocess.run(
@@ -85,19 +88,21 @@ def run_stage(project: Path, params: dict, name: str, scratch: Path) -> float:
         cwd=work,
         check=True,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "METALAB_DEVICE": "cpu"},
     )
     return time.perf_counter() - started
 
 
-def run_mode(project: Path, params: dict, names: list[str], jobs: int, scratch: Path) -> dict:
+def run_mode(data: Path, params: dict, names: list[str], jobs: int, scratch: Path) -> dict:
     """Run every stage with `jobs` at once; per-stage seconds and the makespan."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         seconds = dict(
             zip(
                 names,
-                pool.map(lambda n: run_stage(project, params, n, scratch), names),
+                pool.map(lambda n: run_stage(data, params, n, scratch), names),
                 strict=True,
             )
         )
@@ -106,7 +111,7 @@ def run_mode(project: Path, params: dict, names: list[str], jobs: int, scratch: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--project", type=Path, default=ROOT, help="has data/prefetched")
+    parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prefetched/")
     parser.add_argument("--fraction", type=float, default=0.25, help="of each budget")
     parser.add_argument("--jobs", type=int, default=2, help="cores to use")
     parser.add_argument("--experiments", nargs="+", default=DEFAULT_EXPERIMENTS)
@@ -114,22 +119,23 @@ def main() -> None:
         "--output", type=Path, default=ROOT / "benchmarks/results/stage_parallelism.json"
     )
     args = parser.parse_args()
-    project = args.project.resolve()
-    if not (project / "data" / "prefetched").is_dir():
-        print(
-            f"error: {project}/data/prefetched missing; run `dvc repro prefetch`", file=sys.stderr
-        )
+    data = args.data.resolve()
+    if not (data / "prefetched").is_dir():
+        print(f"error: {data}/prefetched missing; run `dvc repro prefetch`", file=sys.stderr)
         sys.exit(1)
-    raw = read_params_file(project / "params.yaml")
+    raw = read_params_file(ROOT / "params.yaml")
     names = list(args.experiments)
     scratch = Path(tempfile.mkdtemp(prefix="stage-parallelism-"))
     try:
         sequential = run_mode(
-            project, scaled_params(raw, names, args.fraction, args.jobs), names, 1, scratch
+            data, scaled_params(raw, names, args.fraction, args.jobs), names, 1, scratch
         )
         side_by_side = run_mode(
-            project, scaled_params(raw, names, args.fraction, 1), names, args.jobs, scratch
+            data, scaled_params(raw, names, args.fraction, 1), names, args.jobs, scratch
         )
+    except subprocess.CalledProcessError as error:
+        print(f"error: {' '.join(error.cmd[1:])} failed: {error.stderr.strip()}", file=sys.stderr)
+        sys.exit(1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     ratio = sequential["makespan_s"] / side_by_side["makespan_s"]
