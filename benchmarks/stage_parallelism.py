@@ -1,22 +1,23 @@
 """Whole train stages: one at a time on every core, or one per core side by side?
 
-    python benchmarks/stage_parallelism.py [--data DIR] [--fraction 0.25] [--jobs 2]
+    python benchmarks/stage_parallelism.py [--data DIR] [--fraction 0.25]
 
 Decides how `dvc repro` should use a machine's cores. Runs real ``stages/train.py``
 processes (start-up, data loading, validation and checkpoints included) for a mix of
 experiments, each at `--fraction` of its params.yaml budget (iterations and validation
-interval), in two ways, one after the other in this one command:
+interval), two by two, each pair both ways right after each other (so that a shared
+machine's slow swings hit both alike):
 
-    sequential   one stage at a time with ``train.threads`` = `--jobs`
-                 (what plain ``dvc repro`` does when the stages use every core)
-    side_by_side `--jobs` stages at once at one thread each
+    sequential   one stage after the other with ``train.threads: 2``
+                 (what plain ``dvc repro`` does when the stages use both cores)
+    side_by_side both stages at once at one thread each
                  (what ``metalab-repro`` does with the committed ``train.threads: 1``)
 
 Each stage runs in its own scratch directory with this project's params.yaml (scaled) and
 code, the data symlinked from `--data` (a ``data/`` folder holding ``prefetched/`` from the
 prefetch stage; default: this project's), MLflow off, so nothing in the project changes.
-Prints per-stage seconds and both makespans; writes benchmarks/results/stage_parallelism.json
-with the CPU's model.
+Prints each pair's two wall times and the totals; writes
+benchmarks/results/stage_parallelism.json with the CPU's model and the load average seen.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import copy
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,69 +97,82 @@ def run_stage(data: Path, params: dict, name: str, scratch: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_mode(data: Path, params: dict, names: list[str], jobs: int, scratch: Path) -> dict:
-    """Run every stage with `jobs` at once; per-stage seconds and the makespan."""
+def run_pair(
+    data: Path, params: dict[int, dict], pair: list[str], jobs: int, scratch: Path
+) -> dict:
+    """The two stages of `pair` both ways: one after the other at `jobs` threads each
+    (sequential), and side by side at one thread each. Returns both wall times."""
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        seconds = dict(
-            zip(
-                names,
-                pool.map(lambda n: run_stage(data, params, n, scratch), names),
-                strict=True,
-            )
-        )
-    return {"stage_seconds": seconds, "makespan_s": time.perf_counter() - started}
+    for name in pair:
+        run_stage(data, params[jobs], name, scratch)
+    sequential = time.perf_counter() - started
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(pair)) as pool:
+        list(pool.map(lambda name: run_stage(data, params[1], name, scratch), pair))
+    side_by_side = time.perf_counter() - started
+    return {"pair": pair, "sequential_s": sequential, "side_by_side_s": side_by_side}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prefetched/")
     parser.add_argument("--fraction", type=float, default=0.25, help="of each budget")
-    parser.add_argument("--jobs", type=int, default=2, help="cores to use")
     parser.add_argument("--experiments", nargs="+", default=DEFAULT_EXPERIMENTS)
     parser.add_argument(
         "--output", type=Path, default=ROOT / "benchmarks/results/stage_parallelism.json"
     )
     args = parser.parse_args()
+    jobs = 2
     data = args.data.resolve()
     if not (data / "prefetched").is_dir():
         print(f"error: {data}/prefetched missing; run `dvc repro prefetch`", file=sys.stderr)
         sys.exit(1)
+    if len(args.experiments) % jobs:
+        print(
+            f"error: --experiments needs an even count, got {len(args.experiments)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     raw = read_params_file(ROOT / "params.yaml")
     names = list(args.experiments)
+    params = {t: scaled_params(raw, names, args.fraction, t) for t in (1, jobs)}
+    pairs = [names[i : i + jobs] for i in range(0, len(names), jobs)]
     scratch = Path(tempfile.mkdtemp(prefix="stage-parallelism-"))
+    rows = []
     try:
-        sequential = run_mode(
-            data, scaled_params(raw, names, args.fraction, args.jobs), names, 1, scratch
-        )
-        side_by_side = run_mode(
-            data, scaled_params(raw, names, args.fraction, 1), names, args.jobs, scratch
-        )
+        for pair in pairs:
+            rows.append(run_pair(data, params, pair, jobs, scratch))
+            rows[-1]["load_average_1min"] = os.getloadavg()[0]
+            row = rows[-1]
+            print(
+                f"{' + '.join(pair):<22} sequential {row['sequential_s']:6.1f} s   "
+                f"side by side {row['side_by_side_s']:6.1f} s   "
+                f"ratio {row['sequential_s'] / row['side_by_side_s']:.2f}",
+                flush=True,
+            )
     except subprocess.CalledProcessError as error:
         print(f"error: {' '.join(error.cmd[1:])} failed: {error.stderr.strip()}", file=sys.stderr)
         sys.exit(1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    ratio = sequential["makespan_s"] / side_by_side["makespan_s"]
-    print(f"{'experiment':<12} {'sequential':>11} {'side by side':>13}   (seconds per stage)")
-    for name in names:
-        print(
-            f"{name:<12} {sequential['stage_seconds'][name]:>11.1f} "
-            f"{side_by_side['stage_seconds'][name]:>13.1f}"
-        )
+    sequential = sum(row["sequential_s"] for row in rows)
+    side_by_side = sum(row["side_by_side_s"] for row in rows)
+    ratios = [row["sequential_s"] / row["side_by_side_s"] for row in rows]
     print(
-        f"{'makespan':<12} {sequential['makespan_s']:>11.1f} {side_by_side['makespan_s']:>13.1f}"
-        f"   sequential / side by side = {ratio:.2f}"
+        f"{'all':<22} sequential {sequential:6.1f} s   side by side {side_by_side:6.1f} s   "
+        f"ratio {sequential / side_by_side:.2f} (pairs: median {statistics.median(ratios):.2f})"
     )
     write_json(
         args.output,
         {
             "cpu": cpu_model(),
-            "cores_used": args.jobs,
+            "cores_used": jobs,
             "fraction_of_budget": args.fraction,
-            "sequential": {"threads_per_stage": args.jobs, "stages_at_once": 1, **sequential},
-            "side_by_side": {"threads_per_stage": 1, "stages_at_once": args.jobs, **side_by_side},
-            "sequential_over_side_by_side": ratio,
+            "pairs": rows,
+            "sequential_s": sequential,
+            "side_by_side_s": side_by_side,
+            "sequential_over_side_by_side": sequential / side_by_side,
+            "median_pair_ratio": statistics.median(ratios),
         },
     )
     print(f"wrote {args.output}")

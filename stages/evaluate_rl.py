@@ -1,5 +1,7 @@
 """Stage `evaluate_rl@<name>`: average return on held-out tasks before adaptation and
-after each of `eval_adaptation_steps` policy-gradient steps, mean and 95% CI.
+after each of `eval_adaptation_steps` policy-gradient steps, mean and 95% CI, for the
+trained policy and, on the same tasks, the reference policies (random initialisation,
+oracle; `reference_<name>` keys of the same file).
 
 Computes on ``METALAB_DEVICE`` with the experiment's ``num_threads`` (the model file holds
 CPU tensors; they are moved)."""
@@ -13,7 +15,7 @@ from metalab.device import configure, device_record, resolve_device
 from metalab.layout import rl_eval_metrics_file, rl_model_file
 from metalab.records import AdaptationReturn, RLEvaluationMetrics, adaptation_key
 from metalab.rl.config import RLParams, load_rl_params
-from metalab.rl.loop import evaluate_rl, load_agent
+from metalab.rl.loop import evaluate_rl, load_agent, trained_adaptation_steps
 from metalab.tracking import memory_figures, stage_run
 
 
@@ -37,16 +39,20 @@ def main(args, params: RLParams) -> None:
         result = evaluate_rl(config, agent, device=device, threads=threads)
         run.meter.add_tasks(result["num_tasks"])
         run.log_metrics(result["metrics"])
+        for reference, outcome in result["references"].items():
+            run.log_metrics({f"{reference}_{k}": v for k, v in outcome["metrics"].items()})
         metrics = RLEvaluationMetrics(
             experiment=name,
             algorithm=config.algorithm,
             env=config.env,
             num_tasks=result["num_tasks"],
-            returns={
-                row["adaptation_steps"]: AdaptationReturn(
-                    mean_return=row["mean_return"], ci95=row["ci95"], std=row["std"]
-                )
-                for row in result["results"]
+            trained_steps=trained_adaptation_steps(config),
+            trajectories_per_task=config.eval_trajectories_per_task,
+            eval_step_schedule=config.eval_step_schedule,
+            returns=_returns(result["results"]),
+            references={
+                reference: _returns(outcome["results"])
+                for reference, outcome in result["references"].items()
             },
             **asdict(device_record(device, threads)),
             **memory_figures(device),
@@ -54,6 +60,16 @@ def main(args, params: RLParams) -> None:
         metrics.write(rl_eval_metrics_file(name))
         for steps, value in metrics.returns.items():
             print(f"{name} {adaptation_key(steps)}: {value.mean_return:.2f} ± {value.ci95:.2f}")
+
+
+def _returns(results: list[dict]) -> dict[int, AdaptationReturn]:
+    """{adaptation steps: return} from `evaluate_rl`'s per-step results of one policy."""
+    return {
+        row["adaptation_steps"]: AdaptationReturn(
+            mean_return=row["mean_return"], ci95=row["ci95"], std=row["std"]
+        )
+        for row in results
+    }
 
 
 if __name__ == "__main__":

@@ -534,3 +534,36 @@ def test_report_notes_invalid_metrics_files_instead_of_failing(tmp_path):
         note.startswith(f"{tmp_path / 'eval_rl' / 'broken.json'}: not a valid") for note in notes
     )
     assert any("maml.json: not a valid train summary" in note for note in notes)
+
+
+def test_rl_evaluation_references_round_trip_and_report_their_file_keys(tmp_path):
+    committed = RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl.json")
+    assert committed.references == {} and committed.trained_steps is None
+    extended = committed.model_copy(
+        update={
+            "trained_steps": 1,
+            "trajectories_per_task": 40,
+            "eval_step_schedule": "halve_after_first",
+            "references": {
+                "oracle": dict(committed.returns),
+                "random_init": {0: committed.returns[0]},
+            },
+        }
+    )
+    path = tmp_path / "rl.json"
+    extended.write(path)
+    numbers = json.loads(path.read_text())
+    text = json.loads(info_path(path).read_text())
+    assert numbers["reference_random_init"] == {"before_adaptation": asdict_return(committed)}
+    assert set(numbers["reference_oracle"]) == {adaptation_key(s) for s in committed.returns}
+    assert numbers["trained_steps"] == 1 and text["eval_step_schedule"] == "halve_after_first"
+    again = RLEvaluationMetrics.read(path)
+    assert again == extended and again.file_texts() == extended.file_texts()
+    numbers["reference_oracle"]["after_1_steps"]["ci95"] = "narrow"
+    path.write_text(json.dumps(numbers))
+    with pytest.raises(MetricsFileError, match=r"reference_oracle\.after_1_steps\.ci95"):
+        RLEvaluationMetrics.read(path)
+
+
+def asdict_return(record: RLEvaluationMetrics) -> dict:
+    return record.returns[0].model_dump()

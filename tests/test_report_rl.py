@@ -70,3 +70,36 @@ def test_plot_is_written_and_empty_results_are_handled(metrics, tmp_path):
     assert empty.empty
     assert "No RL evaluations" in rl_markdown(empty)
     assert plot_rl_adaptation(empty, tmp_path / "none.png").stat().st_size > 1000
+
+
+def test_references_are_rows_of_their_own_and_steps_beyond_training_are_marked(metrics):
+    returns = {
+        "before_adaptation": {"mean_return": -5.0, "ci95": 0.1, "std": 0.3},
+        "after_1_steps": {"mean_return": -5.0, "ci95": 0.1, "std": 0.3},
+        "after_3_steps": {"mean_return": -5.0, "ci95": 0.1, "std": 0.3},
+    }
+    random_init = {key: {**value, "mean_return": -60.0} for key, value in returns.items()}
+    for name in ("maml_rl", "anil_rl"):  # the same oracle twice: one row
+        path = metrics / "eval_rl" / f"{name}.json"
+        numbers = json.loads(path.read_text())
+        numbers.update(trained_steps=1, reference_oracle=returns)
+        if name == "maml_rl":
+            numbers["reference_random_init"] = random_init
+        path.write_text(json.dumps(numbers))
+
+    results = rl_results(metrics)
+    assert sorted(results["policy"].unique()) == ["meta_learned", "oracle", "random_init"]
+    assert len(results[results["policy"] == "oracle"]) == 3
+    # Learners first, references after; the reference rows carry no training cost.
+    assert list(results["policy"])[:6] == ["meta_learned"] * 6
+    assert results[results["policy"] != "meta_learned"]["training_seconds"].isna().all()
+    maml = results[(results["experiment"] == "maml_rl") & (results["policy"] == "meta_learned")]
+    assert list(maml["beyond_training"]) == [False, False, True]
+    assert not results[results["policy"] == "random_init"]["beyond_training"].any()
+
+    text = rl_markdown(results)
+    assert "| maml_rl | navigation_2d | -40.00 ± 4.00 | -14.00 ± 1.80 | -13.00 ± 2.00* |" in text
+    assert "| reference: oracle | navigation_2d | -5.00 ± 0.10 |" in text
+    assert "| reference: random init (maml_rl) | navigation_2d | -60.00 ± 0.10 |" in text
+    assert "* more adaptation steps than" in text
+    assert plot_rl_adaptation(results, metrics / "rl.png").stat().st_size > 10_000

@@ -105,3 +105,24 @@ def test_rollout_keeps_finished_trajectories_masked_until_all_are_done():
 def test_unknown_environment_is_rejected():
     with pytest.raises(ValueError):
         build_environment("half_cheetah", horizon=10)
+
+
+def test_navigation_oracle_reaches_every_goal_in_the_fewest_steps():
+    env = Navigation2D(dtype=torch.float64)
+    goals = torch.tensor([[0.35, -0.12], [-0.5, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    state = env.reset(goals, 2)
+    steps = 0
+    while not env.is_finished(state):
+        result = env.step(state, env.oracle_actions(state), torch.Generator())
+        state, steps = result.state, steps + 1
+    assert steps == 5  # the farthest goal is 0.5 away along each axis, 0.1 per step
+    distances = torch.linalg.vector_norm(state.positions - goals.unsqueeze(1), dim=-1)
+    assert bool((distances < env.goal_tolerance).all())
+
+
+def test_bandit_oracle_always_pulls_the_best_arm():
+    env = BernoulliBandit(num_arms=4, horizon=3, dtype=torch.float64)
+    tasks = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.6, 0.1, 0.2, 0.7]], dtype=torch.float64)
+    actions = env.oracle_actions(env.reset(tasks, 5))
+    assert actions.shape == (2, 5) and actions.dtype == torch.int64
+    assert bool((actions[0] == 1).all()) and bool((actions[1] == 3).all())

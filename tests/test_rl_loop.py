@@ -8,6 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from metalab.rl import NonFiniteLossError, RLExperimentConfig, RLTrainer, evaluate_rl, train_rl
+from metalab.rl.loop import evaluation_step_sizes, trained_adaptation_steps
 
 
 def _tiny(**overrides) -> RLExperimentConfig:
@@ -155,3 +156,15 @@ def test_config_rejects_unknown_keys_and_bad_evaluation_steps():
     with pytest.raises(ValidationError):
         RLExperimentConfig(gamma=1.5)
     assert RLExperimentConfig().eval_adaptation_steps == [1, 2, 3]
+
+
+def test_evaluation_halves_the_step_after_the_first_unless_constant():
+    halved = RLExperimentConfig(inner_lr=0.1)
+    assert evaluation_step_sizes(halved, 3) == [0.1, 0.05, 0.05]
+    constant = RLExperimentConfig(inner_lr=0.1, eval_step_schedule="constant")
+    assert evaluation_step_sizes(constant, 3) == [0.1, 0.1, 0.1]
+    assert trained_adaptation_steps(RLExperimentConfig(inner_steps=2)) == 2
+    reptile = RLExperimentConfig(algorithm="reptile_rl", reptile_inner_steps=4)
+    assert trained_adaptation_steps(reptile) == 4
+    with pytest.raises(ValidationError, match="eval_step_schedule"):
+        RLExperimentConfig(eval_step_schedule="linear")

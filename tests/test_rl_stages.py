@@ -56,6 +56,14 @@ def test_train_and_evaluate_rl_stages(tmp_path):
     assert result["num_tasks"] == 4
     assert set(result) >= {"before_adaptation", "after_1_steps", "after_2_steps", "after_3_steps"}
     assert result["after_1_steps"]["ci95"] >= 0
+    assert result["trained_steps"] == 1 and result["trajectories_per_task"] == 40
+    info = json.loads((tmp_path / "metrics" / "eval_rl" / "nav.info.json").read_text())
+    assert info["eval_step_schedule"] == "halve_after_first"
+    oracle, random_init = result["reference_oracle"], result["reference_random_init"]
+    # The goal-aware oracle beats the untrained policy on the same tasks, at every step.
+    for key in ("before_adaptation", "after_1_steps", "after_3_steps"):
+        assert oracle[key]["mean_return"] > random_init[key]["mean_return"]
+    assert oracle["before_adaptation"] == oracle["after_3_steps"]
 
 
 def test_unknown_rl_experiment_is_a_params_error(tmp_path):

@@ -21,6 +21,7 @@ metrics/eval/<name>.json        `EvaluationMetrics`   stages/evaluate.py     nam
 metrics/train_rl/<name>.json    `RLTrainSummary`      stages/train_rl.py     names, env, device,
                                                                              run id
 metrics/eval_rl/<name>.json     `RLEvaluationMetrics` stages/evaluate_rl.py  names, env, device
+                                                                             step schedule
 ==============================  ====================  =====================  ===================
 
 A field's file follows from its declared type (`metalab.records.base.part_of`): numbers go
@@ -73,6 +74,7 @@ from metalab.records.data import (
 )
 from metalab.records.rl import (
     BEFORE_ADAPTATION_KEY,
+    META_LEARNED,
     AdaptationReturn,
     RLEvaluationMetrics,
     RLTrainSummary,
@@ -120,6 +122,7 @@ __all__ = [
     "BEFORE_ADAPTATION_KEY",
     "DEVICE_FIELDS",
     "INFO_SUFFIX",
+    "META_LEARNED",
     "SCHEMAS",
     "AdaptationReturn",
     "ArchiveSummary",

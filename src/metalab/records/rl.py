@@ -52,6 +52,8 @@ class RLTrainSummary(Schema):
 
 
 BEFORE_ADAPTATION_KEY = "before_adaptation"
+META_LEARNED = "meta_learned"  # the `policy` of a learner's own rows in the report
+REFERENCE_PREFIX = "reference_"
 _AFTER_STEPS_KEY = re.compile(r"after_([1-9][0-9]*)_steps")
 
 
@@ -67,6 +69,17 @@ def adaptation_steps_of(key: str) -> int | None:
         return 0
     match = _AFTER_STEPS_KEY.fullmatch(key)
     return int(match.group(1)) if match else None
+
+
+def _gather_steps(value: Any) -> Any:
+    """A reference's per-step keys ('before_adaptation', 'after_1_steps') -> step counts;
+    anything else is left for validation to reject."""
+    if not isinstance(value, dict):
+        return value
+    return {
+        (steps if (steps := adaptation_steps_of(key)) is not None else key): item
+        for key, item in value.items()
+    }
 
 
 class AdaptationReturn(Schema):
@@ -87,12 +100,28 @@ class RLEvaluationMetrics(Schema):
     """
 
     description: ClassVar[str] = "RL evaluation summary"
-    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS | {"peak_memory_mb"}
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS | {
+        "peak_memory_mb",
+        "trained_steps",
+        "trajectories_per_task",
+        "eval_step_schedule",
+    }
 
     experiment: str = Field(description="experiment name")
     algorithm: str = Field(description="meta-RL algorithm")
     env: str = Field(description="environment family")
     num_tasks: int = Field(description="held-out tasks evaluated")
+    trained_steps: int | None = Field(
+        default=None,
+        description="inner steps per task during meta-training; returns after more steps "
+        "are beyond what the learner was trained for",
+    )
+    trajectories_per_task: int | None = Field(
+        default=None, description="trajectories per task and adaptation step"
+    )
+    eval_step_schedule: str | None = Field(
+        default=None, description="adaptation step sizes: 'halve_after_first' or 'constant'"
+    )
     peak_memory_mb: OptionalFloat = Field(
         default=None, description="peak memory (host RSS) of the stage, MB; None if not recorded"
     )
@@ -106,21 +135,31 @@ class RLEvaluationMetrics(Schema):
     returns: dict[int, AdaptationReturn] = Field(
         description="{adaptation steps: return}; 0 is before adaptation"
     )
+    references: dict[str, dict[int, AdaptationReturn]] = Field(
+        default_factory=dict,
+        description="reference policies on the same tasks, {name: {adaptation steps: "
+        "return}}: 'random_init' (the untrained initialisation, adapted the same way), "
+        "'oracle' (the environment's task-aware policy, no adaptation); in the file each "
+        "is a key 'reference_<name>' holding per-step keys like the learner's",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _gather_step_keys(cls, data: Any) -> Any:
-        """File layout -> model: move the per-step keys into `returns` (file order)."""
+        """File layout -> model: move the per-step keys into `returns` and the reference
+        keys into `references` (file order)."""
         if not isinstance(data, dict) or "returns" in data:
             return data
-        fields, returns = {}, {}
+        fields, returns, references = {}, {}, {}
         for key, value in data.items():
             steps = adaptation_steps_of(key) if isinstance(key, str) else None
-            if steps is None:
-                fields[key] = value
-            else:
+            if steps is not None:
                 returns[steps] = value
-        return {**fields, "returns": returns}
+            elif isinstance(key, str) and key.startswith(REFERENCE_PREFIX):
+                references[key.removeprefix(REFERENCE_PREFIX)] = _gather_steps(value)
+            else:
+                fields[key] = value
+        return {**fields, "returns": returns, "references": references}
 
     @field_validator("returns")
     @classmethod
@@ -139,6 +178,11 @@ class RLEvaluationMetrics(Schema):
         """('returns', 1, 'std') -> ('after_1_steps', 'std'): the keys the file has."""
         if len(location) > 1 and location[0] == "returns" and isinstance(location[1], int):
             return (adaptation_key(location[1]), *location[2:])
+        if len(location) > 1 and location[0] == "references":
+            rest = location[2:]
+            if rest and isinstance(rest[0], int):
+                rest = (adaptation_key(rest[0]), *rest[1:])
+            return (f"{REFERENCE_PREFIX}{location[1]}", *rest)
         return location
 
     @classmethod
@@ -146,6 +190,8 @@ class RLEvaluationMetrics(Schema):
         """A per-step key ('after_1_steps') holds an `AdaptationReturn`."""
         if adaptation_steps_of(key) is not None:
             return AdaptationReturn
+        if key.startswith(REFERENCE_PREFIX):
+            return dict[str, AdaptationReturn]
         return super().file_key_annotation(key)
 
     @model_serializer(mode="wrap")
@@ -153,7 +199,17 @@ class RLEvaluationMetrics(Schema):
         """Model -> file layout: `returns` becomes one key per step count."""
         data = handler(self)
         returns = data.pop("returns")
-        return {**data, **{adaptation_key(steps): value for steps, value in returns.items()}}
+        references = data.pop("references")
+        return {
+            **data,
+            **{adaptation_key(steps): value for steps, value in returns.items()},
+            **{
+                f"{REFERENCE_PREFIX}{name}": {
+                    adaptation_key(steps): value for steps, value in reference.items()
+                }
+                for name, reference in references.items()
+            },
+        }
 
     @property
     def adaptation_steps(self) -> list[int]:

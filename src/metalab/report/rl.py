@@ -3,7 +3,12 @@ adaptation, and a plot of return vs adaptation steps per learner (one panel per 
 since returns are not comparable across environments).
 
 The step counts (columns of the table, points of the plot) are whatever the evaluations
-measured (`RLEvaluationMetrics.returns`), any number of them.
+measured (`RLEvaluationMetrics.returns`), any number of them. A learner's returns after
+more steps than it took per task in meta-training are marked (`beyond_training`; `*` in
+the table, hollow markers in the plot). Reference policies evaluated on the same tasks
+(random initialisation, oracle; `RLEvaluationMetrics.references`) are rows of their own
+(`policy` column; dashed grey in the plot); an oracle repeated by several experiments
+with identical returns appears once.
 """
 
 from __future__ import annotations
@@ -12,18 +17,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from metalab.records import RLEvaluationMetrics, RLTrainSummary, metrics_files
+from metalab.records import META_LEARNED, RLEvaluationMetrics, RLTrainSummary, metrics_files
 from metalab.report.collect import read_record
 from metalab.report.plots import _empty, _save, experiment_colors, plt
 from metalab.report.tables import durations, markdown_table, number
 
 RESULT_COLUMNS = [
     "experiment",
+    "policy",
     "algorithm",
     "env",
     "steps",
     "mean_return",
     "ci95",
+    "trained_steps",
+    "beyond_training",
     "training_seconds",
     "tasks_per_s",
     "peak_memory_mb",
@@ -42,6 +50,7 @@ def rl_results(metrics_dir: str | Path, notes: list[str] | None = None) -> pd.Da
     """
     metrics_dir = Path(metrics_dir)
     rows = []
+    seen_oracles: set[tuple] = set()
     for path in metrics_files(metrics_dir / "eval_rl"):
         evaluation = read_record(RLEvaluationMetrics, path, notes)
         if evaluation is None:
@@ -52,19 +61,44 @@ def rl_results(metrics_dir: str | Path, notes: list[str] | None = None) -> pd.Da
             "tasks_per_s": training.tasks_per_s if training is not None else None,
             "peak_memory_mb": training.peak_memory_mb if training is not None else None,
         }
-        for steps, result in evaluation.returns.items():
-            rows.append(
-                {
-                    "experiment": evaluation.experiment,
-                    "algorithm": evaluation.algorithm,
-                    "env": evaluation.env,
-                    "steps": steps,
-                    "mean_return": result.mean_return,
-                    "ci95": result.ci95,
-                    **cost,
-                }
-            )
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["env", "experiment", "steps"])
+        no_cost = dict.fromkeys(cost)
+        policies = {META_LEARNED: evaluation.returns, **evaluation.references}
+        for policy, returns in policies.items():
+            if policy == "oracle":
+                signature = (evaluation.env, tuple(r.mean_return for r in returns.values()))
+                if signature in seen_oracles:
+                    continue
+                seen_oracles.add(signature)
+            learner = policy == META_LEARNED
+            trained = evaluation.trained_steps
+            for steps, result in returns.items():
+                rows.append(
+                    {
+                        "experiment": evaluation.experiment,
+                        "policy": policy,
+                        "algorithm": evaluation.algorithm,
+                        "env": evaluation.env,
+                        "steps": steps,
+                        "mean_return": result.mean_return,
+                        "ci95": result.ci95,
+                        "trained_steps": trained,
+                        "beyond_training": learner and trained is not None and steps > trained,
+                        **(cost if learner else no_cost),
+                    }
+                )
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame["reference"] = frame["policy"] != META_LEARNED
+    frame = frame.sort_values(["env", "reference", "experiment", "policy", "steps"])
+    return frame.drop(columns="reference")
+
+
+def row_label(experiment: str, policy: str) -> str:
+    """A learner's row is its experiment; a reference's names the reference."""
+    if policy == META_LEARNED:
+        return experiment
+    if policy == "oracle":
+        return "reference: oracle"
+    return f"reference: {policy.replace('_', ' ')} ({experiment})"
 
 
 def _steps_label(steps: int) -> str:
@@ -84,13 +118,16 @@ def rl_markdown(results: pd.DataFrame) -> str:
         header.append(f"gain ({_steps_label(first_step)})")
     header += ["training", "tasks/s", "peak MB"]
     rows = []
-    groups = list(results.groupby(["experiment", "env"], sort=False))
+    groups = list(results.groupby(["experiment", "policy", "env"], sort=False))
     training_times = durations(group.iloc[0]["training_seconds"] for _, group in groups)
-    for ((experiment, env), group), training_time in zip(groups, training_times, strict=True):
+    for ((experiment, policy, env), group), training_time in zip(
+        groups, training_times, strict=True
+    ):
         by_step = group.set_index("steps")
-        cells = [experiment, env]
+        cells = [row_label(experiment, policy), env]
         cells += [
             f"{by_step.loc[s, 'mean_return']:.2f} ± {by_step.loc[s, 'ci95']:.2f}"
+            + ("*" if bool(by_step.loc[s, "beyond_training"]) else "")
             if s in by_step.index
             else "-"
             for s in steps
@@ -112,6 +149,11 @@ def rl_markdown(results: pd.DataFrame) -> str:
         "## Meta-RL: return on held-out tasks (mean ± 95% CI over tasks)\n\n"
         + markdown_table(header, rows, "ll" + "r" * (len(header) - 2))
         + "\n"
+        + (
+            "* more adaptation steps than the learner took per task in meta-training.\n"
+            if results["beyond_training"].astype(bool).any()
+            else ""
+        )
     )
 
 
@@ -121,24 +163,38 @@ def plot_rl_adaptation(results: pd.DataFrame, path: str | Path) -> Path:
     if results.empty:
         return _empty(path, "Meta-RL adaptation", "no RL evaluations yet")
     envs = list(dict.fromkeys(results["env"]))
-    colors = experiment_colors(list(dict.fromkeys(results["experiment"])))
+    learners = results[results["policy"] == META_LEARNED]
+    colors = experiment_colors(list(dict.fromkeys(learners["experiment"])))
     figure, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
     for axis, env in zip(axes[0], envs, strict=True):
-        for experiment, group in results[results["env"] == env].groupby("experiment"):
+        in_env = results[results["env"] == env]
+        for (experiment, policy), group in in_env.groupby(["experiment", "policy"], sort=False):
+            reference = policy != META_LEARNED
             axis.errorbar(
                 group["steps"],
                 group["mean_return"],
                 yerr=group["ci95"],
-                marker="o",
+                marker="s" if reference else "o",
                 capsize=4,
-                label=experiment,
-                color=colors[experiment],
+                label=row_label(experiment, policy),
+                color="grey" if reference else colors[experiment],
+                linestyle="--" if reference else "-",
+                alpha=0.7 if reference else 1.0,
             )
+            beyond = group[group["beyond_training"].astype(bool)]
+            if not reference and not beyond.empty:
+                axis.plot(
+                    beyond["steps"],
+                    beyond["mean_return"],
+                    "o",
+                    markerfacecolor="white",
+                    color=colors[experiment],
+                )
         axis.set_title(f"{env}: return after adaptation")
         axis.set_xlabel("policy-gradient adaptation steps")
         axis.set_ylabel("mean return on held-out tasks")
         axis.set_xticks(sorted(results["steps"].unique()))
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize="small")
     figure.tight_layout()
     return _save(figure, path)

@@ -7,21 +7,39 @@ at once: per-task parameters carry a leading task dimension and the per-task los
 summed, so one backward pass yields every task's own gradient. Everything computes on
 the device of the policy and the tasks (the environment's); nothing here creates a tensor
 of its own.
+
+The inner loss comes in the forms of ``INNER_ESTIMATORS``; all have the same first
+derivative (the inner step is the same) and differ only in what differentiating the step
+again (MAML's second-order term) estimates; see :mod:`metalab.rl.learners`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-from metalab.rl.advantages import discounted_returns, generalized_advantages, normalize_advantages
+from metalab.rl.advantages import (
+    advantage_std,
+    discounted_returns,
+    generalized_advantages,
+    normalize_advantages,
+)
 from metalab.rl.baselines import Baseline
 from metalab.rl.buffer import MetaBuffer, ScoredTrajectories
 from metalab.rl.envs import MetaRLEnvironment
 from metalab.rl.policies import policy_outputs, stack_parameters
 from metalab.rl.rollout import Trajectories, sample_trajectories
+
+InnerEstimator = Literal["reinforce", "lvc", "dice"]
+INNER_ESTIMATORS: tuple[str, ...] = ("reinforce", "lvc", "dice")
+
+
+def magic_box(log_prob: torch.Tensor) -> torch.Tensor:
+    """DiCE's magic-box: exp(x - stop_grad(x)), value 1, derivative magic_box(x) * dx."""
+    return torch.exp(log_prob - log_prob.detach())
 
 
 def score_trajectories(
@@ -37,17 +55,40 @@ def score_trajectories(
     advantages = generalized_advantages(
         trajectories.rewards, values, trajectories.dones, gamma, gae_lambda
     )
-    normalized = normalize_advantages(advantages, trajectories.mask)
-    return ScoredTrajectories(trajectories, normalized.detach()), critic_loss
+    mask = trajectories.mask
+    normalized = normalize_advantages(advantages, mask)
+    steps_per_trajectory = mask.sum(dim=(1, 2)) / mask.shape[1]
+    scale = 1.0 / ((advantage_std(advantages, mask).flatten() + 1e-8) * steps_per_trajectory)
+    scored = ScoredTrajectories(trajectories, normalized.detach(), scale.detach())
+    return scored, critic_loss
+
+
+def trajectory_log_probs(
+    policy: nn.Module, task_parameters: dict[str, torch.Tensor], trajectories: Trajectories
+) -> torch.Tensor:
+    """log pi(a_t | s_t) of every stored step under ``task_parameters``, [T, N, L]; 0 on
+    masked steps."""
+    outputs = policy_outputs(policy, task_parameters, trajectories.observations)
+    return policy.log_prob(outputs, trajectories.actions) * trajectories.mask
 
 
 def policy_gradient_losses(
-    policy: nn.Module, task_parameters: dict[str, torch.Tensor], batch: ScoredTrajectories
+    policy: nn.Module,
+    task_parameters: dict[str, torch.Tensor],
+    batch: ScoredTrajectories,
+    estimator: InnerEstimator = "reinforce",
 ) -> torch.Tensor:
-    """Per-task REINFORCE-with-baseline loss [T]; task_parameters each [T, ...]."""
+    """Per-task policy-gradient loss [T]; task_parameters each [T, ...].
+
+    ``reinforce`` (and ``dice``, whose extra term lives in the outer objective): minus the
+    mean over valid steps of log pi(a|s) * A. ``lvc`` (ProMP's low-variance curvature):
+    minus the mean of pi(a|s) / stop_grad(pi(a|s)) * A, the same first derivative, whose
+    second derivative adds each step's outer product of score functions.
+    """
     trajectories = batch.trajectories
-    outputs = policy_outputs(policy, task_parameters, trajectories.observations)
-    log_probs = policy.log_prob(outputs, trajectories.actions)
+    log_probs = trajectory_log_probs(policy, task_parameters, trajectories)
+    if estimator == "lvc":
+        log_probs = magic_box(log_probs)
     mask = trajectories.mask
     weighted = (log_probs * batch.advantages * mask).sum(dim=(1, 2))
     return -weighted / mask.sum(dim=(1, 2)).clamp_min(1.0)
@@ -60,13 +101,15 @@ def inner_update(
     inner_lr: float,
     adapted_names: Sequence[str],
     create_graph: bool,
+    estimator: InnerEstimator = "reinforce",
 ) -> dict[str, torch.Tensor]:
     """One policy-gradient step per task on the parameters in ``adapted_names``.
 
     With ``create_graph`` the step stays differentiable (second-order meta-gradients);
     without it the step is a constant shift (first-order). Other names pass through.
+    ``estimator`` picks the inner loss's form (same step, different second derivative).
     """
-    losses = policy_gradient_losses(policy, task_parameters, batch)
+    losses = policy_gradient_losses(policy, task_parameters, batch, estimator)
     targets = [task_parameters[name] for name in adapted_names]
     gradients = torch.autograd.grad(losses.sum(), targets, create_graph=create_graph)
     adapted = dict(task_parameters)
@@ -81,7 +124,7 @@ def sample_adaptation(
     tasks: torch.Tensor,
     trajectories_per_task: int,
     inner_steps: int,
-    inner_lr: float,
+    inner_lr: float | Sequence[float],
     adapted_names: Sequence[str],
     baseline: Baseline,
     gamma: float,
@@ -94,8 +137,12 @@ def sample_adaptation(
     Starts from the policy's parameters. Returns the filled meta-buffer, the adapted
     per-task parameters (detached, [T, ...] each) and the mean critic loss of the baseline
     fits; ``track_meta_gradient`` lets a trainable baseline accumulate its meta-gradient.
-    No graph to the policy's parameters is kept.
+    No graph to the policy's parameters is kept. ``inner_lr``: one step size, or one per
+    inner step.
     """
+    step_sizes = [inner_lr] * inner_steps if isinstance(inner_lr, float | int) else inner_lr
+    if len(step_sizes) != inner_steps:
+        raise ValueError(f"{len(step_sizes)} step sizes for {inner_steps} inner steps")
     shared = {name: value.detach() for name, value in policy.named_parameters()}
     parameters = stack_parameters(shared, tasks.shape[0])
     buffer = MetaBuffer()
@@ -118,7 +165,7 @@ def sample_adaptation(
                 for name, value in parameters.items()
             }
             updated = inner_update(
-                policy, trainable, batch, inner_lr, adapted_names, create_graph=False
+                policy, trainable, batch, step_sizes[step], adapted_names, create_graph=False
             )
         parameters = {name: value.detach() for name, value in updated.items()}
     return buffer, parameters, sum(critic_losses) / len(critic_losses)

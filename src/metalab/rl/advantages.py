@@ -44,6 +44,13 @@ def generalized_advantages(
     return advantages
 
 
+def advantage_std(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-task standard deviation over valid steps, [T, 1, 1]; advantages, mask [T, N, L]."""
+    count = mask.sum(dim=(1, 2), keepdim=True).clamp_min(1.0)
+    mean = (advantages * mask).sum(dim=(1, 2), keepdim=True) / count
+    return (((advantages - mean).pow(2) * mask).sum(dim=(1, 2), keepdim=True) / count).sqrt()
+
+
 def normalize_advantages(
     advantages: torch.Tensor, mask: torch.Tensor, epsilon: float = 1e-8
 ) -> torch.Tensor:
@@ -53,5 +60,4 @@ def normalize_advantages(
     """
     count = mask.sum(dim=(1, 2), keepdim=True).clamp_min(1.0)
     mean = (advantages * mask).sum(dim=(1, 2), keepdim=True) / count
-    variance = ((advantages - mean).pow(2) * mask).sum(dim=(1, 2), keepdim=True) / count
-    return (advantages - mean) / (variance.sqrt() + epsilon) * mask
+    return (advantages - mean) / (advantage_std(advantages, mask) + epsilon) * mask

@@ -16,13 +16,27 @@ from metalab.rl.rollout import Trajectories
 
 @dataclass(frozen=True)
 class ScoredTrajectories:
-    """Trajectories of T tasks plus their normalised advantages [T, N, L] (constants)."""
+    """Trajectories of T tasks plus their normalised advantages [T, N, L] (constants).
+
+    ``return_scale`` [T] converts a task's mean undiscounted return into the units of the
+    policy-gradient loss (1 / (advantage std * mean valid steps per trajectory)), so the
+    DiCE estimator's return-weighted term matches the normalised-advantage term; None = 1.
+    """
 
     trajectories: Trajectories
     advantages: torch.Tensor
+    return_scale: torch.Tensor | None = None
 
     def task(self, index: int) -> ScoredTrajectories:
-        return ScoredTrajectories(self.trajectories.task(index), self.advantages[index : index + 1])
+        scale = None if self.return_scale is None else self.return_scale[index : index + 1]
+        return ScoredTrajectories(
+            self.trajectories.task(index), self.advantages[index : index + 1], scale
+        )
+
+    def scaled_mean_returns(self) -> torch.Tensor:
+        """Each task's mean undiscounted return times its ``return_scale``, [T]."""
+        returns = self.trajectories.episode_returns().mean(dim=1)
+        return returns if self.return_scale is None else returns * self.return_scale
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from metalab.schema import (
     ExperimentName,
@@ -50,6 +50,12 @@ class RLExperimentConfig(BaseModel):
     )
     first_order: bool = Field(
         False, description="MAML-RL / ANIL-RL: hold inner gradients constant (no second order)."
+    )
+    inner_estimator: Literal["reinforce", "lvc", "dice"] = Field(
+        "reinforce",
+        description="MAML-RL / ANIL-RL meta-gradient: reinforce (MAML paper; misses how the "
+        "pre-adaptation sampling depends on theta), lvc (ProMP low-variance curvature) or "
+        "dice (unbiased DiCE objective with a leave-one-task-out baseline).",
     )
     outer_optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="Optimizer of the MAML-RL / ANIL-RL meta-step."
@@ -92,10 +98,27 @@ class RLExperimentConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, tasks and sampling.")
     eval_tasks: int = Field(40, ge=2, le=100_000, description="Held-out evaluation tasks.")
+    eval_trajectories_per_task: int = Field(
+        40,
+        ge=2,
+        le=10_000,
+        description="Trajectories per held-out task and adaptation step (MAML paper: 40).",
+    )
+    eval_step_schedule: Literal["halve_after_first", "constant"] = Field(
+        "halve_after_first",
+        description="Held-out adaptation step sizes: inner_lr for the first step, then "
+        "inner_lr / 2 (the MAML paper's evaluation), or inner_lr for every step.",
+    )
     eval_adaptation_steps: list[int] = Field(
         default_factory=lambda: [1, 2, 3],
         description="Adaptation steps at which held-out return is reported (0 always is).",
     )
+
+    @model_validator(mode="after")
+    def _estimator_needs_meta_gradient(self) -> RLExperimentConfig:
+        if self.algorithm == "reptile_rl" and self.inner_estimator != "reinforce":
+            raise ValueError("inner_estimator applies to maml_rl / anil_rl, not reptile_rl")
+        return self
 
     @field_validator("eval_adaptation_steps")
     @classmethod

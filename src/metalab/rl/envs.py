@@ -80,6 +80,8 @@ class MetaRLEnvironment(Protocol):
 
     def is_finished(self, state: object) -> bool: ...
 
+    def oracle_actions(self, state: object) -> torch.Tensor: ...
+
 
 @dataclass(frozen=True)
 class NavigationState:
@@ -158,6 +160,12 @@ class Navigation2D:
 
     def is_finished(self, state: NavigationState) -> bool:
         return bool(state.done.all())
+
+    def oracle_actions(self, state: NavigationState) -> torch.Tensor:
+        """The goal-aware reference: straight at the goal, as far as the action box allows
+        (the last step lands on it). float [T, N, 2]."""
+        offsets = state.goals.unsqueeze(1) - state.positions
+        return offsets.clamp(-self.max_step, self.max_step)
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,11 @@ class BernoulliBandit:
 
     def is_finished(self, state: BanditState) -> bool:
         return bool(state.done.all())
+
+    def oracle_actions(self, state: BanditState) -> torch.Tensor:
+        """The task-aware reference: always the arm most likely to pay. int64 [T, N]."""
+        best = state.arm_probabilities.argmax(dim=1, keepdim=True)
+        return best.expand_as(state.previous_actions)
 
 
 def build_environment(

@@ -9,12 +9,34 @@ One meta-iteration of every learner:
 MAML-RL replays the inner steps differentiably from the buffer (second-order, or
 first-order with the inner gradients held constant) and minimises the policy-gradient
 loss of the adapted policies on their post-adaptation trajectories with a plain Adam/SGD
-step on the meta-parameters; like the MAML paper's estimator it does not differentiate
-through the sampling distribution of the post-adaptation trajectories, and it uses no
-TRPO. ANIL-RL is the same with only the head (mean layer + log-std, or logits) adapted
-in the inner loop; the outer step still trains body and head. Reptile-RL moves the
-meta-parameters toward the mean adapted parameters: theta += epsilon * (mean_i
-theta_i' - theta).
+step on the meta-parameters (no TRPO). The objective is the expected post-adaptation
+return J(theta) = E_{tau ~ pi_theta}[ E_{tau' ~ pi_theta'(tau)}[R(tau')] ] with
+theta'(tau) = theta + alpha * g(tau, theta) the inner step on the pre-adaptation
+trajectories tau. Its gradient has two parts: (a) the post-adaptation policy gradient
+pulled back through the inner step, (d theta'/d theta)^T grad_theta' J_post, and (b) the
+dependence of the pre-adaptation sampling distribution on theta,
+E_tau[grad_theta log p(tau; theta) * J_post(theta'(tau))]. ``inner_estimator`` picks:
+
+- ``reinforce`` (the MAML paper's code, pytorch-maml-rl): (a) only, d theta'/d theta
+  from differentiating the REINFORCE surrogate twice (sum of grad^2 log pi * A). Term
+  (b) is missing, so as an estimate of grad J it is biased (equivalently: its Hessian of
+  the pre-adaptation return lacks the E[grad log pi grad log pi^T A] part).
+- ``lvc`` (ProMP's low-variance curvature): (a) with the inner loss
+  pi / stop_grad(pi) * A, whose second derivative adds each step's score outer product,
+  a low-variance stand-in for (b) to first order in the inner step size; still biased
+  (cross-step terms dropped, and (b) only approximated).
+- ``dice``: the DiCE objective of the whole two-level sampling process: (a) plus the
+  magic-box of the cumulative log-probability of every pre-adaptation trajectory times
+  the adapted task's post-adaptation return (less a leave-one-task-out baseline, as in
+  Loaded DiCE, which keeps it unbiased). Its expectation is exactly grad J (checked by
+  enumeration in ``tests/test_rl_estimators.py``). The inner step itself stays plain
+  REINFORCE: putting the magic box inside the inner loss as well would count (b) twice.
+
+First-order MAML-RL holds the inner gradients constant in every variant. ANIL-RL is the
+same with only the head (mean layer + log-std, or logits) adapted in the inner loop; the
+outer step still trains body and head (and ``dice``'s term (b) reaches the body too).
+Reptile-RL moves the meta-parameters toward the mean adapted parameters:
+theta += epsilon * (mean_i theta_i' - theta).
 
 A learner computes on its policy's device (environment and baseline on the same one);
 ``tasks_per_second`` waits for the device's queued work before reading the clock.
@@ -29,7 +51,15 @@ import torch
 from torch import nn
 
 from metalab.device import synchronize
-from metalab.rl.adaptation import inner_update, policy_gradient_losses, sample_adaptation
+from metalab.rl.adaptation import (
+    INNER_ESTIMATORS,
+    InnerEstimator,
+    inner_update,
+    magic_box,
+    policy_gradient_losses,
+    sample_adaptation,
+    trajectory_log_probs,
+)
 from metalab.rl.baselines import Baseline
 from metalab.rl.buffer import MetaBuffer
 from metalab.rl.envs import MetaRLEnvironment
@@ -163,11 +193,15 @@ class MAMLRL(RLMetaLearner):
         first_order: bool,
         outer_lr: float,
         outer_optimizer: str = "adam",
+        inner_estimator: InnerEstimator = "reinforce",
     ) -> None:
         super().__init__(
             env, policy, baseline, trajectories_per_task, inner_lr, inner_steps, gamma, gae_lambda
         )
         self.first_order = first_order
+        if inner_estimator not in INNER_ESTIMATORS:
+            raise ValueError(f"unknown inner estimator {inner_estimator!r}")
+        self.inner_estimator: InnerEstimator = inner_estimator
         if outer_optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
                 policy.parameters(), lr=outer_lr
@@ -185,10 +219,22 @@ class MAMLRL(RLMetaLearner):
         Returns per-task adapted parameters [T, ...] that depend differentiably on the
         meta-parameters (through the inner gradients too unless first-order).
         """
+        return self._replay(buffer, create_graph, with_log_probs=False)[0]
+
+    def _replay(
+        self, buffer: MetaBuffer, create_graph: bool | None, with_log_probs: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Adapted parameters and, if asked, each task's summed log-probability [T] of all
+        its pre-adaptation trajectories under the parameters that sampled them."""
         if create_graph is None:
             create_graph = not self.first_order
         parameters = stack_parameters(dict(self.policy.named_parameters()), buffer.num_tasks)
+        log_probs: torch.Tensor | None = None
         for batch in buffer.pre_adaptation:
+            if with_log_probs:
+                step = trajectory_log_probs(self.policy, parameters, batch.trajectories)
+                step = step.sum(dim=(1, 2))
+                log_probs = step if log_probs is None else log_probs + step
             parameters = inner_update(
                 self.policy,
                 parameters,
@@ -196,13 +242,24 @@ class MAMLRL(RLMetaLearner):
                 self.inner_lr,
                 self.adapted_parameter_names(),
                 create_graph=create_graph,
+                estimator=self.inner_estimator,
             )
-        return parameters
+        return parameters, log_probs
 
     def meta_loss(self, buffer: MetaBuffer) -> torch.Tensor:
-        """Mean over tasks of the adapted policies' loss on post-adaptation trajectories."""
-        adapted = self.adapt_from_buffer(buffer)
-        return policy_gradient_losses(self.policy, adapted, buffer.post_adaptation).mean()
+        """Mean over tasks of the surrogate whose gradient is the ``inner_estimator``'s
+        meta-gradient (see the module docstring); its value is the adapted policies' loss
+        on their post-adaptation trajectories (the DiCE term has value 0)."""
+        dice = self.inner_estimator == "dice"
+        adapted, pre_log_probs = self._replay(buffer, None, with_log_probs=dice)
+        post = buffer.post_adaptation
+        losses = policy_gradient_losses(self.policy, adapted, post)
+        if pre_log_probs is not None:
+            returns = post.scaled_mean_returns()
+            losses = losses - (magic_box(pre_log_probs) - 1.0) * (
+                returns - leave_one_out_mean(returns)
+            )
+        return losses.mean()
 
     def meta_step(
         self, tasks: torch.Tensor, generator: torch.Generator, iteration: int
@@ -224,6 +281,15 @@ class MAMLRL(RLMetaLearner):
     def load_optimizer_state(self, state: dict | None) -> None:
         if state is not None:
             self.optimizer.load_state_dict(state)
+
+
+def leave_one_out_mean(values: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``values`` [T], the mean of the others (0 when T = 1): a baseline
+    independent of the entry's own samples."""
+    count = values.shape[0]
+    if count == 1:
+        return torch.zeros_like(values)
+    return (values.sum() - values) / (count - 1)
 
 
 class ANILRL(MAMLRL):

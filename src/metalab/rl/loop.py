@@ -107,6 +107,7 @@ def build_learner(
         first_order=config.first_order,
         outer_lr=config.outer_lr,
         outer_optimizer=config.outer_optimizer,
+        inner_estimator=config.inner_estimator,
     )
 
 
@@ -273,6 +274,20 @@ def load_agent(path: str | Path) -> dict:
     return saved["agent"]
 
 
+def evaluation_step_sizes(config: RLExperimentConfig, steps: int) -> list[float]:
+    """Step size of each of ``steps`` held-out adaptation steps: ``inner_lr`` for the first;
+    ``halve_after_first`` halves it for the later ones (the MAML paper's evaluation)."""
+    later = config.inner_lr / 2 if config.eval_step_schedule == "halve_after_first" else None
+    return [config.inner_lr if step == 0 or later is None else later for step in range(steps)]
+
+
+def trained_adaptation_steps(config: RLExperimentConfig) -> int:
+    """Inner steps the learner took per task while meta-training."""
+    if config.algorithm == "reptile_rl":
+        return config.reptile_inner_steps
+    return config.inner_steps
+
+
 def evaluate_rl(
     config: RLExperimentConfig,
     agent_state: dict,
@@ -285,40 +300,50 @@ def evaluate_rl(
 
     agent_state: ``{"policy": state_dict, "baseline": state}`` as returned by
     :func:`train_rl`. tasks: [n, task_dim], by default the fixed held-out tasks of
-    ``config.seed``. Each adaptation step samples ``trajectories_per_task`` fresh
-    trajectories with the current policy and takes one policy-gradient step with
-    ``inner_lr`` (ANIL-RL adapts the head only). A task's return is the mean undiscounted
-    return of its trajectories; statistics are over tasks. Returns ``{"results": [...],
-    "metrics": {flat floats}}``. Computes on ``device`` (agent tensors from any device are
-    copied there) with ``threads`` torch threads (default ``config.num_threads``); the
+    ``config.seed``. Each adaptation step samples ``eval_trajectories_per_task`` fresh
+    trajectories with the current policy and takes one policy-gradient step (ANIL-RL adapts
+    the head only) with the sizes of :func:`evaluation_step_sizes`. A task's return is the
+    mean undiscounted return of its trajectories; statistics are over tasks. Returns
+    ``{"num_tasks", "results": [...], "metrics": {flat floats}, "references": {name:
+    {"results", "metrics"}}}`` with the reference policies on the same tasks:
+    ``random_init`` (the untrained initialisation the run started from, adapted the same
+    way) and ``oracle`` (the environment's task-aware policy, which does not adapt: the
+    same return at every step count). Computes on ``device`` (agent tensors from any device
+    are copied there) with ``threads`` torch threads (default ``config.num_threads``); the
     sampling generator is a CPU one, so every device sees the same random numbers.
     """
     with torch_threads(config.num_threads if threads is None else threads):
-        return _evaluate(config, agent_state, tasks, torch.device(device))
+        device = torch.device(device)
+        env, policy, baseline = build_components(config, device=device)
+        if tasks is None:
+            tasks = evaluation_tasks(env, config.eval_tasks, config.seed)
+        tasks = tasks.to(device)
+        untrained = {"policy": policy.state_dict(), "baseline": baseline.state_dict()}
+        untrained = cpu_snapshot(untrained)
+        learned = _adapted_returns(config, agent_state, tasks, device)
+        references = {
+            "random_init": _adapted_returns(config, untrained, tasks, device),
+            "oracle": _oracle_returns(config, env, tasks),
+        }
+        return {"num_tasks": int(tasks.shape[0]), **learned, "references": references}
 
 
-def _evaluate(
-    config: RLExperimentConfig,
-    agent_state: dict,
-    tasks: torch.Tensor | None,
-    device: torch.device,
+def _adapted_returns(
+    config: RLExperimentConfig, agent_state: dict, tasks: torch.Tensor, device: torch.device
 ) -> dict:
     env, policy, baseline = build_components(config, device=device)
     policy.load_state_dict(agent_state["policy"])
     baseline.load_state_dict(copy.deepcopy(agent_state["baseline"]))
     learner = build_learner(config, env, policy, baseline)
-    if tasks is None:
-        tasks = evaluation_tasks(env, config.eval_tasks, config.seed)
-    tasks = tasks.to(device)
     generator = torch.Generator().manual_seed(config.seed + EVALUATION_SAMPLING_SEED_OFFSET)
     max_steps = max(config.eval_adaptation_steps)
     buffer, _, _ = sample_adaptation(
         env,
         policy,
         tasks,
-        config.trajectories_per_task,
+        config.eval_trajectories_per_task,
         max_steps,
-        config.inner_lr,
+        evaluation_step_sizes(config, max_steps),
         learner.adapted_parameter_names(),
         baseline,
         config.gamma,
@@ -327,11 +352,38 @@ def _evaluate(
         track_meta_gradient=False,
     )
     batches = [*buffer.pre_adaptation, buffer.post_adaptation]
+    return _step_summaries(
+        {
+            steps: batches[steps].trajectories.episode_returns().mean(dim=1)
+            for steps in [0, *config.eval_adaptation_steps]
+        }
+    )
+
+
+@torch.no_grad()
+def _oracle_returns(
+    config: RLExperimentConfig, env: MetaRLEnvironment, tasks: torch.Tensor
+) -> dict:
+    """The environment's task-aware policy on ``tasks``, reported at every step count."""
+    generator = torch.Generator().manual_seed(config.seed + EVALUATION_SAMPLING_SEED_OFFSET)
+    state = env.reset(tasks, config.eval_trajectories_per_task)
+    total = torch.zeros(tasks.shape[0], config.eval_trajectories_per_task, device=tasks.device)
+    for _ in range(env.horizon):
+        result = env.step(state, env.oracle_actions(state), generator)
+        total = total + result.rewards.to(total.dtype)
+        state = result.state
+        if env.is_finished(state):
+            break
+    task_returns = total.mean(dim=1)
+    return _step_summaries({steps: task_returns for steps in [0, *config.eval_adaptation_steps]})
+
+
+def _step_summaries(task_returns: dict[int, torch.Tensor]) -> dict:
+    """``{"results", "metrics"}`` from per-task returns [n] at each step count."""
     results = []
     metrics: dict[str, float] = {}
-    for steps in [0, *config.eval_adaptation_steps]:
-        task_returns = batches[steps].trajectories.episode_returns().mean(dim=1)
-        summary = {"adaptation_steps": steps, **_summarise(task_returns)}
+    for steps, returns in task_returns.items():
+        summary = {"adaptation_steps": steps, **_summarise(returns)}
         results.append(summary)
         key = "return_pre_adaptation" if steps == 0 else f"return_after_{steps}_steps"
         metrics[key] = summary["mean_return"]
@@ -340,4 +392,4 @@ def _evaluate(
             metrics[f"adaptation_gain_{steps}_steps"] = (
                 summary["mean_return"] - results[0]["mean_return"]
             )
-    return {"num_tasks": int(tasks.shape[0]), "results": results, "metrics": metrics}
+    return {"results": results, "metrics": metrics}
