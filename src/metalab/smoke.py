@@ -42,7 +42,12 @@ SMOKE_TRAIN = {
 }
 SMOKE_EPISODES_PER_SETTING = 3
 SMOKE_PRETRAIN = {"epochs": 1, "drawings_per_class": 2}
-SMOKE_RL = {"iterations": 2, "meta_batch_size": 2, "eval_tasks": 4}
+SMOKE_RL = {
+    "iterations": 2,
+    "meta_batch_size": 2,
+    "eval_tasks": 4,
+    "eval_trajectories_per_task": 10,
+}
 
 
 def smoke_params(raw: dict[str, Any], project: Path) -> dict[str, Any]:
