@@ -69,3 +69,35 @@ def test_every_learner_honours_the_contract(algorithm):
     assert isinstance(learner.model, nn.Module) and hasattr(learner.model, "body")
     groups = learner.parameter_groups()
     assert groups and all(group["params"] for group in groups)
+    assert isinstance(learner.batches_tasks, bool)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_adapt_many_predicts_what_adapt_predicts_task_by_task(algorithm):
+    """`adapt_many` on T tasks gives logits [T, Q, N], task t those of `adapt` on task t
+    (float rounding apart: a vectorised pass sums in another order; tests/
+    test_batched_evaluation.py holds the tight comparisons). A learner that declares
+    ``batches_tasks`` overrides `adapt_many` and draws no random numbers at test time, so
+    evaluating episodes in chunks rather than one by one cannot shift any random draw."""
+    torch.manual_seed(0)
+    context = BuildContext(model=ModelConfig(hidden=4), n_way=5, image_size=28)
+    learner = build_learner(algorithm, options_class(algorithm)(), context).eval()
+    generator = torch.Generator().manual_seed(1)
+    support_x = torch.rand(3, 10, 1, 28, 28, generator=generator)
+    support_y = torch.arange(5).repeat_interleave(2).repeat(3, 1)
+    query_x = torch.rand(3, 15, 1, 28, 28, generator=generator)
+
+    state = torch.get_rng_state()
+    batched = learner.adapt_many(support_x, support_y)(query_x)
+    draws_nothing = torch.equal(torch.get_rng_state(), state)
+    one_by_one = torch.stack(
+        [learner.adapt(x, y)(q) for x, y, q in zip(support_x, support_y, query_x, strict=True)]
+    )
+
+    assert batched.shape == (3, 15, 5)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-4)
+    if learner.batches_tasks:
+        assert type(learner).adapt_many is not MetaLearner.adapt_many
+        assert draws_nothing, f"{algorithm} batches tasks but draws random numbers at test time"
+    else:
+        assert type(learner).adapt_many is MetaLearner.adapt_many

@@ -165,6 +165,10 @@ def test_support_batches_cycle_through_reshuffled_passes():
     assert sorted(indices[6:].tolist()) == list(range(6))
     assert support_batches(num_support=6, batch_size=None, steps=2) == [None, None]
     assert support_batches(num_support=6, batch_size=6, steps=1) == [None]
+    # No steps (evaluation's "before adaptation"): no batches and no random numbers drawn.
+    state = torch.get_rng_state()
+    assert support_batches(num_support=6, batch_size=4, steps=0) == []
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def run_iterations(seed: int, iterations: int = 2) -> tuple[list[torch.Tensor], list[float]]:

@@ -35,15 +35,16 @@ from metalab.tracking import flatten
 
 # Tasks materialised at a time: 600 tasks of 20-way 5-shot would need ~750 MB at once.
 TASK_CHUNK = 50
+# Support + query images per `Learner.adapt_many` call of a learner that batches tasks:
+# 5 episodes of 20-way 5-shot with 15 queries per class (400 images each), 25 of 5-way
+# 1-shot. Activation memory is bounded inside the learner (it runs its own chunks of a
+# few tasks); this bounds what a call keeps for all its tasks (images, adapted weights,
+# features, logits) and how long the progress bar waits between updates.
+CHUNK_IMAGES = 2000
 EPISODE_COLUMNS = ["setting", "episode", "accuracy_before", "accuracy_after", "seconds"]
 
 
 # ------------------------------------------------------------------------- accuracy
-def query_accuracy(logits: torch.Tensor, query_y: torch.Tensor) -> float:
-    """Fraction of queries classified correctly: logits [Q, N], query_y int64 [Q]."""
-    return float((logits.argmax(dim=-1) == query_y).float().mean())
-
-
 def evaluate_accuracy(
     learner: MetaLearner, episodes: Episodes, steps: int | None = None
 ) -> torch.Tensor:
@@ -137,6 +138,7 @@ def evaluate_episode_set(
     seed: int = 0,
     progress: bool = True,
     description: str = "",
+    batch_tasks: bool = True,
 ) -> SettingEvaluation:
     """Adapt `learner` to every task of `index` and score its queries.
 
@@ -144,9 +146,15 @@ def evaluate_episode_set(
     overrides the learner's test-time adaptation steps (None = its default). Before
     adaptation (``steps=0``) is also scored when `learner.adapts_by_gradient`. The global
     torch RNG is seeded from (`seed`, `setting`) first, so a rerun gives the same numbers.
-    Seconds per episode time the adaptation and prediction that give accuracy_after.
-    Returns a `SettingEvaluation`; if the learner cannot handle the task shape (its
-    `UnsupportedTaskError` on the first task), an empty one with the reason.
+
+    A learner that batches tasks (`Learner.batches_tasks`) gets the episodes in chunks of
+    up to `CHUNK_IMAGES` support + query images (`Learner.adapt_many`; the episodes of a
+    set share one shape); the others, and any learner with ``batch_tasks=False``, get one
+    episode at a time (`Learner.adapt`), in the order of a per-episode loop (random numbers
+    included: batching learners draw none at test time). Seconds per episode time the
+    adaptation and prediction that give accuracy_after; a chunk's time is divided evenly
+    among its episodes. Returns a `SettingEvaluation`; if the learner cannot handle the
+    task shape (its `UnsupportedTaskError` on the first chunk), an empty one with the reason.
     """
     torch.manual_seed(setting_seed(seed, setting))
     num_tasks = index.num_tasks
@@ -164,32 +172,61 @@ def evaluate_episode_set(
         accuracy_before=before,
         seconds=seconds,
     )
+    batched = batch_tasks and learner.batches_tasks
+    per_call = episodes_per_call(index) if batched else 1
     bar = tqdm(total=num_tasks, desc=description or setting, disable=not progress, leave=True)
     try:
         for start in range(0, num_tasks, TASK_CHUNK):
             episodes = materialize(images, index[start : start + TASK_CHUNK])
-            for offset in range(episodes.num_tasks):
-                task = start + offset
-                support_x = episodes.support_x[offset]
-                support_y = episodes.support_y[offset]
-                query_x, query_y = episodes.query_x[offset], episodes.query_y[offset]
+            for offset in range(0, episodes.num_tasks, per_call):
+                chunk = episodes[offset : offset + per_call]
+                tasks = slice(start + offset, start + offset + chunk.num_tasks)
                 try:
                     started = time.perf_counter()
-                    logits = learner.adapt(support_x, support_y, steps).predict(query_x)
-                    seconds[task] = time.perf_counter() - started
+                    logits = adapt_and_predict(learner, chunk, steps, batched)
+                    seconds[tasks] = (time.perf_counter() - started) / chunk.num_tasks
                     if before is not None:
-                        unadapted = learner.adapt(support_x, support_y, 0).predict(query_x)
-                        before[task] = query_accuracy(unadapted, query_y)
+                        unadapted = adapt_and_predict(learner, chunk, 0, batched)
+                        before[tasks] = task_accuracies(unadapted, chunk.query_y)
                 except UnsupportedTaskError as error:
-                    if task > 0:
+                    if tasks.start > 0:
                         raise
                     return _unsupported(result, str(error))
-                after[task] = query_accuracy(logits, query_y)
-                bar.update(1)
-                bar.set_postfix(acc=f"{after[: task + 1].mean():.4f}")
+                after[tasks] = task_accuracies(logits, chunk.query_y)
+                bar.update(chunk.num_tasks)
+                bar.set_postfix(acc=f"{after[: tasks.stop].mean():.4f}")
     finally:
         bar.close()
     return result
+
+
+def episodes_per_call(index: EpisodeIndex) -> int:
+    """Episodes of `index` per `Learner.adapt_many` call: as many as fit in `CHUNK_IMAGES`
+    support + query images, at least one, at most `TASK_CHUNK`."""
+    images = index.n_way * (index.k_shot + index.query_per_class)
+    return max(1, min(TASK_CHUNK, CHUNK_IMAGES // images))
+
+
+def adapt_and_predict(
+    learner: Learner, episodes: Episodes, steps: int | None, batched: bool
+) -> torch.Tensor:
+    """Query logits [T, Q, N] of `learner` adapted with `steps` to each of the T tasks of
+    `episodes`: all at once (`Learner.adapt_many`) when `batched`, else (T = 1) the one
+    task through `Learner.adapt`."""
+    if batched:
+        adapted = learner.adapt_many(episodes.support_x, episodes.support_y, steps)
+        return adapted.predict(episodes.query_x)
+    if episodes.num_tasks != 1:
+        raise ValueError(f"one episode at a time, got {episodes.num_tasks}")
+    adapted = learner.adapt(episodes.support_x[0], episodes.support_y[0], steps)
+    return adapted.predict(episodes.query_x[0]).unsqueeze(0)
+
+
+def task_accuracies(logits: torch.Tensor, query_y: torch.Tensor) -> np.ndarray:
+    """Per-task fraction of queries classified correctly: logits [T, Q, N], query_y int64
+    [T, Q] -> float64 [T] (each task's float32 mean, as a per-episode loop computes it)."""
+    correct = (logits.argmax(dim=-1) == query_y).float()
+    return np.array([float(row.mean()) for row in correct])
 
 
 def _unsupported(result: SettingEvaluation, reason: str) -> SettingEvaluation:

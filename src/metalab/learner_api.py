@@ -103,6 +103,42 @@ class AdaptedLearner:
     __call__ = predict
 
 
+class AdaptedTasks:
+    """A learner adapted to T tasks at once: `predict` maps each task's query images to
+    that task's logits."""
+
+    def __init__(
+        self,
+        predictor: Callable[[torch.Tensor], torch.Tensor],
+        num_tasks: int,
+        n_way: int,
+        learner: Learner,
+    ) -> None:
+        self._predictor = predictor
+        self.num_tasks = num_tasks
+        self.n_way = n_way
+        self._learner = learner
+
+    def predict(self, query_x: torch.Tensor) -> torch.Tensor:
+        """query_x float [T, Q, 1, S, S] (task t's queries in row t) -> logits [T, Q, n_way]."""
+        self._learner.check_task_images(query_x, "query_x", self.num_tasks)
+        try:
+            with torch.no_grad():
+                logits = self._predictor(query_x.to(self._learner.device))
+        except (ValueError, RuntimeError) as error:
+            self._learner.raise_if_unsupported(self.n_way, error)
+            raise
+        expected = (*query_x.shape[:2], self.n_way)
+        if logits.shape != expected:
+            raise RuntimeError(
+                f"{self._learner.algorithm} returned logits of shape {tuple(logits.shape)}, "
+                f"expected {expected}"
+            )
+        return logits.to(query_x.device)
+
+    __call__ = predict
+
+
 class Learner:
     """A trained meta-learner ready for new tasks (usually from `load_learner`).
 
@@ -112,7 +148,8 @@ class Learner:
     "before adaptation"), ``default_adaptation_steps`` (None when not applicable) and
     ``meta_learner`` (the underlying `MetaLearner` module, in eval mode) and ``device``
     (where it computes; inputs on any device are moved there, logits come back on the
-    device of the query images).
+    device of the query images). ``batches_tasks``: whether `adapt_many` adapts many tasks
+    in one vectorised computation (otherwise it adapts them one by one).
     """
 
     def __init__(
@@ -137,6 +174,7 @@ class Learner:
         self.default_adaptation_steps: int | None = (
             meta_learner.default_adaptation_steps if self.adapts_by_gradient else None
         )
+        self.batches_tasks: bool = meta_learner.batches_tasks
 
     # ---------------------------------------------------------------------- images
     def transform(self, image: Image.Image | str | Path) -> torch.Tensor:
@@ -175,6 +213,18 @@ class Learner:
             raise ValueError(f"{name} must be a float tensor (ink = 1.0), got {images.dtype}")
         check_pixel_values(images, name)
 
+    def check_task_images(self, images: torch.Tensor, name: str, num_tasks: int | None) -> None:
+        """`check_images` for a batch of tasks: float [T, B, 1, S, S], T = ``num_tasks``
+        (any T >= 1 if None)."""
+        shape = tuple(images.shape)
+        if images.dim() != 5 or shape[0] == 0 or shape[0] != (num_tasks or shape[0]):
+            tasks = "T" if num_tasks is None else str(num_tasks)
+            raise ValueError(
+                f"{name} must have shape [{tasks}, B, 1, {self.image_size}, {self.image_size}] "
+                f"(one row of images per task), got {shape}"
+            )
+        self.check_images(images.flatten(0, 1), f"{name} (tasks x images)")
+
     # ------------------------------------------------------------------- adaptation
     def adapt(
         self,
@@ -203,6 +253,43 @@ class Learner:
             self.raise_if_unsupported(n_way, error)
             raise
         return AdaptedLearner(predictor, n_way, self)
+
+    def adapt_many(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor | Sequence[Sequence[int]],
+        steps: int | None = None,
+    ) -> AdaptedTasks:
+        """Adapt to T tasks of one N-way K-shot shape at once (what evaluation does).
+
+        support_x float [T, N*K, 1, S, S] in [0, 1]; support_y [T, N*K] (an integer tensor
+        or one list of ints per task), every row holding every label 0..N-1 with the same N.
+        Task t's predictions are those of ``adapt(support_x[t], support_y[t], steps)`` (up to
+        float rounding where the learner computes many tasks in one vectorised pass, see
+        ``batches_tasks``). ``steps`` and `UnsupportedTaskError` as for `adapt`.
+        """
+        self.check_task_images(support_x, "support_x", None)
+        rows = support_y.unbind(0) if isinstance(support_y, torch.Tensor) else support_y
+        labels = [as_label_tensor(row, support_x.device) for row in rows]
+        if len(labels) != support_x.shape[0]:
+            raise ValueError(
+                f"support_y must have one row of labels per task ({support_x.shape[0]}), "
+                f"got {len(labels)}"
+            )
+        n_ways = {check_labels(row, support_x.shape[1]) for row in labels}
+        if len(n_ways) > 1:
+            raise ValueError(f"every task must have the same way count, got {sorted(n_ways)}")
+        (n_way,) = n_ways
+        support_x = support_x.to(self.device)
+        stacked = torch.stack(labels).to(self.device)
+        if steps is not None and steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        try:
+            predictor = self.meta_learner.adapt_many(support_x, stacked, steps)
+        except (ValueError, RuntimeError) as error:
+            self.raise_if_unsupported(n_way, error)
+            raise
+        return AdaptedTasks(predictor, support_x.shape[0], n_way, self)
 
     def raise_if_unsupported(self, n_way: int, error: Exception) -> None:
         """Raise `UnsupportedTaskError` (caused by ``error``) when ``error`` arose on a way

@@ -2,9 +2,10 @@
 
 The train loop owns the optimizer, the schedule, checkpoints and logging; a learner owns
 its meta-parameters and knows how to turn a meta-batch into meta-gradients, and how to
-adapt to one task at test time. Everything the trainer (`metalab.training`), the
-evaluation and the learner API (`metalab.learner_api`) read from a learner is declared on
-`MetaLearner` below, with its type and default: a new learner overrides only what differs.
+adapt to one task at test time (and, optionally, to many tasks at once: `adapt_many`).
+Everything the trainer (`metalab.training`), the evaluation and the learner API
+(`metalab.learner_api`) read from a learner is declared on `MetaLearner` below, with its
+type and default: a new learner overrides only what differs.
 
 An algorithm module (one per family, registered in `metalab.algorithms.registry`) defines
 ``Options`` (its ``experiments.<name>.options`` schema) and ``build(options, context)``.
@@ -50,13 +51,21 @@ class Predictor(Protocol):
         ...
 
 
+class TaskBatchPredictor(Protocol):
+    def __call__(self, query_x: torch.Tensor) -> torch.Tensor:
+        """query_x float [T, Q, 1, H, W] -> logits float [T, Q, n_way], task t's queries by
+        task t's adaptation."""
+        ...
+
+
 class MetaLearner(nn.Module):
     """Base class of every learner.
 
-    Subclasses implement `meta_gradients` and `adapt`, and override the declarations below
-    where they differ from the defaults. `parameter_groups` may split the meta-parameters
-    into optimizer groups; a group may carry ``lr_multiplier`` (default 1) and
-    ``warmup_iterations`` (lr 0 until then), which the train loop applies.
+    Subclasses implement `meta_gradients` and `adapt` or `adapt_many` (each defaults to the
+    other), and override the declarations below where they differ from the defaults.
+    `parameter_groups` may split the meta-parameters into optimizer groups; a group may
+    carry ``lr_multiplier`` (default 1) and ``warmup_iterations`` (lr 0 until then), which
+    the train loop applies.
     """
 
     #: The algorithm's registry name (``experiments.<name>.algorithm``).
@@ -69,6 +78,12 @@ class MetaLearner(nn.Module):
     #: A fixed outer lr replacing ``train.meta_lr`` and its schedule, or None (Reptile folds
     #: its own step size into the gradients it leaves).
     outer_lr: ClassVar[float | None] = None
+    #: Whether `adapt_many` adapts several tasks in one vectorised computation, so that
+    #: evaluation hands it chunks of episodes. A learner that declares it overrides
+    #: `adapt_many`, bounds its memory for any number of tasks, and draws no random numbers
+    #: at test time (tests/test_learner_contract.py checks this). False: `adapt_many` is the
+    #: loop over `adapt` below, and evaluation adapts one episode at a time.
+    batches_tasks: ClassVar[bool] = False
 
     #: The way count of the tasks the train loop samples for this learner, or None for
     #: ``train.n_way`` (ProtoNets trains on more ways than it is tested on).
@@ -102,13 +117,44 @@ class MetaLearner(nn.Module):
         """Adapt to one task. support_x float [S, 1, H, W], support_y int64 [S] in 0..N-1.
 
         ``steps`` overrides the number of test-time adaptation steps where that applies.
-        Returns a predictor mapping query images to logits [Q, N].
+        Returns a predictor mapping query images to logits [Q, N]. Default: `adapt_many` on
+        a batch of one task (a learner overrides `adapt`, `adapt_many` or both).
         """
-        raise NotImplementedError
+        if type(self).adapt_many is MetaLearner.adapt_many:
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither adapt nor adapt_many"
+            )
+        predict = self.adapt_many(support_x.unsqueeze(0), support_y.unsqueeze(0), steps)
+        return lambda query_x: predict(query_x.unsqueeze(0))[0]
+
+    def adapt_many(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> TaskBatchPredictor:
+        """Adapt to T tasks of one shape at once: support_x float [T, S, 1, H, W], support_y
+        int64 [T, S], each row holding every label 0..N-1 (the same N for all tasks).
+
+        Task t's predictions are those of ``adapt(support_x[t], support_y[t], steps)`` (up to
+        float rounding where a vectorised computation sums in another order). Returns a
+        predictor mapping query images [T, Q, 1, H, W] to logits [T, Q, N]. Default: `adapt`
+        task by task, in order.
+        """
+        predictors = [self.adapt(x, y, steps) for x, y in zip(support_x, support_y, strict=True)]
+
+        def predict(query_x: torch.Tensor) -> torch.Tensor:
+            check_query_tasks(query_x, len(predictors))
+            return torch.stack([p(x) for p, x in zip(predictors, query_x, strict=True)])
+
+        return predict
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups of the meta-parameters (default: one group)."""
         return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad]}]
+
+
+def check_query_tasks(query_x: torch.Tensor, num_tasks: int) -> None:
+    """Raise ValueError unless query_x [T, Q, ...] holds the ``num_tasks`` adapted tasks."""
+    if query_x.shape[0] != num_tasks:
+        raise ValueError(f"query_x holds {query_x.shape[0]} tasks, the support sets {num_tasks}")
 
 
 @dataclass(frozen=True)

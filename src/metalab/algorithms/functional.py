@@ -71,6 +71,47 @@ def inner_loop(
     return trajectory
 
 
+def zero_head(n_way: int, like: Tensor) -> ParameterDict:
+    """A fresh zero-initialised N-way linear head shaped after the head weight ``like``
+    [N', F]: ``head.weight`` [N, F] and ``head.bias`` [N], on its device and dtype."""
+    options = {"dtype": like.dtype, "device": like.device}
+    return {
+        "head.weight": torch.zeros(n_way, like.shape[1], **options),
+        "head.bias": torch.zeros(n_way, **options),
+    }
+
+
+def adaptation_start(
+    params: ParameterDict, adapted_names: Sequence[str], n_way: int, trained_n_way: int
+) -> ParameterDict:
+    """theta_0 of test-time adaptation to N-way tasks: ``params`` (with ``head.*``)
+    detached, the entries named in ``adapted_names`` requiring grad; for N other than
+    ``trained_n_way``, a fresh zero N-way head (`zero_head`) instead of the trained one."""
+    start = {name: p.detach().requires_grad_(name in adapted_names) for name, p in params.items()}
+    if n_way != trained_n_way:
+        fresh = zero_head(n_way, params["head.weight"])
+        start.update({name: p.requires_grad_(name in adapted_names) for name, p in fresh.items()})
+    return start
+
+
+def adaptation_lr(
+    inner_lr: Callable[[str, int], Tensor | float], n_way: int, trained_n_way: int
+) -> Callable[[str, int], Tensor | float]:
+    """``inner_lr(name, step)`` for test-time adaptation: learned lrs detached, and for a
+    fresh head (N other than ``trained_n_way``) Meta-SGD's per-class head lrs [N', ...]
+    averaged over the classes."""
+
+    def lr(name: str, step: int) -> Tensor | float:
+        value = inner_lr(name, step)
+        if isinstance(value, Tensor):
+            value = value.detach()
+            if value.dim() > 0 and name.startswith("head.") and n_way != trained_n_way:
+                value = value.mean(dim=0)
+        return value
+
+    return lr
+
+
 def multi_step_loss_weights(num_steps: int, iteration: int, anneal_iterations: int) -> Tensor:
     """MAML++ importance of the query loss after each inner step, float64 [num_steps] on
     the CPU whatever the learner's device (`weighted_query_losses` reads them as floats).

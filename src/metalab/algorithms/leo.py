@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from metalab.algorithms.base import BuildContext, Predictor, StepStats, TrainProgress
+from metalab.algorithms.base import (
+    BuildContext,
+    Predictor,
+    StepStats,
+    TaskBatchPredictor,
+    TrainProgress,
+    check_query_tasks,
+)
 from metalab.algorithms.embedding import (
     EmbeddingLearner,
     FeatureExtractor,
@@ -132,6 +139,7 @@ class LatentEmbeddingOptimization(EmbeddingLearner):
     algorithm = "leo"
     # Latent steps (+ fine-tuning): steps=0 is "before adaptation".
     adapts_by_gradient: ClassVar[bool] = True
+    batches_tasks: ClassVar[bool] = True
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
@@ -322,23 +330,51 @@ class LatentEmbeddingOptimization(EmbeddingLearner):
         adaptation": the encoder's codes decoded as they are, without fine-tuning either.
         Needs autograd available (not inside ``torch.inference_mode``).
         """
-        n_way = check_support_labels(support_y)
-        inner_steps = self.options.inner_steps if steps is None else steps
-        finetune_steps = self.options.finetune_steps if inner_steps > 0 else 0
         with torch.no_grad():
-            support_features = self.embedding(support_x)
-            latents, _ = self.encode(support_features, support_y, n_way)
-            latents = self.latent_inner_loop(
-                support_features, support_y, latents, inner_steps, False, False
-            )
-            weights, _ = self.decode(latents)
-            weights = self.finetune(support_features, support_y, weights, finetune_steps, False)
+            weights = self.adapted_weights(self.embedding(support_x), support_y, steps)
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return self.embedding(query_x) @ weights.T
 
         return predict
+
+    def adapt_many(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> TaskBatchPredictor:
+        """`adapt` for T tasks: support_x [T, S, 1, H, W], support_y [T, S]; the images of all
+        tasks are embedded together (`FeatureExtractor.embed_tasks`), each task adapted on
+        its own. Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N]."""
+        with torch.no_grad():
+            features = self.embedding.embed_tasks(support_x)
+            weights = [
+                self.adapted_weights(task_features, labels, steps)
+                for task_features, labels in zip(features, support_y, strict=True)
+            ]
+
+        def predict(query_x: torch.Tensor) -> torch.Tensor:
+            check_query_tasks(query_x, len(weights))
+            with torch.no_grad():
+                features = self.embedding.embed_tasks(query_x)
+                return torch.stack([x @ w.T for x, w in zip(features, weights, strict=True)])
+
+        return predict
+
+    def adapted_weights(
+        self, support_features: torch.Tensor, support_y: torch.Tensor, steps: int | None
+    ) -> torch.Tensor:
+        """A task's classifier weights [N, F] from its support features [S, F] and labels
+        [S]: encoded latent means, ``steps`` latent steps (default ``inner_steps``), decoded
+        means, then the fine-tuning steps (none at ``steps=0``)."""
+        n_way = check_support_labels(support_y)
+        inner_steps = self.options.inner_steps if steps is None else steps
+        finetune_steps = self.options.finetune_steps if inner_steps > 0 else 0
+        latents, _ = self.encode(support_features, support_y, n_way)
+        latents = self.latent_inner_loop(
+            support_features, support_y, latents, inner_steps, False, False
+        )
+        weights, _ = self.decode(latents)
+        return self.finetune(support_features, support_y, weights, finetune_steps, False)
 
 
 def build(options: Options, context: BuildContext) -> LatentEmbeddingOptimization:

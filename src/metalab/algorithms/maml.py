@@ -37,9 +37,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from metalab.algorithms import outer_groups
-from metalab.algorithms.base import BuildContext, MetaLearner, StepStats, TrainProgress
+from metalab.algorithms.base import (
+    BuildContext,
+    MetaLearner,
+    StepStats,
+    TaskBatchPredictor,
+    TrainProgress,
+    check_query_tasks,
+)
 from metalab.algorithms.functional import (
     ParameterDict,
+    adaptation_lr,
+    adaptation_start,
     batchnorm_parameter_names,
     inner_loop,
     multi_step_loss_weights,
@@ -163,6 +172,7 @@ class MAMLLearner(MetaLearner):
 
     algorithm = "maml"
     adapts_by_gradient = True
+    batches_tasks = True
     needs_pre_adaptation_logits: bool = False
     # Top-level modules of a subclass that form an outer-optimizer section of their own,
     # trained like the head (see `metalab.algorithms.outer_groups`).
@@ -413,52 +423,46 @@ class MAMLLearner(MetaLearner):
         )
 
     # ------------------------------------------------------------------ testing
-    def adapt(
+    def adapt_many(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None
-    ) -> Callable[[Tensor], Tensor]:
-        """Adapt to one task: support_x [S, 1, H, W], support_y [S] in 0..N-1.
+    ) -> TaskBatchPredictor:
+        """Adapt to T tasks: support_x [T, S, 1, H, W], support_y [T, S] in 0..N-1 (one N).
 
-        Runs ``steps`` (default ``test_inner_steps``) first-order gradient steps, without
-        meta dropout. If N differs from the way count the model was built for, the head is
-        replaced by a fresh zero-initialised N-way head (as MAML-style work does for unseen
-        way counts), which the inner loop then adapts together with everything else it
-        adapts; Meta-SGD's learned head lrs are then averaged over classes.
-        Returns predictor(query_x [Q, 1, H, W]) -> logits [Q, N] (query batch statistics).
-        """
+        ``steps`` (default ``test_inner_steps``) first-order gradient steps per task, without
+        meta dropout, through the meta-training forward in `task_runner`'s chunks (memory:
+        one chunk's activations). For N other than the model's way count the head starts as
+        a fresh zero N-way head, adapted with the rest (Meta-SGD: class-averaged head lrs).
+        ANIL computes the body features without an autograd graph (the body stays fixed).
+        Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N] (query batch
+        statistics, per task)."""
         steps = self.options.test_inner_steps if steps is None else steps
         dtype = self.model.head.weight.dtype
         n_way = int(support_y.max().item()) + 1
-        support_x, support_y = support_x.to(dtype).unsqueeze(0), support_y.unsqueeze(0)
-        forward = self._task_forward(support_x, None, None)
-        with torch.enable_grad():
-            params = {
-                name: p.detach().requires_grad_(name in self.adapted_names)
-                for name, p in self._initial_params(None).items()
-            }
-            if n_way != self.n_way:
-                # On the learner's device, like the parameters it replaces.
-                like = {"dtype": dtype, "device": self.model.head.weight.device}
-                in_features = self.model.head.in_features
-                params["head.weight"] = torch.zeros(n_way, in_features, **like).requires_grad_()
-                params["head.bias"] = torch.zeros(n_way, **like).requires_grad_()
-            if forward.stacked:
-                params = stack_for_tasks(params, 1)
-
-            def inner_lr(name: str, step: int) -> Tensor | float:
-                lr = self._inner_lr(name, step)
-                if isinstance(lr, Tensor):
-                    lr = lr.detach()
-                    if lr.dim() > 0 and name.startswith("head.") and n_way != self.n_way:
-                        lr = lr.mean(dim=0)  # class-averaged Meta-SGD lr for a fresh head
-                return lr
-
-            trajectory = self._adapt_on_support(forward, params, support_y, inner_lr, steps, False)
-        adapted = {name: p.detach() for name, p in trajectory[-1].items()}
+        start = adaptation_start(self._initial_params(None), self.adapted_names, n_way, self.n_way)
+        inner_lr = adaptation_lr(self._inner_lr, n_way, self.n_way)
+        chunks = self.task_runner.chunks(support_x.shape[0])
+        adapted = []
+        for tasks in chunks:
+            chunk_x = support_x[tasks].to(dtype)
+            forward = self._task_forward(chunk_x, None, None)
+            params = stack_for_tasks(start, chunk_x.shape[0]) if forward.stacked else start
+            if steps > 0:
+                with torch.no_grad():
+                    forward.precompute("support")
+            with torch.enable_grad():
+                trajectory = self._adapt_on_support(
+                    forward, params, support_y[tasks], inner_lr, steps, False
+                )
+            adapted.append({name: p.detach() for name, p in trajectory[-1].items()})
 
         def predictor(query_x: Tensor) -> Tensor:
-            query_forward = self._task_forward(None, query_x.to(dtype).unsqueeze(0), None)
+            check_query_tasks(query_x, support_x.shape[0])
+            logits = []
             with torch.no_grad():
-                return query_forward.logits(adapted, "query", steps)[0]
+                for tasks, params in zip(chunks, adapted, strict=True):
+                    forward = self._task_forward(None, query_x[tasks].to(dtype), None)
+                    logits.append(forward.logits(params, "query", steps))
+            return torch.cat(logits)
 
         return predictor
 

@@ -92,9 +92,9 @@ def support_batches(
     batches on every device; a CPU index tensor indexes a tensor on any device) and
     concatenated, so a batch may straddle two passes. ``None`` entries mean "the whole
     support set" (when ``batch_size`` is None or not smaller than the support set; no RNG
-    is drawn).
+    is drawn). No steps, no batches (and no RNG drawn).
     """
-    if batch_size is None or batch_size >= num_support:
+    if batch_size is None or batch_size >= num_support or steps == 0:
         return [None] * steps
     passes = math.ceil(steps * batch_size / num_support)
     order = torch.cat([torch.randperm(num_support, device="cpu") for _ in range(passes)])

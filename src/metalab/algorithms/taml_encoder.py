@@ -20,13 +20,13 @@ the inner loop differentiates through the modulation like through any head weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalab.algorithms.base import TaskBatchPredictor, check_query_tasks
 from metalab.algorithms.functional import (
     ParameterDict,
     inner_loop,
@@ -34,6 +34,7 @@ from metalab.algorithms.functional import (
     per_task_cross_entropy,
     stack_for_tasks,
     weighted_query_losses,
+    zero_head,
 )
 from metalab.algorithms.maml import MAMLLearner
 from metalab.algorithms.precision import Precision
@@ -199,43 +200,50 @@ class TAMLEncoderLearner(MAMLLearner):
         return TaskOutcome(meta_losses, final_logits, final_losses, None)
 
     # ------------------------------------------------------------------ testing
-    def adapt(
+    def adapt_many(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None
-    ) -> Callable[[Tensor], Tensor]:
-        """Adapt to one task: support_x [S, 1, H, W], support_y [S] in 0..N-1.
+    ) -> TaskBatchPredictor:
+        """Adapt to T tasks: support_x [T, S, 1, H, W], support_y [T, S] in 0..N-1 (one N).
 
-        ``steps`` (default ``test_inner_steps``) first-order head steps at the task's
-        encoded rates, without meta dropout. For N other than the trained way count the
-        head starts from zeros [N, D] (the encoder works for any N).
-        Returns predictor(query_x [Q, 1, H, W]) -> logits [Q, N].
+        ``steps`` (default ``test_inner_steps``) first-order head steps at each task's
+        encoded rates, without meta dropout, in `task_runner`'s chunks of tasks. For N other
+        than the trained way count the head starts from zeros [N, D] (the encoder works for
+        any N). Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N].
         """
         steps = self.options.test_inner_steps if steps is None else steps
         dtype = self.model.head.weight.dtype
         n_way = int(support_y.max().item()) + 1
-        support_y = support_y.unsqueeze(0)
-        with torch.no_grad():
-            support_features = self.body_features(support_x.to(dtype).unsqueeze(0), None)
-            modulation = self.task_encoder(support_features, support_y, n_way)
         if n_way == self.n_way:
             head = {name: self.model.get_parameter(name).detach() for name in HEAD_NAMES}
         else:
-            feature_dim = self.model.head.in_features
-            like = {"dtype": dtype, "device": self.model.head.weight.device}
-            head = {
-                "head.weight": torch.zeros(n_way, feature_dim, **like),
-                "head.bias": torch.zeros(n_way, **like),
-            }
-        head = stack_for_tasks({n: p.clone().requires_grad_(True) for n, p in head.items()}, 1)
-        with torch.enable_grad():
-            trajectory = self.adapt_head(
-                head, support_features, support_y, modulation, steps, second_order=False
-            )
-        adapted = {name: p.detach() for name, p in trajectory[-1].items()}
+            head = zero_head(n_way, self.model.head.weight)
+        head = {name: p.clone().requires_grad_(True) for name, p in head.items()}
+        chunks = self.task_runner.chunks(support_x.shape[0])
+        adapted: list[tuple[ParameterDict, TaskModulation]] = []
+        for tasks in chunks:
+            labels = support_y[tasks]
+            with torch.no_grad():
+                features = self.body_features(support_x[tasks].to(dtype), None)
+                modulation = self.task_encoder(features, labels, n_way)
+            with torch.enable_grad():
+                trajectory = self.adapt_head(
+                    stack_for_tasks(head, features.shape[0]),
+                    features,
+                    labels,
+                    modulation,
+                    steps,
+                    second_order=False,
+                )
+            adapted.append(({name: p.detach() for name, p in trajectory[-1].items()}, modulation))
 
         def predictor(query_x: Tensor) -> Tensor:
+            check_query_tasks(query_x, support_x.shape[0])
+            logits = []
             with torch.no_grad():
-                features = self.body_features(query_x.to(dtype).unsqueeze(0), None)
-                return modulated_logits(features, adapted, modulation)[0]
+                for tasks, (params, modulation) in zip(chunks, adapted, strict=True):
+                    features = self.body_features(query_x[tasks].to(dtype), None)
+                    logits.append(modulated_logits(features, params, modulation))
+            return torch.cat(logits)
 
         return predictor
 

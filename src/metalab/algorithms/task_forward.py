@@ -75,7 +75,8 @@ def body_features(
     channels_last: bool,
 ) -> Tensor:
     """Body features of T tasks with the model's own body weights, BatchNorm statistics
-    per task: x [T, B, C, H, W] -> [T, B, D] in the head's dtype.
+    per task: x [T, B, C, H, W] -> [T, B, D] in the body's dtype (the head's, where there
+    is one).
 
     ``grouped``: all tasks in one grouped pass (Conv4 only; otherwise the model runs task
     by task). ``dropout_masks[t]``: task t's per-block masks.
@@ -98,7 +99,7 @@ def body_features(
             )
     # What consumes the cached features (a head's inner steps, an encoder) runs in full
     # precision.
-    return features.to(model.head.weight.dtype)
+    return features.to(next(iter(body.values())).dtype)
 
 
 def _same_parameters(params: ParameterDict, step: int) -> ParameterDict:
@@ -145,6 +146,11 @@ class TaskForward:
 
     def logits(self, params: ParameterDict, split: str, step: int) -> Tensor:
         raise NotImplementedError
+
+    def precompute(self, split: str) -> None:
+        """Compute now, and keep, what ``split``'s logits need that does not depend on
+        ``params`` (nothing here; ANIL: the body features), e.g. under ``torch.no_grad``
+        when nothing will be differentiated through it."""
 
 
 class ModuleForward(TaskForward):
@@ -194,6 +200,9 @@ class HeadOnlyForward(TaskForward):
         super().__init__(*args, **kwargs)
         self.stacked = stacked
         self.features: dict[str, Tensor] = {}
+
+    def precompute(self, split: str) -> None:
+        self._features(split)
 
     def _features(self, split: str) -> Tensor:
         if split not in self.features:

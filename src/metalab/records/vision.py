@@ -91,7 +91,8 @@ class SettingResult(Schema):
     gain: OptionalFloat = Field(description="mean per-episode accuracy after - before")
     gain_ci95: OptionalFloat = Field(description="95% half-width of `gain` (paired)")
     seconds_per_episode: OptionalFloat = Field(
-        description="mean seconds of adaptation + prediction per episode"
+        description="mean seconds of adaptation + prediction per episode (episodes adapted "
+        "together in one batch share its time evenly)"
     )
     episode_set: str = Field(
         description="fingerprint of the episode set: equal fingerprints can be paired"
