@@ -2,12 +2,15 @@
 
     python benchmarks/evaluation.py [--quick] [--rounds 3] [--threads 1] [--models maml,...]
 
-Both ways are `metalab.evaluation.evaluate_episode_set`, what the evaluate stage runs:
-``batch_tasks=False`` adapts and predicts one episode at a time through `Learner.adapt`
-(the loop every learner went through before `adapt_many`), ``batch_tasks=True`` hands a
-batching learner chunks of episodes (`Learner.adapt_many`). Each includes everything a
-stage does per episode: gathering the images, adapting, predicting, and "before
-adaptation" for gradient learners.
+Every way is `metalab.evaluation.evaluate_episode_set`, what the evaluate stage runs:
+``loop`` (``batch_tasks=False``) adapts and predicts one episode at a time through
+`Learner.adapt` (the loop every learner went through before `adapt_many`); ``batched``
+hands a batching learner chunks of episodes, and a gradient learner scores before and
+after adaptation from one call (`Learner.adapt_before_after`); ``separate`` (gradient
+learners only) is ``batched`` with `MetaLearner.adapt_before_after`'s default, two
+`adapt_many` calls (the batched path before ANIL, LEO and TAML's encoder shared their body
+features between the two). Each includes everything a stage does per episode: gathering
+the images, adapting, predicting, and "before adaptation" for gradient learners.
 
 Models are the experiments' networks with fresh weights (speed does not depend on
 training) on real-shaped random data: 28x28 binary images with Omniglot-like ink (~20%),
@@ -19,24 +22,29 @@ in the four settings 5w1s, 5w5s, 20w1s, 20w5s with 15 queries per class:
     anil_s3    ANIL, ResNet18, head only, 10 steps, zero head (`anil_s3` to `anil_s5`)
     metanets   Meta Networks, max-pooling Conv4 (`metanets`, `metanets_dropout`)
     leo        LEO over a max-pooling Conv4 (`leo`)
+    reptile    Reptile, max-pooling Conv4, 10 test-time Adam steps on the whole support set
+               (`reptile`)
+    taml_enc   TAML's task-encoder variant, Conv4 with stride-2 convolutions, 3 steps
+               (`taml_encoder`)
 
-Reptile and CAVIA do not batch tasks: evaluation adapts them one episode at a time either
-way.
+CAVIA does not batch tasks: evaluation adapts it one episode at a time either way.
 
 Every model runs in its own process (its peak RSS is its own), with one torch thread by
 default, as the evaluate stages run (``train.threads: 1``, two stages side by side).
-Paired rounds, as ``benchmarks/throughput.py --paired``: in each round both ways evaluate
-the same episodes (two chunks' worth) one after the other, the order alternating from round
-to round, so that the machine's slow spells hit both alike; the table shows median
-episodes/s of each way and the median (quartiles) of the per-round time ratios. The
-overall ratio weights each (model, setting) by its median per-episode time, as a stage
-evaluating the same number of episodes per setting would. The machine's load average is
-recorded before and after each model. Writes benchmarks/results/evaluation.json.
+Paired rounds, as ``benchmarks/throughput.py --paired``: in each round every way evaluates
+the same episodes (``--chunks`` chunks' worth, default 2) one after the other, the order
+rotating from round to round, so that the machine's slow spells hit all alike; the table
+shows median episodes/s of each way and the median (quartiles) of the per-round time
+ratios loop / batched and separate / batched. The overall ratio weights each (model,
+setting) by its median per-episode time, as a stage evaluating the same number of
+episodes per setting would. The machine's load average is recorded before and after each
+model. Writes benchmarks/results/evaluation.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -44,13 +52,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import MethodType
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from metalab.algorithms.base import BuildContext  # noqa: E402
+from metalab.algorithms.base import BuildContext, MetaLearner  # noqa: E402
 from metalab.algorithms.registry import build_learner, options_class  # noqa: E402
 from metalab.data.episodes import EpisodeIndex  # noqa: E402
 from metalab.evaluation import episodes_per_call, evaluate_episode_set  # noqa: E402
@@ -82,7 +91,18 @@ MODELS: dict[str, tuple[str, dict, dict]] = {
     ),
     "metanets": ("metanets", {}, {}),
     "leo": ("leo", {}, {}),
+    "reptile": (
+        "reptile",
+        {"inner_steps": 5, "inner_lr": 0.001, "test_inner_steps": 10, "epsilon_final": 0.0},
+        {},
+    ),
+    "taml_enc": (
+        "taml",
+        {"variant": "encoder", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
+        {"downsample": "stride"},
+    ),
 }
+WAYS = ("loop", "separate", "batched")
 IMAGES = 4000  # random drawings the episodes are drawn from
 
 
@@ -110,9 +130,22 @@ def random_index(n_way: int, k_shot: int, tasks: int, seed: int) -> EpisodeIndex
     return EpisodeIndex(image_index, zeros, zeros, k_shot)
 
 
+def separate_before_after(learner: Learner) -> Learner:
+    """A copy of `learner` scoring before and after adaptation with two `adapt_many` calls
+    (`MetaLearner.adapt_before_after`'s default), as the batched path did before sharing."""
+    separate = copy.copy(learner)
+    meta_learner = copy.deepcopy(learner.meta_learner)
+    meta_learner.adapt_before_after = MethodType(MetaLearner.adapt_before_after, meta_learner)
+    separate.meta_learner = meta_learner
+    return separate
+
+
 def measure_model(model: str, rounds: int, chunks_per_round: int) -> list[dict]:
-    """Run in a worker process: per setting, `rounds` paired rounds of both ways."""
+    """Run in a worker process: per setting, `rounds` paired rounds of every way."""
     learner = make_learner(model)
+    ways = {"loop": learner, "separate": separate_before_after(learner), "batched": learner}
+    if not learner.adapts_by_gradient:
+        del ways["separate"]  # nothing to score before adaptation
     images = random_images()
     rows = []
     for number, (setting, (n_way, k_shot)) in enumerate(SETTINGS.items()):
@@ -120,65 +153,80 @@ def measure_model(model: str, rounds: int, chunks_per_round: int) -> list[dict]:
         tasks = chunks_per_round * episodes_per_call(probe)
         index = random_index(n_way, k_shot, tasks, seed=number)
 
-        def run(batched: bool, index: EpisodeIndex = index, setting: str = setting) -> float:
+        def run(way: str, index: EpisodeIndex = index, setting: str = setting) -> float:
             start = time.perf_counter()
             evaluate_episode_set(
-                learner, images, index, setting, progress=False, batch_tasks=batched
+                ways[way], images, index, setting, progress=False, batch_tasks=way != "loop"
             )
             return time.perf_counter() - start
 
-        run(True, index[: episodes_per_call(probe)])  # warm up both paths
-        run(False, index[:1])
-        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for way in ways:  # warm up every path
+            run(way, index[: 1 if way == "loop" else episodes_per_call(probe)])
+        seconds: dict[str, list[float]] = {way: [] for way in ways}
+        order = list(ways)
         for round_index in range(rounds):
-            order = (False, True) if round_index % 2 == 0 else (True, False)
-            for batched in order:
-                seconds[batched].append(run(batched))
-        ratios = [loop / batch for loop, batch in zip(seconds[False], seconds[True], strict=True)]
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        rows.append(
-            {
-                "model": model,
-                "setting": setting,
-                "episodes_per_round": tasks,
-                "episodes_per_call": episodes_per_call(probe),
-                "rounds": rounds,
-                "loop_episodes_per_s": round(tasks / statistics.median(seconds[False]), 3),
-                "batched_episodes_per_s": round(tasks / statistics.median(seconds[True]), 3),
-                "loop_seconds_per_episode": statistics.median(seconds[False]) / tasks,
-                "batched_seconds_per_episode": statistics.median(seconds[True]) / tasks,
-                "ratio_median": round(statistics.median(ratios), 3),
-                "ratio_q1": round(quartiles[0], 3),
-                "ratio_q3": round(quartiles[-1], 3),
-                "ratios": [round(ratio, 3) for ratio in ratios],
-            }
-        )
-        print(f"{model} {setting}: ratios {rows[-1]['ratios']}", file=sys.stderr, flush=True)
+            shift = round_index % len(order)
+            for way in order[shift:] + order[:shift]:
+                seconds[way].append(run(way))
+        row = {
+            "model": model,
+            "setting": setting,
+            "episodes_per_round": tasks,
+            "episodes_per_call": episodes_per_call(probe),
+            "rounds": rounds,
+        }
+        for way, times in seconds.items():
+            row[f"{way}_episodes_per_s"] = round(tasks / statistics.median(times), 3)
+            row[f"{way}_seconds_per_episode"] = statistics.median(times) / tasks
+        for way in ("loop", "separate"):
+            if way not in seconds:
+                continue
+            ratios = [t / b for t, b in zip(seconds[way], seconds["batched"], strict=True)]
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            prefix = "ratio" if way == "loop" else "sharing_ratio"
+            row[f"{prefix}_median"] = round(statistics.median(ratios), 3)
+            row[f"{prefix}_q1"] = round(quartiles[0], 3)
+            row[f"{prefix}_q3"] = round(quartiles[-1], 3)
+            row[f"{prefix}s"] = [round(ratio, 3) for ratio in ratios]
+        rows.append(row)
+        print(f"{model} {setting}: loop/batched {row['ratios']}", file=sys.stderr, flush=True)
     for row in rows:
         row["peak_rss_mb"] = round(max_rss_mb(), 1)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
+    """Episodes/s of each way and the median (quartiles) ratios to the batched path."""
+
+    def ratio(row: dict, prefix: str) -> str:
+        if f"{prefix}_median" not in row:
+            return "-"
+        return (
+            f"{row[f'{prefix}_median']:.2f} ({row[f'{prefix}_q1']:.2f}-{row[f'{prefix}_q3']:.2f})"
+        )
+
     header = (
-        f"{'model':<10} {'setting':<7} {'loop ep/s':>10} {'batched ep/s':>13} "
-        f"{'x median':>9} {'x q1-q3':>12} {'RSS MB':>7}"
+        f"{'model':<10} {'setting':<7} {'loop ep/s':>10} {'separate':>9} {'batched':>8} "
+        f"{'x loop (q1-q3)':>18} {'x separate (q1-q3)':>19} {'RSS MB':>7}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
-        quartiles = f"{row['ratio_q1']:.2f}-{row['ratio_q3']:.2f}"
+        separate = row.get("separate_episodes_per_s")
         print(
             f"{row['model']:<10} {row['setting']:<7} {row['loop_episodes_per_s']:>10.2f} "
-            f"{row['batched_episodes_per_s']:>13.2f} {row['ratio_median']:>9.2f} "
-            f"{quartiles:>12} {row['peak_rss_mb']:>7.0f}"
+            f"{'-' if separate is None else f'{separate:.2f}':>9} "
+            f"{row['batched_episodes_per_s']:>8.2f} {ratio(row, 'ratio'):>18} "
+            f"{ratio(row, 'sharing_ratio'):>19} {row['peak_rss_mb']:>7.0f}"
         )
 
 
-def overall_ratio(rows: list[dict]) -> float:
-    """Total per-episode time of the loop over that of the batched path, all rows."""
-    loop = sum(row["loop_seconds_per_episode"] for row in rows)
-    return loop / sum(row["batched_seconds_per_episode"] for row in rows)
+def overall_ratio(rows: list[dict], way: str = "loop") -> float:
+    """Total per-episode time of `way` over that of the batched path, all rows that have
+    `way`."""
+    rows = [row for row in rows if f"{way}_seconds_per_episode" in row]
+    total = sum(row[f"{way}_seconds_per_episode"] for row in rows)
+    return total / sum(row["batched_seconds_per_episode"] for row in rows)
 
 
 def main() -> None:
@@ -189,14 +237,14 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/evaluation.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--chunks", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--chunks", type=int, default=2, help="adapt_many calls per round")
     args = parser.parse_args()
     if args.worker:
         torch.set_num_threads(args.threads)
         keep_freed_memory()
         print(json.dumps(measure_model(args.worker, args.rounds, args.chunks)))
         return
-    rounds, chunks = (1, 1) if args.quick else (args.rounds, 2)
+    rounds, chunks = (1, 1) if args.quick else (args.rounds, args.chunks)
     models = args.models.split(",")
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -212,13 +260,22 @@ def main() -> None:
         for row in json.loads(result.stdout.strip().splitlines()[-1]):
             rows.append({**row, "threads": args.threads, "load_average_before_after": load})
         print(f"{model}: load average (1, 5, 15 min) before {load[:3]}, after {load[3:]}")
-    overall = overall_ratio(rows)
+    overall, sharing = overall_ratio(rows), overall_ratio(rows, "separate")
     write_json(
         args.output,
-        {"cpu": cpu_model(), "threads": args.threads, "overall_ratio": overall, "rows": rows},
+        {
+            "cpu": cpu_model(),
+            "threads": args.threads,
+            "overall_ratio": overall,
+            "overall_sharing_ratio": sharing,
+            "rows": rows,
+        },
     )
     print_table(rows)
-    print(f"overall (time-weighted over all rows): {overall:.2f}x; wrote {args.output}")
+    print(
+        f"overall (time-weighted over all rows): loop/batched {overall:.2f}x, separate/batched "
+        f"{sharing:.2f}x (gradient learners); wrote {args.output}"
+    )
 
 
 if __name__ == "__main__":

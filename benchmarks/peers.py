@@ -98,6 +98,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from op_profile import convolution_bound, print_profiles, profile_paired  # noqa: E402
 from throughput import cpu_description, print_table  # noqa: E402
 
 from metalab.algorithms import protonets  # noqa: E402
@@ -722,6 +723,95 @@ def measure_config(
     return rows
 
 
+# ----------------------------------------------------------------------- targets
+#: The issue's targets on the ``maml`` config: metalab vectorised over learn2learn.
+MAML_TARGETS = {"fp32": 2.0, "bf16": 3.0}
+
+
+def is_metalab(contender: str) -> bool:
+    return contender.startswith("metalab")
+
+
+def target_checks(rows: Sequence[dict], bf16_native: bool | None) -> list[dict]:
+    """Each config's targets with the measured medians: metalab's fastest fp32 contender at
+    least as fast as the fastest peer (every config), and on ``maml`` the vectorised path
+    ``MAML_TARGETS`` times learn2learn (bf16 only where the CPU has native bf16)."""
+    checks = []
+    for config in dict.fromkeys(row["config"] for row in rows):
+        timed = [r for r in rows if r["config"] == config and r.get("status") == "timed"]
+        ours = [r for r in timed if is_metalab(r["contender"]) and r["precision"] == "fp32"]
+        peers = [r for r in timed if not is_metalab(r["contender"])]
+        if not ours or not peers:
+            continue
+        best_ours = max(ours, key=lambda r: r["ratio_median"])
+        best_peer = max(peers, key=lambda r: r["ratio_median"])
+        checks.append(
+            {
+                "config": config,
+                "target": f"metalab >= fastest peer ({best_peer['contender']})",
+                "measured": round(best_ours["ratio_median"] / best_peer["ratio_median"], 3),
+                "required": 1.0,
+            }
+        )
+        baseline = timed[0]["baseline"] if timed else ""
+        if config != "maml" or not baseline.startswith("learn2learn"):
+            continue
+        for precision, required in MAML_TARGETS.items():
+            if precision == "bf16" and not bf16_native:
+                continue
+            vectorised = [
+                r
+                for r in timed
+                if r["contender"] == "metalab vectorised" and r["precision"] == precision
+            ]
+            for row in vectorised:
+                checks.append(
+                    {
+                        "config": config,
+                        "target": f"metalab vectorised {precision} >= {required}x learn2learn",
+                        "measured": row["ratio_median"],
+                        "required": required,
+                    }
+                )
+    for check in checks:
+        check["met"] = check["measured"] >= check["required"]
+    return checks
+
+
+def profile_config(config: Config, specs: Sequence[Spec]) -> dict:
+    """Self CPU time by op category of the baseline and metalab's vectorised fp32 step on
+    the config's meta-batch (see op_profile.py), printed, with the convolution bound."""
+    chosen = [specs[0]] + [
+        s for s in specs if s.name == "metalab vectorised" and s.precision == "fp32"
+    ]
+    episodes, model = random_episodes(config), make_model(config)
+    profiles = profile_paired(
+        [make_stepper(spec.build(config, copy.deepcopy(model)), episodes) for spec in chosen]
+    )
+    print(f"\nprofile of {config.name} (self CPU ms per meta-iteration, medians of 3):")
+    print_profiles([spec.label for spec in chosen], profiles)
+    result = {"contenders": [spec.label for spec in chosen], "profiles": profiles}
+    if len(profiles) == 2:
+        bound = convolution_bound(profiles[0], profiles[1])
+        result["convolution_bound"] = round(bound, 2)
+        print(
+            f"{chosen[1].label}'s convolutions alone take {profiles[1]['convolution']:.0f} ms, "
+            f"{chosen[0].label}'s whole step {profiles[0]['total']:.0f} ms: at most "
+            f"{bound:.2f}x without faster convolution kernels"
+        )
+    return result
+
+
+def print_targets(checks: Sequence[dict]) -> None:
+    print("\ntargets (medians of paired ratios):")
+    for check in checks:
+        verdict = "met" if check["met"] else "NOT met"
+        print(
+            f"  {check['config']:<9} {check['target']:<52} {check['measured']:.2f}x "
+            f"(required {check['required']:.1f}x): {verdict}"
+        )
+
+
 # ------------------------------------------------------------------------ output
 def source_state() -> dict[str, object]:
     """The commit measured and the metalab sources that differ from it (uncommitted
@@ -796,6 +886,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--bf16", action="store_true", help="time bf16 also where the CPU emulates it"
     )
     parser.add_argument("--configs", nargs="+", help="only these configs (names as printed)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile every config (default: only those with a target not met)",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/peers.json")
     args = parser.parse_args(argv)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
@@ -820,6 +915,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         configs = [replace(c, tasks=min(c.tasks, QUICK_TASKS)) for c in configs]
     rows: list[dict] = []
+    profiles: dict[str, dict] = {}
     started = time.perf_counter()
     for config in configs:
         specs, skipped = contender_specs(config, learn2learn, reason, time_bf16)
@@ -830,7 +926,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows += config_rows
         print(f"\n{config.name}: {config.description} ({config.tasks} tasks)", flush=True)
         print_results(config_rows)
+        unmet = [c for c in target_checks(config_rows, bf16_native) if not c["met"]]
+        if args.profile or unmet:
+            profiles[config.name] = profile_config(config, specs)
     elapsed = time.perf_counter() - started
+    targets = target_checks(rows, bf16_native)
 
     command = ["python benchmarks/peers.py", *(sys.argv[1:] if argv is None else argv)]
     report = {
@@ -851,10 +951,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "peak_rss_mb": round(max_rss_mb(), 1),
         "configs": [asdict(c) for c in configs],
         "rows": rows,
+        "targets": targets,
+        "profiles": profiles,
     }
     write_json(args.output, report)
     print(f"\nall configs ({elapsed / 60:.1f} min):")
     print_results(rows)
+    print_targets(targets)
     print(f"wrote {args.output}")
 
 

@@ -50,6 +50,7 @@ LAYERS: list[set[str]] = [
         "metalab.mlflow_model",
         "metalab.smoke",
         "metalab.repro",
+        "metalab.tuning",
         "metalab",
     },
 ]

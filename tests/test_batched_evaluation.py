@@ -71,18 +71,36 @@ FAMILIES: dict[str, tuple[str, dict, dict]] = {
     "metanets": ("metanets", {}, {}),
     "metanets_embedding": ("metanets_embedding", {}, {}),
     "leo": ("leo", {"inner_steps": 2, "finetune_steps": 1}, {}),
-    # Not batched (the default `adapt_many`). Reptile draws random numbers at test time
-    # (minibatches, and a random head for a new way count, "before" adaptation too), so
-    # it only matches the per-episode loop if evaluation keeps adapting it episode by
+    # Reptile batches tasks when its test-time adaptation draws no random numbers (whole
+    # support set every step, zero head for a new way count, the default): Adam on stacked
+    # per-task weights through the grouped forward. SGD and the non-transductive predictor
+    # on the max-pooling Conv4 too. (Adam with beta1 = 0 steps about lr x sign(gradient)
+    # at first, so a gradient that is zero up to rounding moves a weight by up to lr either
+    # way: at the default lr 0.001 that stays within float32 rounding here; at 0.01 it
+    # reached 6e-4 of the logits.)
+    "reptile": ("reptile", {"test_inner_steps": 3}, STRIDE),
+    "reptile_sgd_non_transductive": (
+        "reptile",
+        {
+            "test_inner_steps": 2,
+            "inner_optimizer": "sgd",
+            "inner_lr": 0.1,
+            "transductive_eval": False,
+        },
+        {},
+    ),
+    # Not batched (the default `adapt_many`). With minibatches and a random head for a new
+    # way count ("before" adaptation too) Reptile draws random numbers at test time, so it
+    # only matches the per-episode loop if evaluation keeps adapting it episode by
     # episode, in order.
-    "reptile": (
+    "reptile_minibatch": (
         "reptile",
         {"test_inner_steps": 3, "inner_batch_size": 4, "head_init": "random"},
         {},
     ),
     "cavia": ("cavia", {"test_inner_steps": 2}, {}),
 }
-BATCHING = [family for family in FAMILIES if family not in ("reptile", "cavia")]
+BATCHING = [family for family in FAMILIES if family not in ("reptile_minibatch", "cavia")]
 # The embedding families embed one task per pass on the CPU; other devices embed all tasks
 # of a call in one pass, which these runs force on the CPU.
 EMBEDDING = ["protonets", "metanets", "metanets_embedding", "leo"]
@@ -271,6 +289,58 @@ def test_a_task_is_not_affected_by_the_other_tasks_of_its_batch(
         assert not torch.allclose(changed_query[1], reference[1], atol=1e-3)
 
 
+GRADIENT_LEARNERS = ("maml", "taml", "leo", "reptile")  # the algorithms that adapt by gradient
+GRADIENT_BATCHING = [family for family in BATCHING if FAMILIES[family][0] in GRADIENT_LEARNERS]
+
+
+@pytest.mark.parametrize("family", GRADIENT_BATCHING)
+def test_before_and_after_from_one_call_are_adapt_many_with_0_and_with_steps(
+    family, images, episode_sets
+):
+    """`Learner.adapt_before_after` (what evaluation calls for a batching gradient learner)
+    gives exactly the logits of `adapt_many` with 0 steps and with the default steps, for
+    the trained way count and another, through the chunks evaluation uses."""
+    learner = make_learner(family)
+    assert learner.adapts_by_gradient and learner.batches_tasks
+    for index in episode_sets.values():
+        episodes = materialize(images, index[:5])
+        adapted = learner.adapt_before_after(episodes.support_x, episodes.support_y)
+        before, after = adapted.predict(episodes.query_x)
+        for logits, steps in ((before, 0), (after, None)):
+            expected = learner.adapt_many(episodes.support_x, episodes.support_y, steps)
+            torch.testing.assert_close(
+                logits, expected.predict(episodes.query_x), rtol=0, atol=1e-6
+            )
+        assert not torch.allclose(before, after, atol=1e-3)  # adaptation did something
+
+
+@pytest.mark.parametrize("family", ["anil", "anil_resnet18", "leo", "taml_encoder"])
+def test_before_and_after_share_the_body_features(family, images, episode_sets, monkeypatch):
+    """ANIL, LEO and TAML's encoder variant adapt nothing in the body, so one call of
+    `adapt_before_after` runs each support and each query image through the body once
+    (scoring before and after separately ran them twice, or the queries twice)."""
+    from metalab.algorithms import taml_encoder, task_forward
+
+    learner = make_learner(family)
+    seen = {"images": 0}
+
+    def counting(module, wrapped):
+        def body_features(model, x, *args, **kwargs):
+            seen["images"] += x.shape[0] * x.shape[1]  # x [T, B, 1, H, W]
+            return wrapped(model, x, *args, **kwargs)
+
+        monkeypatch.setattr(module, "body_features", body_features)
+
+    counting(task_forward, task_forward.body_features)
+    counting(embedding, embedding.body_features)
+    counting(taml_encoder, taml_encoder.body_features)
+    episodes = materialize(images, episode_sets["5w2s"][:5])
+    adapted = learner.adapt_before_after(episodes.support_x, episodes.support_y)
+    adapted.predict(episodes.query_x)
+    images_per_task = episodes.support_x.shape[1] + episodes.query_x.shape[1]
+    assert seen["images"] == 5 * images_per_task
+
+
 def test_episodes_per_call_fills_the_image_budget():
     def index(n_way: int, k_shot: int, queries: int, tasks: int = 600) -> EpisodeIndex:
         image_index = torch.zeros(tasks, n_way, k_shot + queries, dtype=torch.int64)
@@ -330,3 +400,38 @@ def test_a_learner_must_implement_adapt_or_adapt_many():
 
     with pytest.raises(NotImplementedError, match="implements neither adapt nor adapt_many"):
         Neither().adapt(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]))
+
+
+def test_anil_resnet18_runs_its_body_channels_last_at_test_time_only(monkeypatch):
+    """Test-time adaptation hands ResNet18 its convolution weights channels-last (one input
+    channel: only the weights' layout selects PyTorch's faster channels-last kernels),
+    training keeps them as they are; both compute the same features (float64: 1e-10)."""
+    from metalab.algorithms import task_forward
+    from metalab.algorithms.base import TrainProgress
+    from metalab.data.episodes import Episodes
+
+    learner = make_learner("anil_resnet18", torch.float64).meta_learner
+    layouts = []
+    original = task_forward.module_features
+
+    def recording(model, params, x, masks=None):
+        # (a one-input-channel weight is contiguous in both layouts: look at another)
+        weight = next(p for p in params.values() if p.dim() == 4 and p.shape[1] > 1)
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last))
+        return original(model, params, x, masks)
+
+    monkeypatch.setattr(task_forward, "module_features", recording)
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.rand(2, 10, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator) < 0.3).double()
+    y = torch.arange(5).repeat_interleave(2).repeat(2, 1)
+    learner.adapt_before_after(x, y)(x)
+    assert layouts and all(layouts)
+
+    layouts.clear()
+    episodes = Episodes(x, y, x, y)
+    learner.meta_gradients(episodes, TrainProgress(0, 1))
+    assert layouts and not any(layouts)
+
+    plain = task_forward.body_features(learner.model, x, None, "fp32", False, True)
+    fast = task_forward.body_features(learner.model, x, None, "fp32", False, True, True)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-10)

@@ -411,9 +411,9 @@ def test_maml_evaluation_runs_the_recorded_test_time_steps(
 
     recorded = result.metrics()["settings"]["3w2s"]["adaptation_steps"]
     assert recorded == (3 if explicit_steps is None else explicit_steps)
-    # The two episodes are adapted together (one chunk of `task_chunk_size` 2), then their
-    # "before" start.
-    assert steps_run == [recorded, 0]
+    # The two episodes are adapted together (one chunk of `task_chunk_size` 2), in one
+    # inner loop whose start is also "before adaptation" (`adapt_before_after`).
+    assert steps_run == [recorded]
 
 
 @pytest.mark.parametrize("adaptation_steps", [None, 2])
@@ -433,7 +433,7 @@ def test_evaluate_stage_runs_the_adaptation_steps_it_writes(
     metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
     written = metrics["settings"]["3w2s"]["adaptation_steps"]
     assert written == (3 if adaptation_steps is None else adaptation_steps)
-    assert steps_run == [written, 0]  # both episodes at once, then their "before" start
+    assert steps_run == [written]  # both episodes at once, "before" from the same loop
 
 
 def tiny_task(n_way: int = 5, seed: int = 0):

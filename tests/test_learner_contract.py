@@ -78,7 +78,8 @@ def test_adapt_many_predicts_what_adapt_predicts_task_by_task(algorithm):
     (float rounding apart: a vectorised pass sums in another order; tests/
     test_batched_evaluation.py holds the tight comparisons). A learner that declares
     ``batches_tasks`` overrides `adapt_many` and draws no random numbers at test time, so
-    evaluating episodes in chunks rather than one by one cannot shift any random draw."""
+    evaluating episodes in chunks rather than one by one cannot shift any random draw; one
+    that does not adapts task by task (the same draws and logits as `adapt` in a loop)."""
     torch.manual_seed(0)
     context = BuildContext(model=ModelConfig(hidden=4), n_way=5, image_size=28)
     learner = build_learner(algorithm, options_class(algorithm)(), context).eval()
@@ -89,7 +90,8 @@ def test_adapt_many_predicts_what_adapt_predicts_task_by_task(algorithm):
 
     state = torch.get_rng_state()
     batched = learner.adapt_many(support_x, support_y)(query_x)
-    draws_nothing = torch.equal(torch.get_rng_state(), state)
+    after_batched = torch.get_rng_state()
+    torch.set_rng_state(state)
     one_by_one = torch.stack(
         [learner.adapt(x, y)(q) for x, y, q in zip(support_x, support_y, query_x, strict=True)]
     )
@@ -98,6 +100,9 @@ def test_adapt_many_predicts_what_adapt_predicts_task_by_task(algorithm):
     torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-4)
     if learner.batches_tasks:
         assert type(learner).adapt_many is not MetaLearner.adapt_many
-        assert draws_nothing, f"{algorithm} batches tasks but draws random numbers at test time"
-    else:
-        assert type(learner).adapt_many is MetaLearner.adapt_many
+        assert torch.equal(after_batched, state), (
+            f"{algorithm} batches tasks but draws random numbers at test time"
+        )
+    else:  # the loop over `adapt`: the same random numbers, the same logits
+        assert torch.equal(after_batched, torch.get_rng_state())
+        assert torch.equal(batched, one_by_one)

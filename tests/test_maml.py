@@ -5,6 +5,7 @@ control, Meta Dropout masks, test-time adaptation and a tiny end-to-end training
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -603,3 +604,27 @@ def test_options_reject_inconsistent_settings():
         Options(meta_dropout_rates=[0.1, 1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="conv4"):
         MAMLLearner(ResNet18(3), 3, Options(meta_dropout_rates=[0.1] * 4))
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "params/paper.yaml"])
+def test_anil_s5_gives_every_batchnorm_the_batchnorm_multiplier(params_file):
+    """S5's patterns must catch every BatchNorm of the ResNet18, the shortcut's norm
+    (``downsample.1``) included: in trained layers 0.3, never the conv layers' rate."""
+    from metalab.algorithms.outer_groups import lr_multiplier
+    from metalab.models.factory import build_model
+    from metalab.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / params_file)
+    experiment = params.experiment("anil_s5")
+    model = build_model(experiment.model, 5, 28)
+    multipliers = experiment.options.outer_lr_multipliers
+    norms = [
+        f"{module_name}.{kind}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+        for kind in ("weight", "bias")
+    ]
+    assert any("downsample.1" in name for name in norms)
+    for name in norms:
+        frozen = name.startswith(("body.conv1", "body.bn1", "body.layer1", "body.layer2"))
+        assert lr_multiplier(name, multipliers) == (0.0 if frozen else 0.3), name

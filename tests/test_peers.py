@@ -127,3 +127,70 @@ def test_missing_learn2learn_is_skipped_with_its_reason(peers, monkeypatch):
         assert by_label[label]["max_rel_error"] < peers.GRADIENT_TOLERANCE
     assert by_label["metalab loop fp32"]["ratio_median"] == 1.0
     assert by_label["metalab vectorised bf16"]["status"].startswith("not timed: bf16")
+
+
+def timed_row(config: str, contender: str, ratio: float, precision: str = "fp32") -> dict:
+    baseline = "learn2learn fp32" if config == "maml" else "metalab loop fp32"
+    return {
+        "config": config,
+        "contender": contender,
+        "precision": precision,
+        "status": "timed",
+        "baseline": baseline,
+        "ratio_median": ratio,
+    }
+
+
+def test_targets_compare_metalab_with_the_fastest_peer_and_learn2learn(peers):
+    rows = [
+        timed_row("maml", "learn2learn", 1.0),
+        timed_row("maml", "metalab loop", 0.99),
+        timed_row("maml", "metalab vectorised", 1.3),
+        timed_row("maml", "metalab vectorised", 1.6, "bf16"),
+        timed_row("maml", "torch.func", 0.9),
+        timed_row("protonets", "metalab loop", 1.0),
+        timed_row("protonets", "plain", 1.05),
+    ]
+    checks = {(c["config"], c["target"]): c for c in peers.target_checks(rows, bf16_native=True)}
+    peer = checks[("maml", "metalab >= fastest peer (learn2learn)")]
+    assert peer["measured"] == pytest.approx(1.3) and peer["met"]
+    fp32 = checks[("maml", "metalab vectorised fp32 >= 2.0x learn2learn")]
+    assert fp32["measured"] == 1.3 and not fp32["met"]
+    assert not checks[("maml", "metalab vectorised bf16 >= 3.0x learn2learn")]["met"]
+    slower = checks[("protonets", "metalab >= fastest peer (plain)")]
+    assert slower["measured"] == pytest.approx(1 / 1.05, abs=1e-3) and not slower["met"]
+    # bf16 targets only where the CPU computes bf16 natively
+    emulated = peers.target_checks(rows, bf16_native=False)
+    assert not any("bf16" in c["target"] for c in emulated)
+
+
+def test_op_categories_and_profile_count_each_op_once():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import op_profile
+
+    assert op_profile.category("aten::mkldnn_convolution") == "convolution"
+    assert op_profile.category("aten::convolution_backward") == "convolution"
+    assert op_profile.category("aten::native_batch_norm") == "batch norm"
+    assert op_profile.category("aten::addmm") == "matmul"
+    assert op_profile.category("aten::max_pool2d_with_indices") == "pooling"
+    assert op_profile.category("aten::frobnicate") == "other"
+
+    weight = torch.randn(8, 3, 3, 3, requires_grad=True)
+    images = torch.randn(4, 3, 16, 16)
+
+    def step() -> None:
+        torch.nn.functional.conv2d(images, weight).relu().sum().backward()
+
+    once = op_profile.profile_once(step)
+    parts = sum(v for k, v in once.items() if k not in ("total", "ops"))
+    assert once["total"] == pytest.approx(parts)
+    assert once["convolution"] > 0 and once["ops"] > 0
+
+    def twice() -> None:
+        step()
+        step()
+
+    one, two = op_profile.profile_paired([step, twice], rounds=3)
+    assert two["ops"] == 2 * one["ops"]  # every op of every call counted, nothing twice
+    everything_else = {"total": 100.0, "convolution": 40.0}
+    assert op_profile.convolution_bound(everything_else, {"convolution": 25.0}) == 4.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from synthetic import (
 )
 
 from metalab.algorithms.base import BuildContext, TrainProgress
+from metalab.algorithms.functional import StackedOptimizer
 from metalab.algorithms.reptile import Options, ReptileLearner, build, support_batches
 from metalab.data.episodes import Episodes
 from metalab.models import Conv4, ModelConfig
@@ -286,3 +288,93 @@ def test_options_and_build():
     assert learner.algorithm == "reptile" and learner.outer_lr == 1.0
     assert learner.model.head.out_features == 5
     assert all(name.startswith("model.") for name, _ in learner.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("kind", "betas"), [("adam", (0.0, 0.999)), ("adam", (0.9, 0.99)), ("sgd", (0.0, 0.999))]
+)
+def test_stacked_optimizer_moves_each_task_as_its_own_torch_optimizer(kind, betas):
+    """Row t of the stacked weights follows a torch.optim optimizer of task t's own, bit for
+    bit, over several steps with different gradients per task and step (Adam with Reptile's
+    betas, and with momentum)."""
+    generator = torch.Generator().manual_seed(0)
+    start = {
+        "w": torch.randn(3, 4, 2, generator=generator),
+        "b": torch.randn(3, 5, generator=generator),
+    }
+    stacked = {name: p.clone() for name, p in start.items()}
+    own = [{name: p[t].clone().requires_grad_(True) for name, p in start.items()} for t in range(3)]
+    optimizers = [
+        torch.optim.Adam(p.values(), lr=0.01, betas=betas)
+        if kind == "adam"
+        else torch.optim.SGD(p.values(), lr=0.01)
+        for p in own
+    ]
+    stacked_optimizer = StackedOptimizer(kind, 0.01, betas=betas)
+    for _ in range(4):
+        grads = {name: torch.randn(p.shape, generator=generator) for name, p in start.items()}
+        grads["b"][1] = 0.0  # a zero gradient: Adam must not move it (eps keeps it finite)
+        stacked_optimizer.step(stacked, grads)
+        for t, (params, optimizer) in enumerate(zip(own, optimizers, strict=True)):
+            for name, p in params.items():
+                p.grad = grads[name][t].clone()
+            optimizer.step()
+    for t, params in enumerate(own):
+        for name, p in params.items():
+            assert torch.equal(stacked[name][t], p.detach()), (kind, t, name)
+    assert torch.equal(stacked["b"][1], start["b"][1])
+    assert not torch.equal(stacked["w"], start["w"])
+    with pytest.raises(ValueError, match="inner optimizer 'rmsprop': allowed 'adam', 'sgd'"):
+        StackedOptimizer("rmsprop", 0.1)
+
+
+@pytest.mark.parametrize("inner_optimizer", ["adam", "sgd"])
+def test_fine_tuning_many_tasks_at_once_gives_each_task_its_own_fine_tuning(inner_optimizer):
+    """`fine_tune_many` (the grouped forward, stacked weights) ends where `fine_tune` ends on
+    each task (float64: up to summation order), for the trained and a new way count."""
+    learner = make_learner(dtype=torch.float64, inner_optimizer=inner_optimizer, inner_lr=0.01)
+    episodes = episodes_64(4)
+    adapted = learner.fine_tune_many(episodes.support_x, episodes.support_y, 3, N_WAY)
+    for t in range(4):
+        expected, _ = learner.fine_tune(episodes.support_x[t], episodes.support_y[t], 3, None)
+        for name, p in expected.items():
+            # A convolution's bias before BatchNorm has gradient 0 up to rounding, which
+            # Adam's normalisation magnifies (to ~1e-10 here); BatchNorm cancels it.
+            conv_bias = re.fullmatch(r"body\.\d\.0\.bias", name) is not None
+            atol = 1e-8 if conv_bias else 1e-10
+            torch.testing.assert_close(adapted[name][t], p, rtol=0, atol=atol)
+            if not conv_bias:
+                assert not torch.equal(p, learner.model.get_parameter(name).detach()), name
+    two_way = episodes.support_y.clamp(max=1)  # labels 0..1: a fresh zero 2-way head
+    adapted = learner.fine_tune_many(episodes.support_x, two_way, 2, 2)
+    expected, _ = learner.fine_tune(episodes.support_x[1], two_way[1], 2, None, n_way=2)
+    assert adapted["head.weight"].shape == (4, 2, learner.model.head.in_features)
+    torch.testing.assert_close(
+        adapted["head.weight"][1], expected["head.weight"], rtol=0, atol=1e-10
+    )
+
+
+def test_batches_tasks_only_when_test_time_adaptation_draws_no_random_numbers():
+    """Tasks are adapted together only with a Conv4, the whole support set per step and a
+    zero head for a new way count; then adapting (a new way count included) draws no
+    random numbers, which the contract of `batches_tasks` asks."""
+    assert make_learner().batches_tasks
+    assert not make_learner(inner_batch_size=2).batches_tasks
+    assert not make_learner(test_inner_batch_size=2).batches_tasks
+    assert not make_learner(head_init="random").batches_tasks
+    resnet = build(
+        Options(),
+        BuildContext(model=ModelConfig(name="resnet18"), n_way=N_WAY, image_size=IMAGE_SIZE),
+    )
+    assert not resnet.batches_tasks
+
+    learner = make_learner(inner_lr=0.01)
+    episodes = stream_episodes(
+        half_ink_patterns(6, 2, IMAGE_SIZE), 2, 5, 1, 2, torch.Generator().manual_seed(2)
+    )
+    state = torch.get_rng_state()
+    batched = learner.adapt_many(episodes.support_x, episodes.support_y, 2)(episodes.query_x)
+    one = learner.adapt(episodes.support_x[1], episodes.support_y[1], 2)(episodes.query_x[1])
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(batched[1], one, rtol=0, atol=1e-4)
+    assert batched.shape == (2, 10, 5) and batched.abs().max() > 0

@@ -151,8 +151,9 @@ def evaluate_episode_set(
     up to `CHUNK_IMAGES` support + query images (`Learner.adapt_many`; the episodes of a
     set share one shape); the others, and any learner with ``batch_tasks=False``, get one
     episode at a time (`Learner.adapt`), in the order of a per-episode loop (random numbers
-    included: batching learners draw none at test time). Seconds per episode time the
-    adaptation and prediction that give accuracy_after; a chunk's time is divided evenly
+    included: batching learners draw none at test time). Seconds per episode time all of
+    an episode's adaptation and prediction, before adaptation included (a batching gradient
+    learner computes both in one call, `score_chunk`); a chunk's time is divided evenly
     among its episodes. Returns a `SettingEvaluation`; if the learner cannot handle the
     task shape (its `UnsupportedTaskError` on the first chunk), an empty one with the reason.
     """
@@ -183,10 +184,9 @@ def evaluate_episode_set(
                 tasks = slice(start + offset, start + offset + chunk.num_tasks)
                 try:
                     started = time.perf_counter()
-                    logits = adapt_and_predict(learner, chunk, steps, batched)
+                    unadapted, logits = score_chunk(learner, chunk, steps, batched)
                     seconds[tasks] = (time.perf_counter() - started) / chunk.num_tasks
                     if before is not None:
-                        unadapted = adapt_and_predict(learner, chunk, 0, batched)
                         before[tasks] = task_accuracies(unadapted, chunk.query_y)
                 except UnsupportedTaskError as error:
                     if tasks.start > 0:
@@ -205,6 +205,23 @@ def episodes_per_call(index: EpisodeIndex) -> int:
     support + query images, at least one, at most `TASK_CHUNK`."""
     images = index.n_way * (index.k_shot + index.query_per_class)
     return max(1, min(TASK_CHUNK, CHUNK_IMAGES // images))
+
+
+def score_chunk(
+    learner: Learner, episodes: Episodes, steps: int | None, batched: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Query logits [T, Q, N] of the T tasks of `episodes` before adaptation (None unless
+    `learner.adapts_by_gradient`) and after it, with `steps`. Batched, a gradient learner
+    gives both from one call (`Learner.adapt_before_after`, sharing what they have in
+    common); one episode at a time, after adaptation comes first, then before (``steps=0``),
+    the order of random numbers the per-episode loop has always drawn."""
+    if batched and learner.adapts_by_gradient:
+        adapted = learner.adapt_before_after(episodes.support_x, episodes.support_y, steps)
+        return adapted.predict(episodes.query_x)
+    logits = adapt_and_predict(learner, episodes, steps, batched)
+    if not learner.adapts_by_gradient:
+        return None, logits
+    return adapt_and_predict(learner, episodes, 0, batched), logits
 
 
 def adapt_and_predict(

@@ -34,6 +34,8 @@ from metalab.models.config import ModelConfig
 
 #: Version of the model file layout; a reader refuses any other.
 MODEL_FORMAT = 1
+# Support labels of T tasks: an integer tensor [T, S] or one sequence of ints per task.
+TaskLabels = torch.Tensor | Sequence[Sequence[int]]
 REQUIRED_KEYS = ("format", "algorithm", "options", "model", "n_way", "image_size", "state_dict")
 
 
@@ -78,7 +80,7 @@ class AdaptedLearner:
     """A learner adapted to one task: `predict` maps query images to logits."""
 
     def __init__(
-        self, predictor: Callable[[torch.Tensor], torch.Tensor], n_way: int, learner: Learner
+        self, predictor: Callable[[torch.Tensor], Any], n_way: int, learner: Learner
     ) -> None:
         self._predictor = predictor
         self.n_way = n_way
@@ -87,54 +89,52 @@ class AdaptedLearner:
     def predict(self, query_x: torch.Tensor) -> torch.Tensor:
         """query_x float [Q, 1, S, S] (see `Learner.transform`) -> logits float [Q, n_way]."""
         self._learner.check_images(query_x, "query_x")
-        try:
-            with torch.no_grad():
-                logits = self._predictor(query_x.to(self._learner.device))
-        except (ValueError, RuntimeError) as error:
-            self._learner.raise_if_unsupported(self.n_way, error)
-            raise
-        if logits.shape != (query_x.shape[0], self.n_way):
-            raise RuntimeError(
-                f"{self._learner.algorithm} returned logits of shape {tuple(logits.shape)}, "
-                f"expected {(query_x.shape[0], self.n_way)}"
-            )
-        return logits.to(query_x.device)  # on the caller's device, whatever computed it
+        return self._logits(query_x, 1)[0]
 
     __call__ = predict
 
-
-class AdaptedTasks:
-    """A learner adapted to T tasks at once: `predict` maps each task's query images to
-    that task's logits."""
-
-    def __init__(
-        self,
-        predictor: Callable[[torch.Tensor], torch.Tensor],
-        num_tasks: int,
-        n_way: int,
-        learner: Learner,
-    ) -> None:
-        self._predictor = predictor
-        self.num_tasks = num_tasks
-        self.n_way = n_way
-        self._learner = learner
-
-    def predict(self, query_x: torch.Tensor) -> torch.Tensor:
-        """query_x float [T, Q, 1, S, S] (task t's queries in row t) -> logits [T, Q, n_way]."""
-        self._learner.check_task_images(query_x, "query_x", self.num_tasks)
+    def _logits(self, query_x: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """The predictor's ``count`` logits tensors (one, or a tuple of ``count``) for query_x
+        [..., Q, 1, S, S], each checked to be [..., Q, n_way], on query_x's device."""
         try:
             with torch.no_grad():
-                logits = self._predictor(query_x.to(self._learner.device))
+                outputs = self._predictor(query_x.to(self._learner.device))
         except (ValueError, RuntimeError) as error:
             self._learner.raise_if_unsupported(self.n_way, error)
             raise
-        expected = (*query_x.shape[:2], self.n_way)
-        if logits.shape != expected:
-            raise RuntimeError(
-                f"{self._learner.algorithm} returned logits of shape {tuple(logits.shape)}, "
-                f"expected {expected}"
-            )
-        return logits.to(query_x.device)
+        outputs, expected = outputs if count > 1 else (outputs,), (*query_x.shape[:-3], self.n_way)
+        for logits in outputs:
+            if logits.shape != expected:
+                raise RuntimeError(
+                    f"{self._learner.algorithm} returned logits of shape "
+                    f"{tuple(logits.shape)}, expected {expected}"
+                )
+        return [logits.to(query_x.device) for logits in outputs]  # on the caller's device
+
+
+class AdaptedTasks(AdaptedLearner):
+    """A learner adapted to T tasks at once: `predict` maps each task's query images to
+    that task's logits (with ``before_after``, to the pair of logits before and after
+    adaptation, see `Learner.adapt_before_after`)."""
+
+    def __init__(
+        self,
+        predictor: Callable[[torch.Tensor], Any],
+        num_tasks: int,
+        n_way: int,
+        learner: Learner,
+        before_after: bool = False,
+    ) -> None:
+        super().__init__(predictor, n_way, learner)
+        self.num_tasks = num_tasks
+        self.before_after = before_after
+
+    def predict(self, query_x: torch.Tensor) -> Any:
+        """query_x float [T, Q, 1, S, S] (task t's queries in row t) -> logits [T, Q, n_way];
+        with ``before_after``, the tuple (logits before, logits after adaptation)."""
+        self._learner.check_task_images(query_x, "query_x", self.num_tasks)
+        logits = self._logits(query_x, 2 if self.before_after else 1)
+        return tuple(logits) if self.before_after else logits[0]
 
     __call__ = predict
 
@@ -255,10 +255,7 @@ class Learner:
         return AdaptedLearner(predictor, n_way, self)
 
     def adapt_many(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor | Sequence[Sequence[int]],
-        steps: int | None = None,
+        self, support_x: torch.Tensor, support_y: TaskLabels, steps: int | None = None
     ) -> AdaptedTasks:
         """Adapt to T tasks of one N-way K-shot shape at once (what evaluation does).
 
@@ -268,6 +265,20 @@ class Learner:
         float rounding where the learner computes many tasks in one vectorised pass, see
         ``batches_tasks``). ``steps`` and `UnsupportedTaskError` as for `adapt`.
         """
+        return self._adapt_tasks(support_x, support_y, steps, both=False)
+
+    def adapt_before_after(
+        self, support_x: torch.Tensor, support_y: TaskLabels, steps: int | None = None
+    ) -> AdaptedTasks:
+        """`adapt_many` with 0 steps and with ``steps`` in one call (what evaluation scores
+        for a learner that adapts by gradient): its `predict` returns (logits before, logits
+        after), each [T, Q, N], those of ``adapt_many(.., 0)`` and ``adapt_many(.., steps)``;
+        learners share the work the two have in common (ANIL, LEO: the body features)."""
+        return self._adapt_tasks(support_x, support_y, steps, both=True)
+
+    def _adapt_tasks(
+        self, support_x: torch.Tensor, support_y: TaskLabels, steps: int | None, both: bool
+    ) -> AdaptedTasks:
         self.check_task_images(support_x, "support_x", None)
         rows = support_y.unbind(0) if isinstance(support_y, torch.Tensor) else support_y
         labels = [as_label_tensor(row, support_x.device) for row in rows]
@@ -285,11 +296,14 @@ class Learner:
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         try:
-            predictor = self.meta_learner.adapt_many(support_x, stacked, steps)
+            if both:
+                predictor = self.meta_learner.adapt_before_after(support_x, stacked, steps)
+            else:
+                predictor = self.meta_learner.adapt_many(support_x, stacked, steps)
         except (ValueError, RuntimeError) as error:
             self.raise_if_unsupported(n_way, error)
             raise
-        return AdaptedTasks(predictor, support_x.shape[0], n_way, self)
+        return AdaptedTasks(predictor, support_x.shape[0], n_way, self, before_after=both)
 
     def raise_if_unsupported(self, n_way: int, error: Exception) -> None:
         """Raise `UnsupportedTaskError` (caused by ``error``) when ``error`` arose on a way

@@ -67,6 +67,7 @@ __all__ = [
     "EvaluateConfig",
     "ExperimentConfig",
     "Params",
+    "TuningConfig",
     "ParamsError",
     "PretrainConfig",
     "ReportConfig",
@@ -199,6 +200,36 @@ class ReportConfig(Strict):
     )
 
 
+# ----------------------------------------------------------------------------- tuning
+#: A params path inside ``experiments.<name>``: ``options.inner_lr``, ``train.meta_lr``.
+RatePath = Annotated[str, Field(pattern=r"^(options|train)\.[a-z_][a-z0-9_]*$")]
+
+
+class TuningConfig(Strict):
+    """``tuning``: the validation sweep of `metalab-tune` (read by no stage).
+
+    Every experiment gets the same trials: its main learning rate(s) at the current value
+    times each factor (several rates of one experiment move together), trained for the
+    same fraction of its budget, selected on validation accuracy. Entries naming no
+    experiment are ignored (a params file may trim the experiments, as the smoke run does);
+    `metalab-tune` refuses to plan an experiment without one.
+    """
+
+    factors: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0],
+        min_length=2,
+        description="multiples of the current learning rate(s) tried, one trial each",
+    )
+    budget_fraction: float = Field(
+        0.34, gt=0, le=1, description="fraction of each experiment's iterations per trial"
+    )
+    rates: dict[ExperimentName, list[RatePath]] = Field(
+        default_factory=dict,
+        description="per experiment, its main learning rate(s) as paths inside "
+        "experiments.<name> (options.<key> or train.<key>)",
+    )
+
+
 class Params(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     episodes: EpisodesConfig = Field(default_factory=EpisodesConfig)
@@ -209,6 +240,7 @@ class Params(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

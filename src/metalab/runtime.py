@@ -10,8 +10,10 @@ a quarter of its wall-clock time. Serving blocks up to 1 GiB from the heap and n
 trimming it lets freed blocks be reused instead (at most a few thousand faults per
 iteration in those runs).
 The cost is that the process keeps its peak heap until it exits, which a training process
-does anyway. All threads share the one heap (one malloc arena): allocations are few and
-large here, so the arena lock costs nothing measurable.
+does anyway. The malloc arenas stay at glibc's default (one per thread, up to 8 per core):
+capping them at one, so that task-parallel threads share the kept heap, cost 2.5-6.5% of
+the MAML step at two threads here and 15-45% on a 2-core AMX machine, while the faults
+stay as low without the cap (benchmarks/allocator.py; README "Speed on a CPU").
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ MMAP_THRESHOLD = 1024 * 1024 * 1024
 MMAP_THRESHOLD_FALLBACK = 32 * 1024 * 1024
 TRIM_THRESHOLD = 2**31 - 1  # largest int: in practice never give the heap back
 TOP_PAD = 64 * 1024 * 1024  # grow the heap in 64 MiB steps
+ARENA_MAX: int | None = None  # glibc's default
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
+def keep_freed_memory(arena_max: int | None = ARENA_MAX) -> bool:
     """Make the C allocator reuse freed memory instead of returning it to the kernel.
 
+    ``arena_max`` caps glibc's malloc arenas (None, the default: glibc's own cap, 8 per
+    core; benchmarks/allocator.py measures 1 against it).
     Idempotent; returns whether the settings took effect (False off glibc, e.g. macOS or
     musl, where nothing is changed).
     """
@@ -56,13 +61,9 @@ def keep_freed_memory() -> bool:
     threshold_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     if not threshold_set:
         threshold_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_FALLBACK) == 1
-    settings = (
-        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-        (_M_TOP_PAD, TOP_PAD),
-        # One arena: worker threads (task-parallel meta-batches) reuse the same kept heap
-        # instead of per-thread arenas that grow, shrink and fault on their own.
-        (_M_ARENA_MAX, 1),
-    )
+    settings = [(_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)]
+    if arena_max is not None:
+        settings.append((_M_ARENA_MAX, arena_max))
     return all([mallopt(parameter, value) == 1 for parameter, value in settings]) and threshold_set
 
 

@@ -58,6 +58,13 @@ class TaskBatchPredictor(Protocol):
         ...
 
 
+class BeforeAfterPredictor(Protocol):
+    def __call__(self, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query_x float [T, Q, 1, H, W] -> (logits before adaptation, logits after it),
+        each float [T, Q, n_way]."""
+        ...
+
+
 class MetaLearner(nn.Module):
     """Base class of every learner.
 
@@ -82,7 +89,8 @@ class MetaLearner(nn.Module):
     #: evaluation hands it chunks of episodes. A learner that declares it overrides
     #: `adapt_many`, bounds its memory for any number of tasks, and draws no random numbers
     #: at test time (tests/test_learner_contract.py checks this). False: `adapt_many` is the
-    #: loop over `adapt` below, and evaluation adapts one episode at a time.
+    #: loop over `adapt` below, and evaluation adapts one episode at a time. A learner whose
+    #: options decide it (Reptile) makes it a property.
     batches_tasks: ClassVar[bool] = False
 
     #: The way count of the tasks the train loop samples for this learner, or None for
@@ -143,6 +151,28 @@ class MetaLearner(nn.Module):
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             check_query_tasks(query_x, len(predictors))
             return torch.stack([p(x) for p, x in zip(predictors, query_x, strict=True)])
+
+        return predict
+
+    def adapt_before_after(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> BeforeAfterPredictor:
+        """Before (``steps=0``) and after (``steps``) adaptation to T tasks from one call, for
+        learners that adapt by gradient steps (evaluation scores both): shapes as for
+        `adapt_many`. Returns predictor(query_x [T, Q, 1, H, W]) -> (the logits of
+        ``adapt_many(support_x, support_y, 0)``, those of ``adapt_many(.., steps)``), each
+        [T, Q, N].
+
+        Default: `adapt_many` twice, after adaptation first, as a per-episode loop orders
+        them. Override where the two share work (features of a body the inner loop does
+        not change).
+        """
+        after = self.adapt_many(support_x, support_y, steps)
+        before = self.adapt_many(support_x, support_y, 0)
+
+        def predict(query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            after_logits = after(query_x)
+            return before(query_x), after_logits
 
         return predict
 

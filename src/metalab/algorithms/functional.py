@@ -365,3 +365,47 @@ def linear_per_task(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """A different linear head per task: features [T, B, F], weight [T, N, F], bias [T, N]
     -> logits [T, B, N]."""
     return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
+
+
+class StackedOptimizer:
+    """Adam or SGD on stacked per-task parameters, as ``torch.optim`` steps them.
+
+    ``params[name]`` is [T, *shape], row t task t's weights; every operation is elementwise,
+    so each task has its own Adam moments and moves exactly as a ``torch.optim.Adam`` (or
+    ``SGD``, no momentum) of its own would (the same formulas, in the same order, as their
+    single-tensor CPU implementation; every task takes the same steps). `step` updates the
+    tensors in place, outside autograd.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if kind not in ("adam", "sgd"):
+            raise ValueError(f"inner optimizer {kind!r}: allowed 'adam', 'sgd'")
+        self.kind, self.lr, self.betas, self.eps = kind, lr, betas, eps
+        self.steps = 0
+        self.moments: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @torch.no_grad()
+    def step(self, params: ParameterDict, grads: ParameterDict) -> None:
+        """One step of every ``params[name]`` [T, ...] along ``grads[name]`` (same shape)."""
+        if self.kind == "sgd":
+            for name, grad in grads.items():
+                params[name].add_(grad, alpha=-self.lr)
+            return
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.steps)
+        correction2_sqrt = (1 - beta2**self.steps) ** 0.5
+        for name, grad in grads.items():
+            if name not in self.moments:
+                self.moments[name] = (torch.zeros_like(grad), torch.zeros_like(grad))
+            average, square_average = self.moments[name]
+            average.lerp_(grad, 1 - beta1)
+            square_average.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denominator = (square_average.sqrt() / correction2_sqrt).add_(self.eps)
+            params[name].addcdiv_(average, denominator, value=-step_size)

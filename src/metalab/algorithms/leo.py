@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from metalab.algorithms.base import (
+    BeforeAfterPredictor,
     BuildContext,
     Predictor,
     StepStats,
@@ -357,6 +358,29 @@ class LatentEmbeddingOptimization(EmbeddingLearner):
             with torch.no_grad():
                 features = self.embedding.embed_tasks(query_x)
                 return torch.stack([x @ w.T for x, w in zip(features, weights, strict=True)])
+
+        return predict
+
+    def adapt_before_after(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> BeforeAfterPredictor:
+        """`adapt_many` with 0 and with ``steps`` latent steps from one embedding of the
+        support and of the query images (the body is not adapted): predictor(query_x
+        [T, Q, 1, H, W]) -> (logits before, logits after), each [T, Q, N]."""
+        with torch.no_grad():
+            features = self.embedding.embed_tasks(support_x)
+            weights = [
+                (self.adapted_weights(x, y, 0), self.adapted_weights(x, y, steps))
+                for x, y in zip(features, support_y, strict=True)
+            ]
+
+        def predict(query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            check_query_tasks(query_x, len(weights))
+            with torch.no_grad():
+                features = self.embedding.embed_tasks(query_x)
+                logits = [(x @ w0.T, x @ w.T) for x, (w0, w) in zip(features, weights, strict=True)]
+            before, after = zip(*logits, strict=True)
+            return torch.stack(before), torch.stack(after)
 
         return predict
 

@@ -24,7 +24,8 @@ separately for its support and its query set.
 Around this core: `functional` (the inner loop as a function of a parameter dict),
 `task_forward` (logits of a batch of tasks: the model task by task, the reference, or a
 chunk of tasks at once with grouped convolutions; same meta-gradients, tested),
-`task_runner` (a meta-batch in chunks, on threads) and `outer_groups` (optimizer groups).
+`task_runner` (a meta-batch in chunks, on threads), `outer_groups` (optimizer groups) and
+`maml_adaptation` (test-time adaptation; before and after it from one inner loop).
 """
 
 from __future__ import annotations
@@ -36,19 +37,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from metalab.algorithms import outer_groups
+from metalab.algorithms import maml_adaptation, outer_groups
 from metalab.algorithms.base import (
+    BeforeAfterPredictor,
     BuildContext,
     MetaLearner,
     StepStats,
     TaskBatchPredictor,
     TrainProgress,
-    check_query_tasks,
 )
 from metalab.algorithms.functional import (
     ParameterDict,
-    adaptation_lr,
-    adaptation_start,
     batchnorm_parameter_names,
     inner_loop,
     multi_step_loss_weights,
@@ -429,42 +428,18 @@ class MAMLLearner(MetaLearner):
         """Adapt to T tasks: support_x [T, S, 1, H, W], support_y [T, S] in 0..N-1 (one N).
 
         ``steps`` (default ``test_inner_steps``) first-order gradient steps per task, without
-        meta dropout, through the meta-training forward in `task_runner`'s chunks (memory:
-        one chunk's activations). For N other than the model's way count the head starts as
-        a fresh zero N-way head, adapted with the rest (Meta-SGD: class-averaged head lrs).
-        ANIL computes the body features without an autograd graph (the body stays fixed).
+        meta dropout, through the meta-training forward in `task_runner`'s chunks; a fresh
+        zero head for N other than the trained way count (`maml_adaptation.adapt_chunks`).
         Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N] (query batch
         statistics, per task)."""
-        steps = self.options.test_inner_steps if steps is None else steps
-        dtype = self.model.head.weight.dtype
-        n_way = int(support_y.max().item()) + 1
-        start = adaptation_start(self._initial_params(None), self.adapted_names, n_way, self.n_way)
-        inner_lr = adaptation_lr(self._inner_lr, n_way, self.n_way)
-        chunks = self.task_runner.chunks(support_x.shape[0])
-        adapted = []
-        for tasks in chunks:
-            chunk_x = support_x[tasks].to(dtype)
-            forward = self._task_forward(chunk_x, None, None)
-            params = stack_for_tasks(start, chunk_x.shape[0]) if forward.stacked else start
-            if steps > 0:
-                with torch.no_grad():
-                    forward.precompute("support")
-            with torch.enable_grad():
-                trajectory = self._adapt_on_support(
-                    forward, params, support_y[tasks], inner_lr, steps, False
-                )
-            adapted.append({name: p.detach() for name, p in trajectory[-1].items()})
+        return maml_adaptation.adapt_many(self, support_x, support_y, steps)
 
-        def predictor(query_x: Tensor) -> Tensor:
-            check_query_tasks(query_x, support_x.shape[0])
-            logits = []
-            with torch.no_grad():
-                for tasks, params in zip(chunks, adapted, strict=True):
-                    forward = self._task_forward(None, query_x[tasks].to(dtype), None)
-                    logits.append(forward.logits(params, "query", steps))
-            return torch.cat(logits)
-
-        return predictor
+    def adapt_before_after(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None
+    ) -> BeforeAfterPredictor:
+        """`adapt_many` with 0 and with ``steps`` steps from one inner loop (ANIL: the query
+        features computed once); predictor(query_x) -> (logits before, after) [T, Q, N]."""
+        return maml_adaptation.adapt_before_after(self, support_x, support_y, steps)
 
     # --------------------------------------------------------------- optimizer
     def named_meta_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -29,15 +29,26 @@ from metalab.algorithms.base import (
     MetaLearner,
     Predictor,
     StepStats,
+    TaskBatchPredictor,
     TrainProgress,
+    check_query_tasks,
+)
+from metalab.algorithms.functional import (
+    StackedOptimizer,
+    conv4_grouped_features,
+    per_task_cross_entropy,
+    zero_head,
 )
 from metalab.algorithms.precision import Precision, autocast, check_precision
+from metalab.algorithms.task_forward import to_channels_last
 from metalab.data.episodes import Episodes
-from metalab.models import build_model
+from metalab.models import Conv4, build_model
 
 # Non-transductive evaluation classifies this many queries per vectorised forward pass
 # (each one in a batch with the whole support set); bounds memory at 20-way 5-shot.
 NON_TRANSDUCTIVE_CHUNK = 32
+# Tasks per grouped pass of batched test-time fine-tuning (`ReptileLearner.fine_tune_many`).
+TASKS_PER_PASS = 1
 
 
 class Options(BaseModel):
@@ -125,6 +136,24 @@ class ReptileLearner(MetaLearner):
         return self.options.test_inner_steps
 
     @property
+    def test_batch_size(self) -> int | None:
+        """Support examples per test-time step (None: the whole support set)."""
+        return self.options.test_inner_batch_size or self.options.inner_batch_size
+
+    @property
+    def batches_tasks(self) -> bool:  # type: ignore[override]
+        """Whether `adapt_many` fine-tunes many tasks at once (`fine_tune_many`): a Conv4
+        (the MAML family's grouped forward), every test step on the whole support set and a
+        zero head for a new way count. Then test-time adaptation draws no random numbers
+        (as the contract in `metalab.algorithms.base` asks); otherwise (minibatches, random
+        heads) tasks are adapted one by one, in the order of a per-episode loop."""
+        return (
+            isinstance(self.model, Conv4)
+            and self.test_batch_size is None
+            and self.options.head_init == "zero"
+        )
+
+    @property
     def trained_n_way(self) -> int:
         return self.model.head.out_features
 
@@ -153,12 +182,12 @@ class ReptileLearner(MetaLearner):
 
     def _fresh_head(self, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.model.head.weight
+        if self.options.head_init == "zero":  # drawing no random numbers
+            fresh = zero_head(n_way, weight)
+            return fresh["head.weight"], fresh["head.bias"]
         # Initialised on the CPU (torch's global CPU RNG), then moved: the same head on
         # every device.
         head = nn.Linear(weight.shape[1], n_way, device="cpu")
-        if self.options.head_init == "zero":
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
         head = head.to(dtype=weight.dtype, device=weight.device)
         return head.weight.detach(), head.bias.detach()
 
@@ -254,9 +283,8 @@ class ReptileLearner(MetaLearner):
         -> logits [Q, N], transductive or not according to ``transductive_eval``.
         """
         steps = self.options.test_inner_steps if steps is None else steps
-        batch_size = self.options.test_inner_batch_size or self.options.inner_batch_size
         n_way = int(support_y.max().item()) + 1
-        adapted, _ = self.fine_tune(support_x, support_y, steps, batch_size, n_way)
+        adapted, _ = self.fine_tune(support_x, support_y, steps, self.test_batch_size, n_way)
         support_x = support_x.detach()
 
         def predictor(query_x: torch.Tensor) -> torch.Tensor:
@@ -266,6 +294,93 @@ class ReptileLearner(MetaLearner):
                 return self.predict_with_support(adapted, support_x, query_x)
 
         return predictor
+
+    def adapt_many(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
+    ) -> TaskBatchPredictor:
+        """`adapt` for T tasks: support_x [T, S, 1, H, W], support_y [T, S] (one N).
+
+        When `batches_tasks`, all tasks are fine-tuned together (`fine_tune_many`) and their
+        queries predicted through the same grouped forward; otherwise `adapt` task by task.
+        Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N]."""
+        if not self.batches_tasks:
+            return super().adapt_many(support_x, support_y, steps)
+        steps = self.options.test_inner_steps if steps is None else steps
+        n_way = int(support_y.max().item()) + 1
+        passes = list(range(0, support_x.shape[0], TASKS_PER_PASS))
+        adapted = [
+            self.fine_tune_many(
+                support_x[p : p + TASKS_PER_PASS], support_y[p : p + TASKS_PER_PASS], steps, n_way
+            )
+            for p in passes
+        ]
+        support_x = support_x.detach()
+
+        def predictor(query_x: torch.Tensor) -> torch.Tensor:
+            check_query_tasks(query_x, support_x.shape[0])
+            logits = []
+            with torch.no_grad():
+                for start, params in zip(passes, adapted, strict=True):
+                    tasks = slice(start, start + TASKS_PER_PASS)
+                    if self.options.transductive_eval:
+                        dtype = params["head.weight"].dtype
+                        query = to_channels_last(query_x[tasks].to(dtype))
+                        logits.append(self.grouped_logits(params, query))
+                        continue
+                    for t, (x, q) in enumerate(zip(support_x[tasks], query_x[tasks], strict=True)):
+                        task_params = {name: p[t] for name, p in params.items()}
+                        logits.append(self.predict_with_support(task_params, x, q).unsqueeze(0))
+            return torch.cat(logits)
+
+        return predictor
+
+    def grouped_logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits [T, B, N] of T tasks with stacked weights ``params[name]`` [T, *shape]:
+        x [T, B, 1, H, W] channels-last through the MAML family's grouped Conv4 forward
+        (BatchNorm statistics per task), then each task's head through ``F.linear``, the
+        kernel `forward_with` runs. (At a zero head, e.g. for a new way count, the bias
+        gradient is zero up to rounding, and Adam turns rounding into steps of up to lr:
+        the same kernel rounds the same way as the per-episode path.)"""
+        with autocast(self.precision, x.device.type):
+            features = conv4_grouped_features(self.model, params, x, channels_last=True)
+            logits = torch.stack(
+                [
+                    F.linear(task_features, weight, bias)
+                    for task_features, weight, bias in zip(
+                        features, params["head.weight"], params["head.bias"], strict=True
+                    )
+                ]
+            )
+        return logits.float() if self.precision == "bf16" else logits
+
+    def fine_tune_many(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, n_way: int
+    ) -> dict[str, torch.Tensor]:
+        """`fine_tune` of T tasks at once on their whole support sets (support_x
+        [T, S, 1, H, W], support_y [T, S]): stacked weights [T, *shape] through the grouped
+        forward, each task its own inner optimizer state (`StackedOptimizer`). A way count
+        other than the trained one starts from a zero head. Returns the adapted weights by
+        parameter name, stacked [T, *shape], detached."""
+        num_tasks = support_x.shape[0]
+        start = {name: p.detach() for name, p in self.model.named_parameters()}
+        if n_way != self.trained_n_way:
+            start["head.weight"], start["head.bias"] = self._fresh_head(n_way)
+        params = {
+            name: p.unsqueeze(0).expand(num_tasks, *p.shape).clone() for name, p in start.items()
+        }
+        options = self.options
+        optimizer = StackedOptimizer(options.inner_optimizer, options.inner_lr, betas=(0.0, 0.999))
+        support_x = to_channels_last(support_x.to(start["head.weight"].dtype))
+        for _ in range(steps):
+            with torch.enable_grad():
+                leaves = {name: p.requires_grad_(True) for name, p in params.items()}
+                logits = self.grouped_logits(leaves, support_x)
+                # Summed over tasks: the gradient of row t is task t's own mean-loss gradient.
+                loss = per_task_cross_entropy(logits, support_y).sum()
+                grads = torch.autograd.grad(loss, list(leaves.values()))
+            params = {name: p.detach() for name, p in leaves.items()}
+            optimizer.step(params, dict(zip(params, grads, strict=True)))
+        return params
 
     def predict_with_support(
         self, params: dict[str, torch.Tensor], support_x: torch.Tensor, query_x: torch.Tensor

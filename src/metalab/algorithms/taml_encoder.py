@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import TaskBatchPredictor, check_query_tasks
+from metalab.algorithms.base import BeforeAfterPredictor, TaskBatchPredictor, check_query_tasks
 from metalab.algorithms.functional import (
     ParameterDict,
     inner_loop,
@@ -210,6 +210,28 @@ class TAMLEncoderLearner(MAMLLearner):
         than the trained way count the head starts from zeros [N, D] (the encoder works for
         any N). Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N].
         """
+        chunks, adapted = self._adapt_heads(support_x, support_y, steps)
+        return lambda query_x: self._query_logits(query_x, chunks, adapted, (1,))[0]
+
+    def adapt_before_after(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None
+    ) -> BeforeAfterPredictor:
+        """`adapt_many` with 0 and with ``steps`` head steps from one pass of the support and
+        the query images through the body (which the inner loop does not change): predictor
+        (query_x [T, Q, 1, H, W]) -> (logits before, logits after), each [T, Q, N]."""
+        chunks, adapted = self._adapt_heads(support_x, support_y, steps)
+
+        def predictor(query_x: Tensor) -> tuple[Tensor, Tensor]:
+            before, after = self._query_logits(query_x, chunks, adapted, (0, 1))
+            return before, after
+
+        return predictor
+
+    def _adapt_heads(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None
+    ) -> tuple[list[slice], list[tuple[ParameterDict, ParameterDict, TaskModulation]]]:
+        """`adapt_many`'s inner loop, chunk by chunk: per chunk the heads before and after
+        ``steps`` steps (stacked [T_chunk, ...], detached) and the tasks' modulation."""
         steps = self.options.test_inner_steps if steps is None else steps
         dtype = self.model.head.weight.dtype
         n_way = int(support_y.max().item()) + 1
@@ -219,7 +241,7 @@ class TAMLEncoderLearner(MAMLLearner):
             head = zero_head(n_way, self.model.head.weight)
         head = {name: p.clone().requires_grad_(True) for name, p in head.items()}
         chunks = self.task_runner.chunks(support_x.shape[0])
-        adapted: list[tuple[ParameterDict, TaskModulation]] = []
+        adapted = []
         for tasks in chunks:
             labels = support_y[tasks]
             with torch.no_grad():
@@ -234,18 +256,28 @@ class TAMLEncoderLearner(MAMLLearner):
                     steps,
                     second_order=False,
                 )
-            adapted.append(({name: p.detach() for name, p in trajectory[-1].items()}, modulation))
+            start, end = ({n: p.detach() for n, p in trajectory[i].items()} for i in (0, -1))
+            adapted.append((start, end, modulation))
+        return chunks, adapted
 
-        def predictor(query_x: Tensor) -> Tensor:
-            check_query_tasks(query_x, support_x.shape[0])
-            logits = []
-            with torch.no_grad():
-                for tasks, (params, modulation) in zip(chunks, adapted, strict=True):
-                    features = self.body_features(query_x[tasks].to(dtype), None)
-                    logits.append(modulated_logits(features, params, modulation))
-            return torch.cat(logits)
-
-        return predictor
+    def _query_logits(
+        self,
+        query_x: Tensor,
+        chunks: list[slice],
+        adapted: list[tuple[ParameterDict, ParameterDict, TaskModulation]],
+        which: tuple[int, ...],
+    ) -> list[Tensor]:
+        """Logits [T, Q, N] of query_x [T, Q, 1, H, W] with the heads ``which`` (0: before
+        adaptation, 1: after) of `_adapt_heads`, from one pass through the body."""
+        check_query_tasks(query_x, chunks[-1].stop if chunks else 0)
+        dtype = self.model.head.weight.dtype
+        logits: list[list[Tensor]] = [[] for _ in which]
+        with torch.no_grad():
+            for tasks, (*heads, modulation) in zip(chunks, adapted, strict=True):
+                features = self.body_features(query_x[tasks].to(dtype), None)
+                for out, end in zip(logits, which, strict=True):
+                    out.append(modulated_logits(features, heads[end], modulation))
+        return [torch.cat(chunk_logits) for chunk_logits in logits]
 
     # --------------------------------------------------------------- optimizer
     def named_meta_parameters(self) -> list[tuple[str, nn.Parameter]]:
