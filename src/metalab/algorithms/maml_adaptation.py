@@ -12,10 +12,11 @@ This module is the MAML core's own: it drives `MAMLLearner`'s inner-loop hooks
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metalab.algorithms.base import BeforeAfterPredictor, TaskBatchPredictor, check_query_tasks
 from metalab.algorithms.functional import (
@@ -26,8 +27,21 @@ from metalab.algorithms.functional import (
 )
 from metalab.algorithms.task_forward import HeadOnlyForward, TaskForward
 
-if TYPE_CHECKING:
-    from metalab.algorithms.maml import MAMLLearner
+
+class MAMLLearner(Protocol):
+    """What this module reads of `metalab.algorithms.maml.MAMLLearner` (declared here, so
+    that the two modules do not import each other)."""
+
+    model: nn.Module
+    n_way: int
+    options: Any
+    task_runner: Any
+    adapted_names: Any
+    _adapt_on_support: Callable[..., Any]
+    _initial_params: Callable[..., Any]
+    _inner_lr: Callable[..., Any]
+    _task_forward: Callable[..., Any]
+
 
 # Which ends of a task's inner-loop trajectory a predictor reads: theta_0, theta_K.
 BEFORE, AFTER = 0, 1
