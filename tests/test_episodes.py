@@ -2,6 +2,7 @@
 
 import torch
 
+from metalab.data.config import SplitConfig
 from metalab.data.episodes import (
     load_episode_set,
     materialize,
@@ -9,6 +10,8 @@ from metalab.data.episodes import (
     sample_episodes,
     save_episode_set,
 )
+from metalab.data.prefetch import load_prefetched
+from metalab.data.splits import make_split
 
 DRAWINGS = 20
 CHARACTERS = 12
@@ -98,3 +101,53 @@ def test_episode_set_round_trip(tmp_path):
     )
     assert loaded.k_shot == 1 and loaded.query_per_class == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def assert_classes_are_turned_drawings(
+    stored: torch.Tensor, drawings: int, index, episodes
+) -> set[int]:
+    """Every image of class (c, r) in `episodes` is one of character c's stored drawings
+    (``stored`` uint8 [N, S, S], rows c*D .. c*D+D-1) turned r quarter turns by
+    `torch.rot90`, each drawing at most once per class; found by matching pixels, not by
+    trusting ``index.image_index``. Returns the quarter turns seen."""
+    num_tasks, n_way, _ = index.image_index.shape
+    size = stored.shape[-1]
+    k = index.k_shot
+    support = episodes.support_x.view(num_tasks, n_way, k, size, size)
+    query = episodes.query_x.view(num_tasks, n_way, -1, size, size)
+    turns_seen = set()
+    for task in range(num_tasks):
+        for way in range(n_way):
+            character = int(index.character[task, way])
+            turns = int(index.rotation[task, way])
+            turns_seen.add(turns)
+            own = stored[character * drawings : (character + 1) * drawings].float() / 255
+            candidates = torch.rot90(own, turns, dims=(-2, -1))  # [D, S, S]
+            got = torch.cat([support[task, way], query[task, way]])  # [K+Q, S, S]
+            matches = (got.unsqueeze(1) == candidates.unsqueeze(0)).flatten(2).all(2)
+            assert (matches.sum(1) == 1).all(), (task, way, character, turns)
+            assert matches.any(0).sum() == got.shape[0]  # distinct drawings
+    return turns_seen
+
+
+def test_rotated_meta_train_classes_are_turned_drawings_of_their_character(
+    tiny_prefetched_28,
+):
+    """On the stored (prefetched) arrays, under rotations=meta_train: a sampled class
+    (c, r) shows character c's drawings turned r quarter turns, for every r."""
+    arrays = load_prefetched(tiny_prefetched_28)
+    drawings = arrays.drawings_per_character
+    config = SplitConfig(protocol="lake", validation_characters=5, rotations="meta_train")
+    split = make_split(arrays.character_origin, config)
+    index = sample_episode_index(
+        split.meta_train, drawings, 5, 2, 3, 12, torch.Generator().manual_seed(3)
+    )
+    episodes = materialize(arrays.images, index)
+    turns = assert_classes_are_turned_drawings(arrays.images, drawings, index, episodes)
+    assert turns == {0, 1, 2, 3}
+    # The premise: the fixture's drawings are not symmetric under a turn, so a class shown
+    # unrotated (or turned the wrong way) could not pass the pixel match above.
+    images = arrays.images[: 20 * drawings].float()
+    for quarter in (1, 2, 3):
+        turned = torch.rot90(images, quarter, dims=(-2, -1))
+        assert (turned != images).flatten(1).any(1).all()

@@ -5,7 +5,7 @@ Meta-training tasks come from ``split.meta_train``, validation tasks from
 supervised pretraining sees only meta-train characters. Each test records which class rows
 (character, rotation) or image rows a stage actually used, on the tiny synthetic Omniglot
 fixture, under both split protocols (lake: characters; vinyals: pooled characters with
-rotations as classes).
+rotations as classes) and Lake with rotated meta-train classes only.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ SPLITS = {
         "vinyals_train_characters": 16,
         "vinyals_validation_characters": 6,
     },
+    # Lake with each meta-train character in four quarter turns, the other parts unrotated.
+    "lake_rotated": {"protocol": "lake", "validation_characters": 5, "rotations": "meta_train"},
 }
 PARTS = ("meta_train", "validation", "meta_test")
 
@@ -112,11 +114,13 @@ class MaterializeRecorder:
 
     def __init__(self) -> None:
         self.indices: list[EpisodeIndex] = []
+        self.outputs: list = []  # the Episodes returned for each index, in order
         self.real = training.materialize
 
     def __call__(self, images: torch.Tensor, index: EpisodeIndex):
         self.indices.append(index)
-        return self.real(images, index)
+        self.outputs.append(self.real(images, index))
+        return self.outputs[-1]
 
     def take(self) -> list[EpisodeIndex]:
         taken, self.indices = self.indices, []
@@ -163,6 +167,36 @@ def test_trainer_trains_on_meta_train_and_validates_on_validation_classes(
     assert not sampled[6:], "validation must not sample new tasks"
 
 
+def test_trainer_shows_rotated_meta_train_classes_turned_and_validates_unrotated(
+    arrays, tmp_path, monkeypatch
+):
+    """Under rotations=meta_train, the tasks `Trainer.step` hands the learner use rotated
+    classes, each image the stored drawing turned by its class's quarter turns
+    (`torch.rot90`), while validation classes are unrotated."""
+    params = train_params(SPLITS["lake_rotated"])
+    split = make_split(arrays.character_origin, params.data.split)
+    trainer = training.Trainer("proto", params, arrays, split, tmp_path, progress=False)
+    recorder = MaterializeRecorder()
+    monkeypatch.setattr(training, "materialize", recorder)
+    for _ in range(4):
+        trainer.step()
+    size, turns_seen = arrays.image_size, set()
+    for index, episodes in zip(recorder.indices, recorder.outputs, strict=True):
+        tasks, n_way, _ = index.image_index.shape
+        support = episodes.support_x.view(tasks, n_way, index.k_shot, size, size)
+        query = episodes.query_x.view(tasks, n_way, -1, size, size)
+        for task in range(tasks):
+            for way in range(n_way):
+                turns = int(index.rotation[task, way])
+                turns_seen.add(turns)
+                stored = arrays.images[index.image_index[task, way]].float() / 255
+                expected = torch.rot90(stored, turns, dims=(-2, -1))
+                got = torch.cat([support[task, way], query[task, way]])
+                assert torch.equal(got, expected), (task, way, turns)
+    assert turns_seen == {0, 1, 2, 3}
+    assert set(trainer.validation_index.rotation.flatten().tolist()) == {0}
+
+
 # ----------------------------------------------------------------------- evaluation
 @pytest.mark.parametrize("protocol", SPLITS)
 def test_stored_evaluation_episodes_use_only_meta_test_classes(protocol, arrays, tmp_path):
@@ -186,24 +220,51 @@ def load_stage(name: str):
     return module
 
 
-def test_episodes_stage_stores_only_meta_test_classes(arrays, tiny_prefetched_28, tmp_path):
-    """The same through the stage script (its own make_split and paths)."""
-    (tmp_path / PREFETCHED_FILE).parent.mkdir(parents=True)
-    shutil.copy(tiny_prefetched_28, tmp_path / PREFETCHED_FILE)
+def run_episodes_stage(directory: Path, prefetched: Path, split_config: dict) -> DataParams:
+    """Run stages/episodes.py in `directory` on a copy of `prefetched`; its params."""
+    (directory / PREFETCHED_FILE).parent.mkdir(parents=True)
+    shutil.copy(prefetched, directory / PREFETCHED_FILE)
     params = DataParams.model_validate(
         {
-            "data": {"split": SPLITS["lake"]},
-            "episodes": {"settings": ["5w1s"], "num_episodes": 30, "query_per_class": 2},
+            "data": {"split": split_config},
+            "episodes": {"settings": ["5w1s", "3w2s"], "num_episodes": 30, "query_per_class": 2},
             "tracking": {"enabled": False},
         }
     )
     stage = load_stage("episodes")
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp_path)
+        patch.chdir(directory)
         stage.main(argparse.Namespace(no_progress=True), params)
+    return params
+
+
+def test_episodes_stage_stores_only_meta_test_classes(arrays, tiny_prefetched_28, tmp_path):
+    """The same through the stage script (its own make_split and paths)."""
+    params = run_episodes_stage(tmp_path, tiny_prefetched_28, SPLITS["lake"])
     split = make_split(arrays.character_origin, params.data.split)
     index, _ = load_episode_set(tmp_path / "data" / "episodes" / "5w1s.npz")
     assert_only_from(drawn_classes(index, arrays.drawings_per_character), split, "meta_test")
+
+
+def test_meta_train_rotations_leave_the_stored_test_episodes_byte_identical(
+    arrays, tiny_prefetched_28, tmp_path
+):
+    """rotations=meta_train changes what meta-training draws from (x4 classes), not the
+    fixed test tasks: the episodes stage writes the same bytes with and without it."""
+    run_episodes_stage(tmp_path / "plain", tiny_prefetched_28, SPLITS["lake"])
+    run_episodes_stage(tmp_path / "rotated", tiny_prefetched_28, SPLITS["lake_rotated"])
+    plain = sorted((tmp_path / "plain" / "data" / "episodes").iterdir())
+    rotated = sorted((tmp_path / "rotated" / "data" / "episodes").iterdir())
+    assert [f.name for f in plain] == [f.name for f in rotated] == ["3w2s.npz", "5w1s.npz"]
+    for a, b in zip(plain, rotated, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    # ... while the split really differs where it should (else this proves nothing).
+    counts = [
+        make_split(arrays.character_origin, SplitConfig(**SPLITS[name])).summary()
+        for name in ("lake", "lake_rotated")
+    ]
+    assert counts[1]["meta_train"]["classes"] == 4 * counts[0]["meta_train"]["classes"]
+    assert counts[1]["meta_test"] == counts[0]["meta_test"]
 
 
 # ----------------------------------------------------------------------- pretraining
@@ -257,6 +318,8 @@ def test_pretrain_stage_trains_only_on_meta_train_characters(arrays, tmp_path, m
 
     def recording_pretrain_body(model_config, images, labels, **kwargs):
         seen.update(images=images, labels=labels)
+        seen.update(held_out=kwargs["validation_images"], held_labels=kwargs["validation_labels"])
+        kwargs.update(validation_images=None, validation_labels=None)
         return pretrain.pretrain_body(model_config, images[:8], labels[:8], **kwargs)
 
     monkeypatch.setattr(stage, "load_prefetched", lambda path: coded)
@@ -271,5 +334,13 @@ def test_pretrain_stage_trains_only_on_meta_train_characters(arrays, tmp_path, m
     )
     stage.main(argparse.Namespace(no_progress=True), params)
     split = make_split(coded.character_origin, params.data.split)
-    assert_all_and_only_meta_train_drawings(seen["images"], seen["labels"], coded, split)
+    # Training and held-out drawings together: every drawing of the meta-train characters
+    # once (so the two are disjoint), one label per character across both.
+    assert seen["held_out"].shape[0] > 0
+    assert_all_and_only_meta_train_drawings(
+        torch.cat([seen["images"], seen["held_out"]]),
+        torch.cat([seen["labels"], seen["held_labels"]]),
+        coded,
+        split,
+    )
     assert (tmp_path / "models" / "pretrain" / "body.pt").is_file()

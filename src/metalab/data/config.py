@@ -41,13 +41,23 @@ def drawings_needed(k_shot: int, query_per_class: int) -> str | None:
     )
 
 
+# What each value of ``data.split.rotations`` rotates. Validation stays unrotated under
+# "meta_train" on purpose: it stands in for the meta-test tasks (model selection, tuning,
+# test-step choice), and those are unrotated characters.
+ROTATED_PARTS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "meta_train": ("meta_train",),
+    "all": ("meta_train", "validation", "meta_test"),
+}
+
+
 class SplitConfig(Strict):
     """``data.split``: which characters meta-train, validate and meta-test."""
 
     protocol: Literal["lake", "vinyals"] = Field(
         "lake",
         description="lake: background alphabets train / evaluation alphabets test; "
-        "vinyals: all characters pooled, 1028/172/423, rotations as extra classes",
+        "vinyals: all characters pooled, 1028/172/423, rotated (see rotations)",
     )
     seed: int = Field(0, ge=0)
     validation_characters: int = Field(
@@ -55,15 +65,27 @@ class SplitConfig(Strict):
     )
     vinyals_train_characters: int = Field(1028, ge=1)
     vinyals_validation_characters: int = Field(172, ge=1)
-    rotations: bool | None = Field(
+    rotations: Literal["none", "meta_train", "all"] | None = Field(
         None,
-        description="90-degree rotations as extra classes; null = protocol default "
-        "(vinyals: true, lake: false)",
+        description="which parts get each 90-degree rotation of a character as a class of "
+        "its own: none, meta_train (validation and meta-test unrotated) or all; "
+        "null = protocol default (vinyals: all, lake: none)",
     )
 
+    @field_validator("rotations", mode="before")
+    @classmethod
+    def _boolean_rotations(cls, value: object) -> object:
+        # The key used to be a boolean (true = every part rotated); keep old files valid.
+        if isinstance(value, bool):
+            return "all" if value else "none"
+        return value
+
     @property
-    def use_rotations(self) -> bool:
-        return self.protocol == "vinyals" if self.rotations is None else self.rotations
+    def rotated_parts(self) -> frozenset[str]:
+        """The split parts ('meta_train', 'validation', 'meta_test') whose characters
+        appear in all four quarter turns."""
+        mode = self.rotations or ("all" if self.protocol == "vinyals" else "none")
+        return frozenset(ROTATED_PARTS[mode])
 
 
 class DataConfig(Strict):
@@ -120,12 +142,9 @@ def split_classes(data: DataConfig) -> dict[str, int] | None:
                 f"with vinyals_validation_characters {validation}: must leave meta-test "
                 f"characters out of {background + evaluation} (data.expected)",
             )
-    turns = 4 if split.use_rotations else 1
-    return {
-        "meta_train": train * turns,
-        "validation": validation * turns,
-        "meta_test": test * turns,
-    }
+    characters = {"meta_train": train, "validation": validation, "meta_test": test}
+    rotated = split.rotated_parts
+    return {part: count * (4 if part in rotated else 1) for part, count in characters.items()}
 
 
 def parse_setting(setting: str) -> tuple[int, int]:

@@ -9,6 +9,11 @@ protocols:
 - ``vinyals`` (Vinyals et al. 2016, used by MAML and ProtoNets): all characters pooled and
   shuffled with the split seed: 1028 meta-train, 172 validation, the rest (423) meta-test;
   each rotation by 90 degrees is a class of its own (x4).
+
+``rotations`` chooses the parts whose characters come in all four quarter turns (see
+`SplitConfig.rotated_parts`): ``meta_train`` augments the training classes only, so the
+validation and meta-test classes, and so the stored test episodes, stay as without it.
+Rotation never moves a character between parts: the characters are split first.
 """
 
 from __future__ import annotations
@@ -48,8 +53,10 @@ class Split:
         }
 
 
-def _with_rotations(characters: torch.Tensor, rotations: bool) -> torch.Tensor:
-    turns = torch.arange(4 if rotations else 1)
+def _with_rotations(characters: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """int64 [C * turns, 2] classes (character, quarter turns) of `characters` (int [C]),
+    character-major; turns is 4 when `rotated`, else 1 (rotation 0 only)."""
+    turns = torch.arange(4 if rotated else 1)
     grid = torch.cartesian_prod(characters, turns)
     return grid.reshape(-1, 2).long()
 
@@ -87,10 +94,10 @@ def make_split(character_origin: torch.Tensor, config: SplitConfig) -> Split:
         meta_train = shuffled[:train_count].sort().values
         validation = shuffled[train_count : train_count + validation_count].sort().values
         meta_test = shuffled[train_count + validation_count :].sort().values
-    rotations = config.use_rotations
+    rotated = config.rotated_parts
     return Split(
         protocol=config.protocol,
-        meta_train=_with_rotations(meta_train, rotations),
-        validation=_with_rotations(validation, rotations),
-        meta_test=_with_rotations(meta_test, rotations),
+        meta_train=_with_rotations(meta_train, "meta_train" in rotated),
+        validation=_with_rotations(validation, "validation" in rotated),
+        meta_test=_with_rotations(meta_test, "meta_test" in rotated),
     )
