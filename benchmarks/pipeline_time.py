@@ -40,10 +40,11 @@ SCALE = 1e-3  # simulated seconds per real second
 def work_seconds(project: Path, stage: str, args: argparse.Namespace) -> float:
     """Seconds of work (beyond start-up) of `stage`, from the committed metrics."""
     kind, _, name = stage.partition("@")
+    experiment, _, seed = name.rpartition("-")  # train_rl@<name>-<seed>: a seed's run
     files = {
         "train": (f"metrics/train/{name}.json", "training_seconds"),
         "evaluate": (f"metrics/eval/{name}.json", "evaluation_seconds"),
-        "train_rl": (f"metrics/train_rl/{name}.json", "training_seconds"),
+        "train_rl": (f"metrics/train_rl/{experiment}-s{seed}.json", "training_seconds"),
         "prefetch": ("metrics/prefetch.json", "seconds"),
     }
     if kind == "pretrain":

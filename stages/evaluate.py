@@ -1,4 +1,6 @@
-"""Stage `evaluate@<experiment>`: held-out accuracy of one trained model.
+"""Stage `evaluate@<experiment>`: held-out accuracy of one trained model; with ``--seed S``
+(stage `evaluate_seed@<experiment>-s<S>`) the model of that extra training seed. Every run
+is scored on the same tasks. Below, <name> is the run: <experiment> or <experiment>-s<S>.
 
 Loads models/<name>.pt through the public learner API (`metalab.load_learner`) and scores
 it on the fixed meta-test episode sets data/episodes/<setting>.npz, before and after
@@ -30,22 +32,31 @@ from metalab.layout import (
     model_file,
     train_metrics_file,
 )
-from metalab.params import Params, load_params
+from metalab.params import Params, load_params, run_name
 from metalab.tracking import memory_figures, stage_run
 
 
 def main(args, params: Params) -> None:
-    name = args.experiment
-    experiment = params.experiment(name)
+    experiment_name = args.experiment
+    # a namespace built by hand (tests, tools) may leave --seed out: the own run
+    seed = getattr(args, "seed", None)
+    experiment = params.experiment(experiment_name)
+    name = run_name(experiment_name, seed)
     settings = params.evaluation_settings()
     device = resolve_device()
     # train.threads: the thread count changes some learners' numbers (tests/test_threads.py)
-    configure(device, params.train_config(name).threads)
+    configure(device, params.train_config(experiment_name).threads)
     learner = load_learner(model_file(name), device=device)
     arrays = load_prefetched(PREFETCHED_FILE)
     episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
     parent_run = train_run_id(train_metrics_file(name))
-    tags = {"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "evaluate"}
+    tags = {
+        "experiment": experiment_name,
+        "algorithm": experiment.algorithm,
+        "stage_kind": "evaluate",
+    }
+    if seed is not None:  # the own run's seed is in its train summary
+        tags["seed"] = str(seed)
     if parent_run:
         # The UI nests this run under its training run; the tag also makes it searchable.
         tags.update({"train_run_id": parent_run, "mlflow.parentRunId": parent_run})
@@ -55,8 +66,9 @@ def main(args, params: Params) -> None:
         "episodes": {"settings": params.episodes.settings, "seed": params.episodes.seed},
         "model": {"algorithm": learner.algorithm, "n_way": learner.n_way},
     }
+    stage = f"evaluate@{name}" if seed is None else f"evaluate_seed@{name}"
     with stage_run(
-        f"evaluate@{name}", logged, params.tracking, tags=tags, device=device, system_metrics=True
+        stage, logged, params.tracking, tags=tags, device=device, system_metrics=True
     ) as run:
         evaluation = evaluate_learner(
             learner,
@@ -65,9 +77,10 @@ def main(args, params: Params) -> None:
             steps=params.evaluate.adaptation_steps,
             seed=params.episodes.seed,
             progress=not args.no_progress,
-            experiment=name,
+            experiment=experiment_name,
         )
         metrics = evaluation.record(
+            seed=seed,
             train_run_id=parent_run,
             mlflow_run_id=run.run_id,
             **asdict(device_record(device)),
@@ -94,4 +107,11 @@ def main(args, params: Params) -> None:
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("experiment", help="name of an entry under `experiments` in params.yaml")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed of an extra run (models/<experiment>-s<seed>.pt; default: the "
+        "experiment's own run)",
+    )
     run_stage(main, parser, load_params)

@@ -1,7 +1,10 @@
-"""Stage `train@<experiment>`: meta-train one named experiment of params.yaml.
+"""Stage `train@<experiment>`: meta-train one named experiment of params.yaml; with
+``--seed S`` (stage `train_seed@<experiment>-s<S>`, params.yaml `seed_runs`) the same
+experiment with training seed S in place of its train.seed.
 
-Writes models/<name>.pt (best validation weights), metrics/train/<name>.json (with its
-.info.json) and plots/train/<name>.csv; resumes from checkpoints/<name>.pt after an interruption.
+Writes models/<run>.pt (best validation weights), metrics/train/<run>.json (with its
+.info.json) and plots/train/<run>.csv, <run> = <experiment> without --seed and
+<experiment>-s<S> with it; resumes from checkpoints/<run>.pt after an interruption.
 
 Under ``torchrun --nproc_per_node=N stages/train.py <name>`` the meta-batch is split across
 the N processes (`metalab.distributed`); only rank 0 logs to MLflow and writes files.
@@ -45,14 +48,25 @@ def downloaded_archives() -> dict:
 
 
 def main(args, params: Params) -> None:
-    name = args.experiment
+    experiment_name = args.experiment
+    # a namespace built by hand (tests, tools) may leave --seed out: the own run
+    extra_seed = getattr(args, "seed", None)
+    # name: the run (its files, checkpoint and model); params hold it as an experiment
+    name, params = params.seeded(experiment_name, extra_seed)
     experiment = params.experiment(name)
+    seed = params.train_config(name).seed
     logged = {
         "experiment": experiment.model_dump(exclude={"train"}),
         "train": params.train_config(name).model_dump(),
         "data": {"split": params.data.split.model_dump()},
     }
-    tags = {"experiment": name, "algorithm": experiment.algorithm, "stage_kind": "train"}
+    tags = {
+        "experiment": experiment_name,
+        "seed": str(seed),
+        "algorithm": experiment.algorithm,
+        "stage_kind": "train",
+    }
+    stage = f"train@{name}" if extra_seed is None else f"train_seed@{name}"
     rank = environment_context()
     device = resolve_device(local_rank=rank.local_rank)
     configure(device, threads_per_process(params.train_config(name).threads, rank))
@@ -62,7 +76,7 @@ def main(args, params: Params) -> None:
         logged["data"]["image_size"] = arrays.image_size
         tags["processes"] = distributed.world_size
         with stage_run(
-            f"train@{name}",
+            stage,
             logged,
             params.tracking,
             tags=tags,
@@ -87,7 +101,8 @@ def main(args, params: Params) -> None:
             if not distributed.is_main:
                 return  # rank 0 holds the same weights and writes everything
             summary = TrainSummary(
-                **result.summary,
+                **{**result.summary, "experiment": experiment_name},
+                seed=seed,
                 **asdict(device_record(device)),
                 **memory_figures(device),
                 mlflow_run_id=run.run_id,
@@ -120,4 +135,10 @@ def main(args, params: Params) -> None:
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("experiment", help="name of an entry under `experiments` in params.yaml")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed of an extra run (default: the experiment's own run, its train.seed)",
+    )
     run_stage(main, parser, load_params)

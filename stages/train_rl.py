@@ -1,7 +1,9 @@
-"""Stage `train_rl@<name>`: meta-train one named RL experiment (`rl_experiments.<name>`).
+"""Stage `train_rl@<name>-<seed>`: meta-train one named RL experiment
+(`rl_experiments.<name>`) with one training seed (`--seed`, from dvc.yaml's seed matrix).
 
-Writes models/rl/<name>.pt, metrics/train_rl/<name>.json (with its .info.json) and
-plots/train_rl/<name>.csv; resumes from checkpoints/rl/<name>.pt after an interruption.
+Writes models/rl/<run>.pt, metrics/train_rl/<run>.json (with its .info.json) and
+plots/train_rl/<run>.csv, <run> = <name>-s<seed> (<name> without --seed); resumes from
+checkpoints/rl/<run>.pt after an interruption.
 Computes on ``METALAB_DEVICE`` (default: the GPU if there is one) with the experiment's
 ``num_threads``; model and checkpoint files hold CPU tensors whatever the device.
 """
@@ -23,15 +25,26 @@ from metalab.layout import (
     rl_train_metrics_file,
 )
 from metalab.records import RLTrainSummary
-from metalab.rl.config import RLParams, load_rl_params
+from metalab.rl.config import (
+    RLParams,
+    dvc_stage_key,
+    load_rl_params,
+    run_name,
+    with_seed,
+)
 from metalab.rl.learners import NonFiniteLossError
 from metalab.rl.loop import save_agent, train_rl
 from metalab.tracking import memory_figures, stage_run
 
 
 def main(args, params: RLParams) -> None:
-    name = args.experiment
-    config = params.rl_experiment(name)
+    experiment = args.experiment
+    config = params.rl_experiment(experiment)
+    try:
+        config = with_seed(config, experiment, args.seed)
+    except ValueError as error:
+        raise StageError(str(error)) from None
+    name = run_name(experiment, args.seed)
     device = resolve_device()
     threads = config.num_threads  # a param: the thread count may change the numbers
     configure(device, threads)
@@ -41,10 +54,20 @@ def main(args, params: RLParams) -> None:
     state = checkpoint.load()
     if state is not None:
         print(f"resuming {name} from iteration {state['iteration']}")
-    tags = {"experiment": name, "algorithm": config.algorithm, "stage_kind": "train_rl"}
+    tags = {
+        "experiment": experiment,
+        "seed": str(config.seed),
+        "algorithm": config.algorithm,
+        "stage_kind": "train_rl",
+    }
     logged = {"rl_experiment": config.model_dump()}
     with stage_run(
-        f"train_rl@{name}", logged, params.tracking, tags=tags, device=device, system_metrics=True
+        f"train_rl@{dvc_stage_key(experiment, args.seed)}",
+        logged,
+        params.tracking,
+        tags=tags,
+        device=device,
+        system_metrics=True,
     ) as run:
 
         def save_checkpoint(iteration: int, trainer_state: dict) -> None:
@@ -62,12 +85,13 @@ def main(args, params: RLParams) -> None:
                 threads=threads,
             )
         except NonFiniteLossError as error:
-            raise StageError(f"RL experiment {name!r}: {error}") from None
+            raise StageError(f"RL experiment {experiment!r}, seed {config.seed}: {error}") from None
         seconds = sum(1.0 / row["tasks_per_second"] for row in history) * config.meta_batch_size
         tasks = len(history) * config.meta_batch_size
         run.meter.add_tasks(tasks, seconds)
         summary = RLTrainSummary(
-            experiment=name,
+            experiment=experiment,
+            seed=config.seed,
             algorithm=config.algorithm,
             env=config.env,
             iterations=len(history),
@@ -95,5 +119,8 @@ def main(args, params: RLParams) -> None:
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("experiment", help="name of an entry under `rl_experiments`")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="training seed (default: the experiment's)"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=25, help="iterations")
     run_stage(main, parser, load_rl_params)

@@ -12,11 +12,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Library code a stage hands its whole params object to (``Trainer(name, params, ...)``).
-RECEIVERS = {"train": [ROOT / "src" / "metalab" / "training.py"]}
-# Keys of a `Params` accessor, in dvc.yaml's spelling (``${key}``: the foreach item).
+TRAINING = ROOT / "src" / "metalab" / "training.py"
+RECEIVERS = {"train": [TRAINING], "train_seed": [TRAINING]}
+# Keys of a `Params` accessor, in dvc.yaml's spelling (``${key}``: the foreach item; a stage
+# whose command names ``${item.experiment}`` spells it so, see `experiment_spelling`).
 ACCESSORS = {
     "experiment": ["experiments.${key}"],
     "train_config": ["train", "experiments.${key}"],
+    "seeded": ["train.seed", "experiments.${key}"],
     "evaluation_settings": ["evaluate.settings", "episodes.settings"],
     "rl_experiment": ["rl_experiments.${key}"],
 }
@@ -104,14 +107,26 @@ def stages() -> dict[str, dict]:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+def experiment_spelling(key: str, command: str) -> str:
+    """`key` as the stage spells its experiment: stages over seed runs (a foreach over
+    ``seed_runs`` or a matrix) name it ``${item.experiment}``, the others ``${key}``."""
+    if "${item.experiment}" in command:
+        return key.replace("${key}", "${item.experiment}")
+    return key
+
+
 @pytest.mark.parametrize("stage", sorted(stages()))
 def test_stage_declares_every_param_key_it_reads(stage):
     body = stages()[stage].get("do") or stages()[stage]
     script = ROOT / body["cmd"].split()[1]
-    declared = [str(entry) for entry in body.get("params", [])]
+    # a matrix stage names its experiment ${item.experiment} where foreach says ${key}
+    declared = [
+        str(entry).replace("${item.experiment}", "${key}") for entry in body.get("params", [])
+    ]
     read = keys_read(script)
     for receiver in RECEIVERS.get(stage, []):
         read |= keys_read(receiver)
+    read = {experiment_spelling(key, body["cmd"]) for key in read}
     missing = sorted(
         key
         for key in read

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from omniglot_fixture import expected_counts
@@ -53,6 +54,9 @@ def tiny_params(archive_dir: Path) -> dict:
             "model": {"hidden": 8},
         }
     }
+    # the project's seed runs and tuning rates name experiments replaced here
+    params["seed_runs"] = {}
+    params.get("tuning", {}).pop("rates", None)
     return params
 
 
@@ -146,6 +150,8 @@ EXPERIMENTS = {
     # starts from the pretrain stage's body (same network as `pretrain.model`)
     "protonets": {"algorithm": "protonets", "body_init": "models/pretrain", "model": {"hidden": 4}},
 }
+# one extra training seed (stages train_seed@maml-s1, evaluate_seed@maml-s1)
+SEED_RUNS = {"maml-s1": {"experiment": "maml", "seed": 1, "body_init": "src/metalab/models"}}
 # report depends on metrics/train_rl and metrics/eval_rl, which only the RL stages create:
 # with `rl_experiments: {}` `dvc repro` fails at report (reported), so one tiny RL run.
 RL_EXPERIMENTS = {
@@ -163,13 +169,20 @@ RL_EXPERIMENTS = {
         "num_threads": 1,
     }
 }
+RL_SEEDS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train_rl"]["matrix"]["seed"]
 PIPELINE_STAGES = {
     "download",
     "prefetch",
     "episodes",
     "pretrain",
     *(f"{stage}@{name}" for stage in ("train", "evaluate") for name in EXPERIMENTS),
-    *(f"{stage}@{name}" for stage in ("train_rl", "evaluate_rl") for name in RL_EXPERIMENTS),
+    *(
+        f"{stage}@{name}-{seed}"
+        for stage in ("train_rl", "evaluate_rl")
+        for name in RL_EXPERIMENTS
+        for seed in RL_SEEDS
+    ),
+    *(f"{stage}@{name}" for stage in ("train_seed", "evaluate_seed") for name in SEED_RUNS),
     "report",
 }
 
@@ -192,6 +205,7 @@ def pipeline_params(archive_dir: Path) -> dict:
         log_every=1,
     )
     params["experiments"] = EXPERIMENTS
+    params["seed_runs"] = SEED_RUNS
     params["rl_experiments"] = RL_EXPERIMENTS
     params["evaluate"].update(settings=None, adaptation_steps=None, max_episodes=None)
     params["report"].update(sort_by="5w1s", pairs=[["maml", "protonets"]])
@@ -226,14 +240,22 @@ def test_full_pipeline_repro_then_nothing_to_do(repo, tiny_omniglot_dir):
     maml_steps = json.loads((repo / "metrics" / "eval" / "maml.json").read_text())
     assert maml_steps["settings"]["5w1s"]["adaptation_steps"] == 2
     for name in RL_EXPERIMENTS:
-        assert (repo / "models" / "rl" / f"{name}.pt").is_file()
-        assert (repo / "metrics" / "eval_rl" / f"{name}.json").is_file()
+        for seed in RL_SEEDS:
+            assert (repo / "models" / "rl" / f"{name}-s{seed}.pt").is_file()
+            assert (repo / "metrics" / "eval_rl" / f"{name}-s{seed}.json").is_file()
     report = (repo / "reports" / "comparison.md").read_text()
     assert all(name in report for name in EXPERIMENTS), report
+    # The extra seed: its own files, recorded as a run of maml, aggregated into maml's row.
+    seeded = TrainSummary.read(repo / "metrics" / "train" / "maml-s1.json")
+    assert (seeded.experiment, seeded.seed) == ("maml", 1)
+    assert (repo / "models" / "maml-s1.pt").is_file()
+    table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("experiment")
+    assert "maml-s1" not in table.index and table.loc["maml", "5w1s_seeds"] == 2
     # Every file DVC shows as a metric holds numbers only; the text is in the info files.
     [workspace] = json.loads(dvc(repo, "metrics", "show", "--json")).values()  # one revision
     shown = workspace["data"]
-    assert len(shown) == 3 + 2 * (len(EXPERIMENTS) + len(RL_EXPERIMENTS)), sorted(shown)
+    runs = len(EXPERIMENTS) + len(RL_EXPERIMENTS) * len(RL_SEEDS) + len(SEED_RUNS)
+    assert len(shown) == 3 + 2 * runs, sorted(shown)
     for path, content in shown.items():
         assert "error" not in content and numbers_only(content["data"]), (path, content)
         assert info_path(repo / path).is_file() == (path != "metrics/prefetch.json")
@@ -255,4 +277,9 @@ def test_full_pipeline_repro_then_nothing_to_do(repo, tiny_omniglot_dir):
     assert stages_run(third) == {"pretrain", "train@protonets", "evaluate@protonets", "report"}, (
         third
     )
+    # Another seed for maml runs that seed's stages and the report, nothing else.
+    params["seed_runs"]["maml-s2"] = {**SEED_RUNS["maml-s1"], "seed": 2}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = dvc(repo, "repro")
+    assert stages_run(fourth) == {"train_seed@maml-s2", "evaluate_seed@maml-s2", "report"}, fourth
     print(f"full pipeline: first dvc repro {seconds:.1f} s")

@@ -40,10 +40,11 @@ OVERLAYS = {
     "validation_accuracy": ("experiments", "plots/train", "validation_accuracy"),
     "rl_post_adaptation_return": ("rl_experiments", "plots/train_rl", "post_adaptation_return"),
 }
-# (train stage, foreach mapping, the curve it writes)
+# (train stage, foreach / matrix mapping, the curve it writes); train_rl is a matrix of
+# the RL experiments and the training seeds
 CURVE_STAGES = [
     ("train", "experiments", "plots/train/${key}.csv"),
-    ("train_rl", "rl_experiments", "plots/train_rl/${key}.csv"),
+    ("train_rl", "rl_experiments", "plots/train_rl/${item.experiment}-s${item.seed}.csv"),
 ]
 
 
@@ -136,8 +137,12 @@ def test_dvc_yaml_declares_every_curve_at_most_once():
 @pytest.mark.parametrize("stage, mapping, curve", CURVE_STAGES)
 def test_curves_stay_uncached_outputs_of_their_train_stage(stage, mapping, curve):
     body = load_yaml("dvc.yaml")["stages"][stage]
-    assert body["foreach"] == "${" + mapping + "}"
-    outputs = dict(_entries(body["do"].get("outs")) + _entries(body["do"].get("plots")))
+    if "matrix" in body:
+        assert body["matrix"]["experiment"] == "${" + mapping + "}"
+    else:
+        assert body["foreach"] == "${" + mapping + "}"
+        body = body["do"]
+    outputs = dict(_entries(body.get("outs")) + _entries(body.get("plots")))
     assert curve in outputs, f"stage {stage} does not declare {curve}"
     assert outputs[curve].get("cache") is False, f"{curve} should be `cache: false`"
 
@@ -151,10 +156,14 @@ def test_top_level_overlay_lists_every_configured_experiment(plot_id):
     names = list(load_yaml("params.yaml")[mapping])
 
     assert definition["x"] == "iteration"
-    expected = {f"{directory}/{name}.csv": column for name in names}
+    runs = names
+    if mapping == "rl_experiments":  # one curve per experiment and training seed
+        seeds = load_yaml("dvc.yaml")["stages"]["train_rl"]["matrix"]["seed"]
+        runs = [f"{name}-s{seed}" for name in names for seed in seeds]
+    expected = {f"{directory}/{run}.csv": column for run in runs}
     assert definition["y"] == expected, (
         f"top-level plot {plot_id!r} must overlay exactly the `{mapping}` of params.yaml "
-        f"(one line `{directory}/<name>.csv: {column}` each)"
+        f"(one line `{directory}/<name>.csv: {column}` each, <name>-s<seed> for RL)"
     )
     for path in expected:  # the committed curves have the column drawn
         if (ROOT / path).is_file():

@@ -105,8 +105,8 @@ def test_committed_files_read_as_typed_attributes():
     maml = EvaluationMetrics.read(METRICS / "eval" / "maml.json")
     assert maml.settings["5w1s"].n_way == 5 and maml.settings["5w1s"].adaptation_steps == 3
     assert TrainSummary.read(METRICS / "train" / "maml.json").mlflow_run_id == maml.train_run_id
-    rl = RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl.json")
-    assert rl.adaptation_steps == [0, 1, 2, 3]
+    rl = RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl-s0.json")
+    assert rl.adaptation_steps == [0, 1, 2, 3] and rl.seed == 0
     assert rl.returns[0].mean_return < rl.returns[1].mean_return
     assert set(DataMetrics.read(METRICS / "data.json").archives) == {
         "images_background",
@@ -277,7 +277,7 @@ def test_missing_files_and_rl_step_key_errors_name_the_file_and_key(tmp_path):
         == f"{info_path(alone)}: missing (the text of the train summary alone.json)"
     )
     path = tmp_path / "rl.json"
-    RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl.json").write(path)
+    RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl-s0.json").write(path)
     content = json.loads(path.read_text())
     content["after_2_steps"]["std"] = "wide"
     content["after_02_steps"] = content["after_1_steps"]  # not how the stage spells 2
@@ -303,8 +303,8 @@ def test_unknown_numbers_are_null_and_required_numbers_must_be_finite():
 DEVICE_SCHEMAS = {
     "train/maml.json": TrainSummary,
     "eval/maml.json": EvaluationMetrics,
-    "train_rl/maml_rl.json": RLTrainSummary,
-    "eval_rl/maml_rl.json": RLEvaluationMetrics,
+    "train_rl/maml_rl-s0.json": RLTrainSummary,
+    "eval_rl/maml_rl-s0.json": RLEvaluationMetrics,
 }
 GPU_RUN = {
     "peak_memory_mb": 2100.0,
@@ -321,8 +321,8 @@ GPU_RUN = {
 @pytest.mark.parametrize("file", DEVICE_SCHEMAS)
 def test_summaries_record_the_device_and_gpu_peaks_of_a_gpu_run(file):
     schema = DEVICE_SCHEMAS[file]
-    before = committed(file)
-    assert not DEVICE_FIELDS & set(before)  # written before the fields existed
+    # as written before the device fields existed (the RL files are newer)
+    before = {key: value for key, value in committed(file).items() if key not in DEVICE_FIELDS}
     record = schema.from_json_text(json.dumps({**before, **GPU_RUN}))
 
     data = record.to_dict()
@@ -494,14 +494,14 @@ def test_rl_report_with_five_adaptation_steps(tmp_path):
     assert list(maml.index) == [0, 1, 2, 3, 4, 5] and maml.loc[5, "mean_return"] == -35.0
     text = rl_markdown(results)
     assert (
-        "| experiment | env | before | after 1 step | after 2 steps | after 3 steps "
-        "| after 4 steps | after 5 steps | gain (1 step) | training | tasks/s | peak MB |"
+        "| experiment | env | seeds | before | after 1 step | after 2 steps | after 3 steps "
+        "| after 4 steps | after 5 steps | gain (at steps) | training | tasks/s | peak MB |"
     ) in text
     assert (
-        "| maml_rl | navigation_2d | -40.00 ± 0.50 | -39.00 ± 0.50 | -38.00 ± 0.50 "
-        "| -37.00 ± 0.50 | -36.00 ± 0.50 | -35.00 ± 0.50 | +1.00 | 30.0 s | 8.0 | 900 |"
+        "| maml_rl | navigation_2d | 1 | -40.00 ± 0.50 | -39.00 ± 0.50 | -38.00 ± 0.50 "
+        "| -37.00 ± 0.50 | -36.00 ± 0.50 | -35.00 ± 0.50 | +1.00 (1) | 30.0 s | 8.0 | 900 |"
     ) in text
-    assert "| -47.00 ± 0.50 | - | -45.00 ± 0.50 | +1.00 | - | - | - |" in text
+    assert "| -47.00 ± 0.50 | - | -45.00 ± 0.50 | +1.00 (1) | - | - | - |" in text
     path = plot_rl_adaptation(results, tmp_path / "rl.png")
     assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 10_000
 
@@ -511,8 +511,8 @@ def test_rl_gain_column_follows_the_fewest_evaluated_steps(tmp_path):
         tmp_path / "eval_rl" / "reptile_rl.json"
     )
     text = rl_markdown(rl_results(tmp_path))
-    assert "| before | after 2 steps | after 4 steps | gain (2 steps) |" in text
-    assert "| 10.00 ± 0.50 | 12.00 ± 0.50 | 14.00 ± 0.50 | +2.00 |" in text
+    assert "| before | after 2 steps | after 4 steps | gain (at steps) |" in text
+    assert "| 10.00 ± 0.50 | 12.00 ± 0.50 | 14.00 ± 0.50 | +2.00 (2) |" in text
 
 
 def test_report_notes_invalid_metrics_files_instead_of_failing(tmp_path):
@@ -537,8 +537,8 @@ def test_report_notes_invalid_metrics_files_instead_of_failing(tmp_path):
 
 
 def test_rl_evaluation_references_round_trip_and_report_their_file_keys(tmp_path):
-    committed = RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl.json")
-    assert committed.references == {} and committed.trained_steps is None
+    committed = RLEvaluationMetrics.read(METRICS / "eval_rl" / "maml_rl-s0.json")
+    committed = committed.model_copy(update={"references": {}, "trained_steps": None})
     extended = committed.model_copy(
         update={
             "trained_steps": 1,

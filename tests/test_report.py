@@ -234,13 +234,15 @@ def test_plots_are_valid_pngs(project):
     names = sorted(path.name for path in files.plots)
     assert names == [
         "accuracy.png",
+        "budget.png",
         "pareto.png",
         "rl_adaptation.png",
         "speed_memory.png",
         "training_loss.png",
     ]
-    # No RL metrics in this project: the RL figure says so instead (tested in test_report_rl).
-    for path in (p for p in files.plots if p.name != "rl_adaptation.png"):
+    # No RL metrics and no validation curves in this project: those figures say so instead
+    # (tested in test_report_rl and test_report_seeds).
+    for path in (p for p in files.plots if p.name not in ("rl_adaptation.png", "budget.png")):
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE), path
         assert len(data) > 15_000, path

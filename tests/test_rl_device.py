@@ -384,7 +384,7 @@ def _project(directory: Path, monkeypatch: pytest.MonkeyPatch) -> RLParams:
 
 
 def _stage_args() -> argparse.Namespace:
-    return argparse.Namespace(experiment="nav", checkpoint_every=0, no_progress=True)
+    return argparse.Namespace(experiment="nav", seed=None, checkpoint_every=0, no_progress=True)
 
 
 def _run_stage_recording_tags(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +72,55 @@ def test_unknown_rl_experiment_is_a_params_error(tmp_path):
     result = run("train_rl", "missing", tmp_path)
     assert result.returncode == 2
     assert "no RL experiment named 'missing'" in result.stderr
+
+
+def test_seed_stages_write_one_run_each_and_the_report_aggregates_them(tmp_path):
+    from metalab.report.rl import rl_results
+
+    tiny = dict(
+        algorithm="maml_rl",
+        iterations=2,
+        meta_batch_size=2,
+        trajectories_per_task=3,
+        horizon=6,
+        hidden_size=4,
+        eval_tasks=3,
+        eval_trajectories_per_task=3,
+        eval_adaptation_steps=[1],
+    )
+    params = {"tracking": {"enabled": False}, "rl_experiments": {"nav": tiny}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for seed in ("0", "1"):
+        for stage in ("train_rl", "evaluate_rl"):
+            done = run(stage, "nav", tmp_path, "--seed", seed)
+            assert done.returncode == 0, done.stderr
+    for seed in (0, 1):
+        assert (tmp_path / "models" / "rl" / f"nav-s{seed}.pt").is_file()
+        assert (tmp_path / "plots" / "train_rl" / f"nav-s{seed}.csv").is_file()
+        trained = json.loads((tmp_path / "metrics" / "train_rl" / f"nav-s{seed}.json").read_text())
+        evaluated = json.loads((tmp_path / "metrics" / "eval_rl" / f"nav-s{seed}.json").read_text())
+        assert trained["seed"] == evaluated["seed"] == seed
+    first, second = (
+        json.loads((tmp_path / "metrics" / "eval_rl" / f"nav-s{seed}.json").read_text())
+        for seed in (0, 1)
+    )
+    # Different training seeds, the same held-out tasks: the oracle's returns agree.
+    assert first["reference_oracle"] == second["reference_oracle"]
+    assert first["after_1_steps"] != second["after_1_steps"]
+
+    results = rl_results(tmp_path / "metrics")
+    learner = results[results["policy"] == "meta_learned"].set_index("steps")
+    assert set(learner["seeds"]) == {2}
+    means = [first["after_1_steps"]["mean_return"], second["after_1_steps"]["mean_return"]]
+    assert learner.loc[1, "mean_return"] == pytest.approx(sum(means) / 2)
+    assert (learner.loc[1, "seed_min"], learner.loc[1, "seed_max"]) == (min(means), max(means))
+    assert len(results[results["policy"] == "oracle"]) == 2  # once, not once per seed
+
+
+def test_a_seed_set_in_params_and_on_the_command_line_is_refused(tmp_path):
+    params = {"tracking": {"enabled": False}, "rl_experiments": {"nav": {"seed": 4}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run("train_rl", "nav", tmp_path, "--seed", "1")
+    assert result.returncode == 1
+    assert "rl_experiments.nav.seed = 4" in result.stderr
+    assert not (tmp_path / "models").exists()

@@ -318,6 +318,8 @@ def test_pretrain_stage_trains_only_on_meta_train_characters(arrays, tmp_path, m
 
     def recording_pretrain_body(model_config, images, labels, **kwargs):
         seen.update(images=images, labels=labels)
+        seen.update(held_out=kwargs["validation_images"], held_labels=kwargs["validation_labels"])
+        kwargs.update(validation_images=None, validation_labels=None)
         return pretrain.pretrain_body(model_config, images[:8], labels[:8], **kwargs)
 
     monkeypatch.setattr(stage, "load_prefetched", lambda path: coded)
@@ -332,5 +334,13 @@ def test_pretrain_stage_trains_only_on_meta_train_characters(arrays, tmp_path, m
     )
     stage.main(argparse.Namespace(no_progress=True), params)
     split = make_split(coded.character_origin, params.data.split)
-    assert_all_and_only_meta_train_drawings(seen["images"], seen["labels"], coded, split)
+    # Training and held-out drawings together: every drawing of the meta-train characters
+    # once (so the two are disjoint), one label per character across both.
+    assert seen["held_out"].shape[0] > 0
+    assert_all_and_only_meta_train_drawings(
+        torch.cat([seen["images"], seen["held_out"]]),
+        torch.cat([seen["labels"], seen["held_labels"]]),
+        coded,
+        split,
+    )
     assert (tmp_path / "models" / "pretrain" / "body.pt").is_file()

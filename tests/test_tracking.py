@@ -169,7 +169,7 @@ def test_download_stage_logs_the_archives_it_fetched(store, tmp_path, tiny_omnig
         assert json.loads(dataset.source) == {"uri": str(tiny_omniglot_dir / f"{name}.zip")}
 
 
-def test_pretraining_logs_loss_and_accuracy_per_epoch_without_changing_weights(store):
+def test_pretraining_logs_its_curve_without_changing_weights(store):
     generator = torch.Generator().manual_seed(0)
     images = (torch.rand(48, 28, 28, generator=generator) * 255).to(torch.uint8)
     labels = torch.arange(4).repeat_interleave(12)
@@ -177,14 +177,14 @@ def test_pretraining_logs_loss_and_accuracy_per_epoch_without_changing_weights(s
     plain = pretrain_body(ModelConfig(hidden=8), images, labels, **settings)
     with stage_run("pretrain", {}, UNIT) as run:
         logged = pretrain_body(
-            ModelConfig(hidden=8), images, labels, **settings, on_epoch=run.log_metrics
+            ModelConfig(hidden=8), images, labels, **settings, on_log=run.log_metrics
         )
     assert plain.keys() == logged.keys()
     assert all(torch.equal(plain[key], logged[key]) for key in plain)
     client = MlflowClient(store)
-    for key in ("loss", "accuracy"):
+    for key in ("loss", "accuracy", "epoch"):  # once per epoch, step = optimizer steps
         curve = client.get_metric_history(run.run_id, key)
-        assert [point.step for point in curve] == [0, 1, 2], key
+        assert [point.step for point in curve] == [3, 6, 9], key
     assert all(0 <= p.value <= 1 for p in client.get_metric_history(run.run_id, "accuracy"))
     assert all(p.value > 0 for p in client.get_metric_history(run.run_id, "loss"))
 
@@ -207,8 +207,10 @@ def test_pretrain_stage_logs_its_curves(store, tmp_path, tiny_prefetched_28):
     assert result.returncode == 0, result.stderr[-2000:]
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
-    for key in ("loss", "accuracy"):
-        assert [p.step for p in client.get_metric_history(run.info.run_id, key)] == [0, 1]
+    # 15 meta-train characters x 18 drawings (2 held out): 5 batches per epoch, 4 curve rows
+    for key in ("loss", "accuracy", "validation_loss", "validation_accuracy"):
+        steps = [p.step for p in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [2, 3, 4, 5, 7, 8, 9, 10], key
 
 
 def test_flatten_nested_params():

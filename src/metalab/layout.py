@@ -22,6 +22,8 @@ REPORTS_DIR = Path("reports")
 DATA_METRICS_FILE = METRICS_DIR / "data.json"
 PREFETCH_METRICS_FILE = METRICS_DIR / "prefetch.json"
 EPISODES_METRICS_FILE = METRICS_DIR / "episodes.json"
+PRETRAIN_METRICS_FILE = METRICS_DIR / "pretrain.json"
+PRETRAIN_CURVE_FILE = PLOTS_DIR / "pretrain.csv"
 
 
 def episode_set_file(setting: str, directory: Path = EPISODES_DIR) -> Path:

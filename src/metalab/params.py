@@ -10,7 +10,8 @@ Each section's schema lives beside the code that reads it and is only assembled 
 - ``tracking``: `metalab.schema`
 
 The sections that belong to the pipeline as a whole (the shared ``train`` defaults and an
-experiment's overrides, ``evaluate``, ``report``) are defined here. Stages that read only a
+experiment's overrides, ``evaluate``, ``report``, ``seed_runs``: extra training seeds) are
+defined here. Stages that read only a
 few sections load just those (`metalab.data.config.load_data_params`,
 `metalab.rl.config.load_rl_params`, `metalab.algorithms.pretrain.load_pretrain_params`).
 
@@ -71,6 +72,7 @@ __all__ = [
     "ParamsError",
     "PretrainConfig",
     "ReportConfig",
+    "SeedRunConfig",
     "TrainConfig",
     "load_params",
     "validate_params",
@@ -230,6 +232,26 @@ class TuningConfig(Strict):
     )
 
 
+# ---------------------------------------------------------------------- seed runs
+def run_name(experiment: str, seed: int | None) -> str:
+    """What a training run's files are called: the experiment's own run ``<experiment>``
+    (seed None), an extra training seed ``<experiment>-s<seed>`` (as the RL runs)."""
+    return experiment if seed is None else f"{experiment}-s{seed}"
+
+
+class SeedRunConfig(Strict):
+    """``seed_runs.<experiment>-s<seed>``: one more training run of an experiment, with
+    the experiment's settings and ``train.seed`` = `seed` (stages train_seed@<key> and
+    evaluate_seed@<key>; files <experiment>-s<seed>)."""
+
+    experiment: ExperimentName
+    seed: int = Field(ge=0, description="training seed, other than the experiment's own")
+    body_init: str = Field(
+        description="the experiment's body_init, repeated: dvc.yaml makes it the stage's "
+        "dependency and cannot look it up in the experiment's entry"
+    )
+
+
 class Params(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     episodes: EpisodesConfig = Field(default_factory=EpisodesConfig)
@@ -241,6 +263,10 @@ class Params(Strict):
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    seed_runs: dict[ExperimentName, SeedRunConfig] = Field(
+        default_factory=dict,
+        description="extra training seeds, one entry (<experiment>-s<seed>) per run",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
@@ -272,6 +298,8 @@ class Params(Strict):
                     pair,
                     f"no experiment named {', '.join(unknown)}; known: {known}",
                 )
+        for key, run in self.seed_runs.items():
+            self._check_seed_run(key, run)
         evaluated = self.evaluation_settings()
         if self.report.sort_by not in evaluated:
             if "sort_by" in self.report.model_fields_set:
@@ -313,8 +341,55 @@ class Params(Strict):
                         f"split has {classes[part]} (data.split, data.expected)",
                     )
 
+    def _check_seed_run(self, key: str, run: SeedRunConfig) -> None:
+        """A seed run names a configured experiment, is keyed by its files' name and
+        trains with a seed the experiment's own run does not use."""
+        where = ("seed_runs", key)
+        if run.experiment not in self.experiments:
+            known = ", ".join(sorted(self.experiments)) or "none"
+            raise field_error(
+                (*where, "experiment"), run.experiment, f"no such experiment; known: {known}"
+            )
+        expected = run_name(run.experiment, run.seed)
+        if key != expected:
+            raise field_error(where, key, f"a seed run is keyed <experiment>-s<seed>: {expected}")
+        if key in self.experiments:
+            raise field_error(where, key, "also an experiment's name (their files would clash)")
+        body_init = self.experiments[run.experiment].body_init
+        if Path(run.body_init).as_posix() != body_init:
+            raise field_error(
+                (*where, "body_init"), run.body_init, f"must be {run.experiment}'s: {body_init}"
+            )
+        own = self.train_config(run.experiment).seed
+        if run.seed == own:
+            raise field_error(
+                (*where, "seed"),
+                run.seed,
+                f"the seed of {run.experiment}'s own run (train.seed); list other seeds",
+            )
+
     def experiment(self, name: str) -> ExperimentConfig:
         return named_entry(self.experiments, name, "experiment")
+
+    def seeded(self, name: str, seed: int | None) -> tuple[str, Params]:
+        """(run name, params) of experiment `name` trained with `seed` (None: as
+        configured): the params hold the run as an experiment of its own whose
+        ``train.seed`` is `seed`, so the train loop, its checkpoint and its model file
+        take the run's name. A seed equal to the experiment's own is refused (that run
+        is the experiment's own, under its name)."""
+        experiment = self.experiment(name)
+        if seed is None:
+            return name, self
+        own = self.train_config(name).seed
+        if seed == own:
+            raise ParamsError(
+                f"--seed {seed}: experiments.{name} already trains with seed {own} "
+                "(its own run); omit --seed for it"
+            )
+        train = experiment.train.model_copy(update={"seed": seed})
+        run = run_name(name, seed)
+        experiments = {**self.experiments, run: experiment.model_copy(update={"train": train})}
+        return run, self.model_copy(update={"experiments": experiments})
 
     def evaluation_settings(self) -> list[str]:
         """`evaluate.settings`, or all of `episodes.settings` when null (that every listed

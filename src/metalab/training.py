@@ -292,6 +292,9 @@ class Trainer:
             "loss": stats.loss,
             "accuracy": stats.accuracy,
             "lr": base_lr,
+            # busy seconds of the loop up to this step (validation excluded, as the summary's
+            # training_seconds): the x of the budget curves (plots/budget.png)
+            "seconds": self.busy_seconds,
         }
         record.update(stats.extra or {})
         return record

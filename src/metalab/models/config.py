@@ -35,7 +35,24 @@ class PretrainConfig(BaseModel):
         None,
         ge=1,
         le=20,
-        description="train on the first N drawings of each meta-train class (null = all)",
+        description="train on the first N drawings of each meta-train class (null = all "
+        "that are not held out)",
+    )
+    validation_drawings: int = Field(
+        2,
+        ge=0,
+        le=19,
+        description="the last N drawings of each meta-train character, held out to measure "
+        "the validation curve (0 = none)",
+    )
+    evaluations_per_epoch: int = Field(
+        4, ge=1, le=100, description="rows of the validation curve per epoch"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward passes under bf16 autocast (pays off with AMX)"
+    )
+    channels_last: bool = Field(
+        False, description="channels-last memory format for the weights and inputs"
     )
     threads: int = Field(
         2,

@@ -12,6 +12,8 @@ metrics file                    schema                written by             inf
 metrics/data.json               `DataMetrics`         stages/download.py     sources, sha256
 metrics/prefetch.json           `PrefetchMetrics`     stages/prefetch.py     (no info file)
 metrics/episodes.json           `EpisodesMetrics`     stages/episodes.py     protocol, set paths
+metrics/pretrain.json           `PretrainMetrics`     stages/pretrain.py     network, precision,
+                                                                             device, run id
 metrics/train/<name>.json       `TrainSummary`        stages/train.py        names, precision,
                                                                              device, run id
 metrics/eval/<name>.json        `EvaluationMetrics`   stages/evaluate.py     names, episode set
@@ -72,6 +74,7 @@ from metalab.records.data import (
     PrefetchMetrics,
     SplitPartCounts,
 )
+from metalab.records.pretrain import PretrainMetrics
 from metalab.records.rl import (
     BEFORE_ADAPTATION_KEY,
     META_LEARNED,
@@ -92,6 +95,7 @@ SCHEMAS: dict[str, type[MetricsFile]] = {
     "data.json": DataMetrics,
     "prefetch.json": PrefetchMetrics,
     "episodes.json": EpisodesMetrics,
+    "pretrain.json": PretrainMetrics,
     "train/*.json": TrainSummary,
     "eval/*.json": EvaluationMetrics,
     "train_rl/*.json": RLTrainSummary,
@@ -134,6 +138,7 @@ __all__ = [
     "OptionalFloat",
     "Part",
     "PrefetchMetrics",
+    "PretrainMetrics",
     "RLEvaluationMetrics",
     "RLTrainSummary",
     "SettingResult",

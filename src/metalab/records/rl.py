@@ -1,5 +1,6 @@
-"""The meta-RL track's records: metrics/train_rl/<name>.json and metrics/eval_rl/<name>.json,
-each with its info file."""
+"""The meta-RL track's records: metrics/train_rl/<run>.json and metrics/eval_rl/<run>.json,
+each with its info file; <run> is one training seed of an experiment, <name>-s<seed>
+(files written before seeds were per stage are named <name> and have no `seed`)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ class RLTrainSummary(Schema):
     """metrics/train_rl/<name>.json: one meta-RL training run."""
 
     description: ClassVar[str] = "RL train summary"
-    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS | {"seed"}
 
     experiment: str = Field(description="experiment name (params.yaml `rl_experiments` key)")
+    seed: int | None = Field(default=None, description="training seed; None if not recorded")
     algorithm: str = Field(description="meta-RL algorithm")
     env: str = Field(description="environment family")
     iterations: int = Field(description="meta-iterations done")
@@ -105,9 +107,13 @@ class RLEvaluationMetrics(Schema):
         "trained_steps",
         "trajectories_per_task",
         "eval_step_schedule",
+        "seed",
     }
 
     experiment: str = Field(description="experiment name")
+    seed: int | None = Field(
+        default=None, description="training seed of the evaluated policy; None if not recorded"
+    )
     algorithm: str = Field(description="meta-RL algorithm")
     env: str = Field(description="environment family")
     num_tasks: int = Field(description="held-out tasks evaluated")

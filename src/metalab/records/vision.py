@@ -1,5 +1,6 @@
-"""The vision track's records: metrics/train/<name>.json and metrics/eval/<name>.json, each
-with its info file."""
+"""The vision track's records: metrics/train/<run>.json and metrics/eval/<run>.json, each
+with its info file. <run> is the experiment's name for its own run and <name>-s<seed> for
+an extra training seed (params.yaml `seed_runs`); `seed` says which."""
 
 from __future__ import annotations
 
@@ -27,9 +28,14 @@ class TrainSummary(Schema):
     peak memory and MLflow run id."""
 
     description: ClassVar[str] = "train summary"
-    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS | {"seed"}
 
     experiment: str = Field(description="experiment name (params.yaml `experiments` key)")
+    seed: int | None = Field(
+        default=None,
+        description="training seed; None in files written before it was recorded (then "
+        "the experiment's train.seed)",
+    )
     algorithm: str = Field(description="meta-learning algorithm")
     iterations: int = Field(description="meta-iterations done")
     tasks: int = Field(description="meta-training tasks seen (iterations x meta-batch size)")
@@ -103,9 +109,12 @@ class EvaluationMetrics(Schema):
     """metrics/eval/<name>.json: `metalab.evaluation.LearnerEvaluation` summarised."""
 
     description: ClassVar[str] = "evaluation summary"
-    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS
+    omitted_when_none: ClassVar[frozenset[str]] = DEVICE_FIELDS | {"seed"}
 
     experiment: str = Field(description="experiment name")
+    seed: int | None = Field(
+        default=None, description="training seed of the evaluated model; None if not recorded"
+    )
     algorithm: str = Field(description="meta-learning algorithm")
     settings: dict[str, SettingResult] = Field(
         description="{setting: result} of every evaluated setting, in evaluation order"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from metalab.io import write_text
+from metalab.report.budget import budget_markdown, plot_budget
 from metalab.report.collect import ReportInputs, collect_inputs
 from metalab.report.plots import (
     experiment_styles,
@@ -17,6 +18,7 @@ from metalab.report.plots import (
     plot_training_loss,
 )
 from metalab.report.rl import plot_rl_adaptation, rl_markdown, rl_results
+from metalab.report.seeds import SEED_PAIR_COLUMNS, has_seed_runs, seed_pair_table
 from metalab.report.tables import (
     comparison_table,
     markdown,
@@ -73,6 +75,20 @@ def accuracy_long_table(table: pd.DataFrame, settings: list[str]) -> pd.DataFram
     return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
 
 
+def with_seed_pairs(pairs: pd.DataFrame, seed_pairs: pd.DataFrame) -> pd.DataFrame:
+    """The paired table with each pair's spread between seeds (columns ``seed_<column>``
+    of `SEED_PAIR_COLUMNS` past a, b, setting); a pair only in `seed_pairs` (two learners
+    with seeds, not in report.pairs) gets a row of its own."""
+    renamed = seed_pairs.rename(
+        columns={c: f"seed_{c}" for c in SEED_PAIR_COLUMNS if c not in ("a", "b", "setting")}
+    )
+    keys = ["a", "b", "setting"]
+    merged = pairs.merge(renamed, on=keys, how="left", sort=False)
+    known = set(map(tuple, pairs[keys].to_numpy()))
+    extra = renamed[[tuple(k) not in known for k in renamed[keys].to_numpy()]]
+    return pd.concat([merged, extra], ignore_index=True) if not extra.empty else merged
+
+
 def build_report(
     metrics_dir: str | Path,
     plots_dir: str | Path,
@@ -86,6 +102,11 @@ def build_report(
     reports/comparison.{md,csv}, reports/pairs.csv, reports/accuracy.csv, reports/rl.csv
     and the PNGs in `plots_dir`. An invalid metrics file is left out, with a note.
 
+    Files named <experiment>-s<seed> are extra training seeds of that experiment: with any,
+    comparison.csv gains per setting the seed columns (`metalab.report.seeds.SEED_FIELDS`),
+    pairs.csv the pair's spread between seeds (`SEED_PAIR_COLUMNS`, prefixed ``seed_``) and
+    comparison.md a section on both; without any, those files are as before seeds existed.
+
     `experiments` ({name: algorithm} or names) and `settings` from params.yaml are always
     shown, "-" where nothing was produced; others found on disk are added.
     """
@@ -97,6 +118,8 @@ def build_report(
     table = comparison_table(inputs, sort_by)
     pair_rows, pair_notes = paired_table(inputs, pairs)
     notes += pair_notes
+    seed_pairs = seed_pair_table(inputs, pairs) if has_seed_runs(inputs) else None
+    pairs_csv = pair_rows if seed_pairs is None else with_seed_pairs(pair_rows, seed_pairs)
     rl = rl_results(metrics_dir, notes)
     files = ReportFiles(
         markdown=reports_dir / "comparison.md",
@@ -108,11 +131,21 @@ def build_report(
     )
     write_text(
         files.markdown,
-        markdown(table, pair_rows, inputs.settings, sort_by, notes) + "\n" + rl_markdown(rl),
+        markdown(
+            table,
+            pair_rows,
+            inputs.settings,
+            sort_by,
+            notes,
+            seed_pairs=seed_pairs,
+            budget=budget_markdown(inputs),
+        )
+        + "\n"
+        + rl_markdown(rl),
     )
     write_text(reports_dir / "rl.csv", rl.to_csv(index=False))
     write_text(files.comparison_csv, table.to_csv(index=False))
-    write_text(files.pairs_csv, pair_rows.to_csv(index=False))
+    write_text(files.pairs_csv, pairs_csv.to_csv(index=False))
     write_text(files.accuracy_csv, accuracy_long_table(table, inputs.settings).to_csv(index=False))
     curves = {name: record.curve for name, record in inputs.experiments.items()}
     # one look per experiment in every figure; learner families decide the loss panels
@@ -121,6 +154,7 @@ def build_report(
     colors = {name: color for name, (color, _) in styles.items()}
     files.plots = [
         plot_training_loss(curves, plots_dir / "training_loss.png", styles, algorithms),
+        plot_budget(inputs, plots_dir / "budget.png", styles),
         plot_accuracy(table, inputs.settings, plots_dir / "accuracy.png", colors),
         plot_pareto(table, sort_by, plots_dir / "pareto.png"),
         plot_speed_memory(table, plots_dir / "speed_memory.png", colors),

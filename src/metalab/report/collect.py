@@ -3,10 +3,14 @@
 Metrics files are read through their schemas (`metalab.records`). A missing file becomes
 ``None``; an unreadable or invalid one becomes ``None`` plus a note, so the report still
 renders with "-" where a number is unknown.
+
+An experiment's extra training seeds (files <experiment>-s<seed>, params.yaml `seed_runs`)
+are not rows of their own: they are read into their experiment's `ExperimentRecord.seed_runs`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +27,8 @@ from metalab.records import (
 )
 
 EPISODES_SUFFIX = ".episodes.csv"
+#: A file name of an extra training seed: <experiment>-s<seed> (`metalab.params.run_name`).
+SEED_RUN = re.compile(r"^(?P<experiment>.+)-s(?P<seed>\d+)$")
 Record = TypeVar("Record", bound=MetricsFile)
 
 
@@ -42,6 +48,22 @@ class ExperimentRecord:
     evaluation: EvaluationMetrics | None = None
     curve: pd.DataFrame | None = None
     episodes: pd.DataFrame | None = None
+    seed_runs: list[ExperimentRecord] = field(default_factory=list)  # its extra seeds
+    file_seed: int | None = None  # the seed in an extra run's file name
+
+    @property
+    def runs(self) -> list[ExperimentRecord]:
+        """Every training run of the experiment: its own, then its extra seeds."""
+        return [self, *self.seed_runs]
+
+    @property
+    def seed(self) -> int | None:
+        """The run's training seed as recorded (train summary, evaluation, file name);
+        None for an own run written before seeds were recorded."""
+        for source in (self.train, self.evaluation):
+            if source is not None and source.seed is not None:
+                return source.seed
+        return self.file_seed
 
     @property
     def algorithm(self) -> str | None:
@@ -122,6 +144,39 @@ def _names_in(directory: Path, suffix: str) -> list[str]:
     )
 
 
+def _seed_run_names(names: list[str], configured: list[str]) -> dict[str, tuple[str, int]]:
+    """{run name: (experiment, seed)} of the names that are an extra seed of another name
+    (<experiment>-s<seed>; a configured experiment is never one)."""
+    runs = {}
+    for name in names:
+        match = SEED_RUN.match(name)
+        if name not in configured and match and match["experiment"] in names:
+            runs[name] = (match["experiment"], int(match["seed"]))
+    return runs
+
+
+def _read_run(name: str, metrics_dir: Path, plots_dir: Path, notes: list[str]) -> ExperimentRecord:
+    """One run's files (any may be missing: a note says so)."""
+    record = ExperimentRecord(
+        name=name,
+        train=read_record(TrainSummary, metrics_dir / "train" / f"{name}.json", notes),
+        evaluation=read_record(EvaluationMetrics, metrics_dir / "eval" / f"{name}.json", notes),
+        curve=_read_csv(plots_dir / "train" / f"{name}.csv", {"iteration", "loss"}, notes),
+        episodes=_read_csv(
+            metrics_dir / "eval" / f"{name}{EPISODES_SUFFIX}",
+            {"setting", "episode", "accuracy_after"},
+            notes,
+        ),
+    )
+    if record.train is None:
+        notes.append(f"{name}: no training metrics (metrics/train/{name}.json)")
+    if record.evaluation is None:
+        notes.append(f"{name}: no evaluation metrics (metrics/eval/{name}.json)")
+    for setting, reason in record.unsupported.items():
+        notes.append(f"{name}: {setting} not evaluated: {reason}")
+    return record
+
+
 def collect_inputs(
     metrics_dir: str | Path,
     plots_dir: str | Path,
@@ -146,37 +201,30 @@ def collect_inputs(
     ):
         if found not in names:
             names.append(found)
+    seed_runs = _seed_run_names(names, list(experiments or []))
     records = {}
     for name in names:
-        record = ExperimentRecord(
-            name=name,
-            configured_algorithm=configured.get(name),
-            train=read_record(TrainSummary, metrics_dir / "train" / f"{name}.json", notes),
-            evaluation=read_record(EvaluationMetrics, metrics_dir / "eval" / f"{name}.json", notes),
-            curve=_read_csv(plots_dir / "train" / f"{name}.csv", {"iteration", "loss"}, notes),
-            episodes=_read_csv(
-                metrics_dir / "eval" / f"{name}{EPISODES_SUFFIX}",
-                {"setting", "episode", "accuracy_after"},
-                notes,
-            ),
-        )
-        if record.train is None:
-            notes.append(f"{name}: no training metrics (metrics/train/{name}.json)")
-        if record.evaluation is None:
-            notes.append(f"{name}: no evaluation metrics (metrics/eval/{name}.json)")
-        for setting, reason in record.unsupported.items():
-            notes.append(f"{name}: {setting} not evaluated: {reason}")
+        if name in seed_runs:
+            continue
+        record = _read_run(name, metrics_dir, plots_dir, notes)
+        record.configured_algorithm = configured.get(name)
         records[name] = record
+    for name, (experiment, seed) in seed_runs.items():
+        run = _read_run(name, metrics_dir, plots_dir, notes)
+        run.configured_algorithm, run.file_seed = configured.get(experiment), seed
+        records[experiment].seed_runs.append(run)
+    for record in records.values():
+        record.seed_runs.sort(key=lambda run: run.file_seed)
     all_settings = list(settings or [])
     for record in records.values():
         evaluated = record.evaluation.settings if record.evaluation is not None else {}
         for setting in evaluated:
             if setting not in all_settings:
                 all_settings.append(setting)
-    for record in records.values():
-        if record.evaluation is None:
+    for run in (run for record in records.values() for run in record.runs):
+        if run.evaluation is None:
             continue
         for setting in all_settings:
-            if record.setting(setting) is None and setting not in record.unsupported:
-                notes.append(f"{record.name}: {setting} not in metrics/eval/{record.name}.json")
+            if run.setting(setting) is None and setting not in run.unsupported:
+                notes.append(f"{run.name}: {setting} not in metrics/eval/{run.name}.json")
     return ReportInputs(records, all_settings, notes)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from metalab.io import write_text
 from metalab.report.tables import (
+    MISSING,
     durations,
     experiment_label,
     markdown_table,
@@ -38,7 +39,9 @@ def render_readme_table(
 ) -> str:
     """A compact markdown table of a comparison table (or reports/comparison.csv): per
     experiment its accuracy ± 95% interval in each setting, training time and trainable
-    parameters, in the table's order, best marked."""
+    parameters, in the table's order, best marked. When some experiment has several
+    training seeds, a last column gives the first setting's mean over seeds and [lowest,
+    highest seed] (runs)."""
     table = comparison if isinstance(comparison, pd.DataFrame) else pd.read_csv(comparison)
     settings = table_settings(table) if settings is None else settings
     if "best" not in table:
@@ -58,7 +61,22 @@ def render_readme_table(
             ]
         )
     header = ["Experiment", "Algorithm", *settings, "Training time", "Trainable parameters"]
-    return markdown_table(header, rows, "ll" + "r" * (len(settings) + 2))
+    seeds = setting_column(settings[0], "seeds") if settings else None
+    if seeds in table and (table[seeds] > 1).any():
+        header.append(f"{settings[0]} over seeds")
+        for row, (_, values) in zip(rows, table.iterrows(), strict=True):
+            row.append(seed_spread(values, settings[0]))
+    return markdown_table(header, rows, "ll" + "r" * (len(header) - 2))
+
+
+def seed_spread(row: pd.Series, setting: str) -> str:
+    """'95.10 [94.20, 96.00] (3)': mean over seeds [lowest, highest] (runs); '-' for one."""
+    count = row.get(setting_column(setting, "seeds"))
+    if count is None or pd.isna(count) or count < 2:
+        return MISSING
+    low, high = row[setting_column(setting, "seed_min")], row[setting_column(setting, "seed_max")]
+    mean = percent(row[setting_column(setting, "seed_mean")])
+    return f"{mean} [{100 * low:.2f}, {100 * high:.2f}] ({count:.0f})"
 
 
 def update_readme(readme: str | Path, block: str) -> bool:

@@ -1,5 +1,9 @@
 """The comparison tables: one row per experiment, and paired per-episode comparisons.
 
+An experiment's row is its own run; when any experiment has extra training seeds, every
+row also gets per setting the mean over its runs and the spread between them
+(`metalab.report.seeds`), and the markdown a section on that spread.
+
 Tables hold raw numbers (accuracies as fractions, NaN where unknown); `markdown` turns
 them into text with percentages, 95% intervals and "-" for what is missing.
 """
@@ -15,6 +19,7 @@ import pandas as pd
 
 from metalab.records import SettingResult, TrainSummary
 from metalab.report.collect import ReportInputs
+from metalab.report.seeds import SEED_FIELDS, has_seed_runs, seed_accuracies, seed_summary
 from metalab.statistics import paired_difference
 
 TRAIN_FIELDS = [
@@ -75,10 +80,16 @@ def comparison_table(inputs: ReportInputs, sort_by: str) -> pd.DataFrame:
         for setting in inputs.settings:
             for field, value in setting_columns(record.setting(setting)).items():
                 row[setting_column(setting, field)] = value
+            for field, value in seed_summary(seed_accuracies(record, setting)).items():
+                row[setting_column(setting, field)] = value
         rows.append(row)
     columns = ["experiment", "algorithm", *TRAIN_FIELDS, "evaluation_peak_memory_mb"] + [
         setting_column(setting, field) for setting in inputs.settings for field in SETTING_FIELDS
     ]
+    if has_seed_runs(inputs):  # only then: a table of single runs stays as it was
+        columns += [
+            setting_column(setting, field) for setting in inputs.settings for field in SEED_FIELDS
+        ]
     table = pd.DataFrame(rows, columns=columns)
     numeric = columns[2:]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
@@ -227,14 +238,90 @@ def _best_formatter(table: pd.DataFrame, setting: str) -> Callable[[pd.Series], 
     return render
 
 
+def seed_sections(table: pd.DataFrame, seed_pairs: pd.DataFrame, settings: list[str]) -> list[str]:
+    """The markdown on the spread between training seeds (empty without seed columns)."""
+    if not settings or setting_column(settings[0], "seeds") not in table:
+        return []
+    several = table[table[[setting_column(s, "seeds") for s in settings]].max(axis=1) > 1]
+
+    def spread(row: pd.Series, setting: str) -> str:
+        count = row[setting_column(setting, "seeds")]
+        if not _known(count) or count == 0:
+            return MISSING
+        text = percent(row[setting_column(setting, "seed_mean")])
+        if count > 1:
+            text += (
+                f" ± {100 * row[setting_column(setting, 'seed_std')]:.2f} "
+                f"[{100 * row[setting_column(setting, 'seed_min')]:.2f}, "
+                f"{100 * row[setting_column(setting, 'seed_max')]:.2f}] ({count:.0f})"
+            )
+        return text
+
+    sections = [
+        "## Spread between training seeds",
+        "Learners trained with several seeds (params.yaml `seed_runs`; the tables above show "
+        "each learner's own run). Per setting: the mean accuracy over its runs ± the "
+        "standard deviation between seeds (ddof = 1) [lowest, highest seed] (runs). All runs "
+        "are tested on the same tasks; the 95% intervals above cover only the choice of "
+        "tasks, this spread the training run.",
+        markdown_table(
+            ["Experiment", *settings],
+            [
+                [str(row["experiment"])] + [spread(row, s) for s in settings]
+                for _, row in several.iterrows()
+            ],
+            "l" + "r" * len(settings),
+        ),
+        "## Differences against the spread between seeds",
+    ]
+    if seed_pairs.empty:
+        sections.append("No pair with seeds on either side.")
+        return sections
+    sections.append(
+        "Pairs of `report.pairs` with extra seeds on a side, and every two learners with "
+        "extra seeds. A - B: difference of the means over seeds, in percentage points. Range "
+        "rule: inside the spread when |A - B| is at most the larger of the two seed ranges "
+        "(max - min). Welch rule, when both have two or more seeds: the 95% Welch t interval "
+        "of A - B over the per-seed means (Welch-Satterthwaite degrees of freedom); inside "
+        "the spread when it contains 0. The verdict uses the Welch rule where it applies."
+    )
+    sections.append(
+        markdown_table(
+            ["A", "B", "Setting", "Seeds", "A - B", "Larger seed range", "Welch 95%", "Verdict"],
+            [
+                [
+                    row["a"],
+                    row["b"],
+                    row["setting"],
+                    f"{row['seeds_a']:.0f} / {row['seeds_b']:.0f}",
+                    percent(row["difference"], signed=True),
+                    percent(max(row["range_a"], row["range_b"])),
+                    (
+                        f"± {100 * row['welch_ci95']:.2f} (df {row['welch_df']:.1f})"
+                        if _known(row["welch_ci95"])
+                        else MISSING
+                    ),
+                    row["verdict"],
+                ]
+                for _, row in seed_pairs.iterrows()
+            ],
+            "lllrrrrl",
+        )
+    )
+    return sections
+
+
 def markdown(
     table: pd.DataFrame,
     pairs: pd.DataFrame,
     settings: list[str],
     sort_by: str,
     notes: list[str],
+    seed_pairs: pd.DataFrame | None = None,
+    budget: str | None = None,
 ) -> str:
-    """The full comparison report (reports/comparison.md)."""
+    """The full comparison report (reports/comparison.md); `budget`: the budget section
+    (`metalab.report.budget.budget_markdown`), `seed_pairs`: `seed_pair_table`."""
     sections = [
         "# Meta-learner comparison",
         "Generated by the `report` stage from `metrics/train`, `metrics/eval` and "
@@ -310,6 +397,7 @@ def markdown(
                 )
             ],
         ),
+        *([budget] if budget else []),
         "## Paired comparisons",
     ]
     if pairs.empty:
@@ -339,6 +427,8 @@ def markdown(
                 "lllrrrrl",
             )
         )
+    if seed_pairs is not None:
+        sections += seed_sections(table, seed_pairs, settings)
     sections.append("## Notes")
     sections.append("\n".join(f"- {note}" for note in notes) if notes else "None.")
     return "\n\n".join(sections) + "\n"

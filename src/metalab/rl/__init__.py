@@ -1,4 +1,5 @@
-"""Meta-RL track: batched task families, MLP policies, MAML-RL / ANIL-RL / Reptile-RL.
+"""Meta-RL track: batched task families, MLP policies, MAML-RL / ANIL-RL / Reptile-RL and
+the joint policy-gradient reference.
 
 Pure torch, vectorised over tasks and trajectories; see ``loop.train_rl`` and
 ``loop.evaluate_rl`` for the entry points and ``config.RLExperimentConfig`` for settings.
@@ -11,13 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from metalab.rl.config import RLExperimentConfig
-    from metalab.rl.learners import ANILRL, MAMLRL, NonFiniteLossError, ReptileRL
+    from metalab.rl.learners import (
+        ANILRL,
+        MAMLRL,
+        JointPolicyGradient,
+        NonFiniteLossError,
+        ReptileRL,
+    )
     from metalab.rl.loop import RLTrainer, evaluate_rl, train_rl
 
 # Lazy exports: `metalab.rl.config` (the params.yaml schema) stays free of torch.
 _EXPORTS = {
     "RLExperimentConfig": "metalab.rl.config",
     "ANILRL": "metalab.rl.learners",
+    "JointPolicyGradient": "metalab.rl.learners",
     "MAMLRL": "metalab.rl.learners",
     "NonFiniteLossError": "metalab.rl.learners",
     "ReptileRL": "metalab.rl.learners",
@@ -28,6 +36,7 @@ _EXPORTS = {
 
 __all__ = [
     "ANILRL",
+    "JointPolicyGradient",
     "MAMLRL",
     "NonFiniteLossError",
     "RLExperimentConfig",

@@ -1,10 +1,14 @@
 """Configuration of one meta-RL experiment.
 
-Defaults follow the MAML paper's 2D-navigation protocol (20 trajectories per task, one
-inner policy-gradient step with learning rate 0.1, meta-batch 20 tasks, gamma 0.99, GAE
-lambda 1.0, linear feature baseline, 2 x 64 tanh policy), with plain Adam on the
-meta-gradient instead of TRPO and an iteration count that trains in about five minutes
-on two CPU cores.
+Where the defaults come from, for 2D navigation: the MAML paper (Finn et al. 2017, sec.
+5.3) gives one vanilla policy-gradient inner step of size 0.1 on 20 trajectories per task
+and evaluates with the step halved after the first (`eval_step_schedule`), 40
+trajectories per step; its code (cbfinn/maml_rl, on rllab) fits the linear feature
+baseline. The rest is pytorch-maml-rl's `configs/maml/2d-navigation.yaml`, not the
+paper: meta-batch 20 tasks, gamma 0.99, GAE lambda 1.0, a 2 x 64 tanh policy (the paper
+describes 2 x 100 ReLU), and its Gaussian policy's std floor of 1e-6 (`min_std`). Unlike
+both, the meta-step is plain Adam instead of TRPO, and the iteration count trains in a
+few minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from metalab.schema import (
 class RLExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: Literal["maml_rl", "anil_rl", "reptile_rl"] = Field(
-        "maml_rl", description="Meta-learner."
+    algorithm: Literal["maml_rl", "anil_rl", "reptile_rl", "joint_pg"] = Field(
+        "maml_rl",
+        description="Meta-learner; joint_pg is the MAML paper's 'pretrained' reference: "
+        "plain policy gradient on the mixture of training tasks, no adaptation in training.",
     )
     env: Literal["navigation_2d", "bernoulli_bandit"] = Field(
         "navigation_2d", description="Task family."
@@ -43,6 +49,13 @@ class RLExperimentConfig(BaseModel):
     hidden_layers: int = Field(2, ge=1, le=8, description="Hidden tanh layers of the policy.")
     init_std: float = Field(
         1.0, gt=0.0, le=10.0, description="Initial standard deviation of the Gaussian policy."
+    )
+    min_std: float = Field(
+        1e-6,
+        gt=0.0,
+        le=10.0,
+        description="Floor of the Gaussian policy's standard deviation (pytorch-maml-rl: "
+        "1e-6); at most init_std.",
     )
     inner_lr: float = Field(0.1, gt=0.0, le=100.0, description="Inner policy-gradient step size.")
     inner_steps: int = Field(
@@ -84,7 +97,15 @@ class RLExperimentConfig(BaseModel):
         1e-3, gt=0.0, le=10.0, description="Adam rate of the critic's meta-learned start."
     )
     reptile_epsilon: float = Field(
-        0.5, gt=0.0, le=1.0, description="Reptile outer interpolation factor."
+        0.5, gt=0.0, le=1.0, description="Reptile outer interpolation factor at the start."
+    )
+    reptile_epsilon_final: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Reptile's factor at the end of training, reached linearly (as "
+        "openai/supervised-reptile anneals its outer step, to 0 in its published runs); "
+        "equal to reptile_epsilon for a constant factor.",
     )
     reptile_inner_steps: int = Field(
         3, ge=1, le=50, description="Inner policy-gradient steps of Reptile-RL."
@@ -96,7 +117,20 @@ class RLExperimentConfig(BaseModel):
         description="torch intra-op threads while training/evaluating (ops are small; more "
         "threads mostly add contention).",
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, tasks and sampling.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        description="Training seed: weights, training tasks and sampling. The pipeline sets "
+        "it per stage from dvc.yaml's seed matrix (leave it unset there).",
+    )
+    eval_seed: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed of the held-out tasks and of the evaluation's sampling, the same "
+        "for every training seed (so seeds differ by training only).",
+    )
     eval_tasks: int = Field(40, ge=2, le=100_000, description="Held-out evaluation tasks.")
     eval_trajectories_per_task: int = Field(
         40,
@@ -116,8 +150,10 @@ class RLExperimentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _estimator_needs_meta_gradient(self) -> RLExperimentConfig:
-        if self.algorithm == "reptile_rl" and self.inner_estimator != "reinforce":
-            raise ValueError("inner_estimator applies to maml_rl / anil_rl, not reptile_rl")
+        if self.algorithm not in ("maml_rl", "anil_rl") and self.inner_estimator != "reinforce":
+            raise ValueError(f"inner_estimator applies to maml_rl / anil_rl, not {self.algorithm}")
+        if self.min_std > self.init_std:
+            raise ValueError(f"min_std {self.min_std} is above init_std {self.init_std}")
         return self
 
     @field_validator("eval_adaptation_steps")
@@ -126,6 +162,31 @@ class RLExperimentConfig(BaseModel):
         if not steps or any(step < 1 for step in steps) or steps != sorted(set(steps)):
             raise ValueError("eval_adaptation_steps must be non-empty, positive and increasing")
         return steps
+
+
+def run_name(experiment: str, seed: int | None) -> str:
+    """What one training seed's files and stages are called: ``<experiment>-s<seed>``
+    (dvc.yaml's ``train_rl@<experiment>-<seed>``); the bare experiment without a seed."""
+    return experiment if seed is None else f"{experiment}-s{seed}"
+
+
+def dvc_stage_key(experiment: str, seed: int | None) -> str:
+    """The key of the seed's stages, ``train_rl@<key>`` / ``evaluate_rl@<key>``: DVC's
+    matrix joins the values with '-' (``maml_rl-0``)."""
+    return experiment if seed is None else f"{experiment}-{seed}"
+
+
+def with_seed(config: RLExperimentConfig, experiment: str, seed: int | None) -> RLExperimentConfig:
+    """``config`` trained with ``seed`` (None: as configured). A seed given both ways is
+    refused, so a params.yaml seed never goes silently unused."""
+    if seed is None:
+        return config
+    if "seed" in config.model_fields_set:
+        raise ValueError(
+            f"rl_experiments.{experiment}.seed = {config.seed}: the pipeline trains the seeds "
+            "of dvc.yaml's seed matrix; remove the key"
+        )
+    return RLExperimentConfig.model_validate({**config.model_dump(), "seed": seed})
 
 
 class RLParams(Sections):

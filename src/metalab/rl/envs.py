@@ -96,9 +96,10 @@ class Navigation2D:
 
     Task: goal ~ U[-goal_range, goal_range]^2, tensor [T, 2]. State and observation: the
     position, starting at the origin. Action: a displacement clipped to
-    [-max_step, max_step]^2. Reward: minus the distance to the goal after the move. A
-    trajectory ends when that distance is below ``goal_tolerance`` or after ``horizon``
-    steps.
+    [-max_step, max_step]^2. Reward: minus the (Euclidean) distance to the goal after the
+    move. A trajectory ends when both coordinates are within ``goal_tolerance`` of the
+    goal's (|dx|, |dy| < 0.01: the box the MAML paper's code and pytorch-maml-rl use, not
+    a disc) or after ``horizon`` steps.
     """
 
     name = "navigation_2d"
@@ -147,7 +148,8 @@ class Navigation2D:
         positions = torch.where(active.unsqueeze(-1), state.positions + moves, state.positions)
         distances = torch.linalg.vector_norm(positions - state.goals.unsqueeze(1), dim=-1)
         rewards = torch.where(active, -distances, torch.zeros_like(distances))
-        reached = distances < self.goal_tolerance
+        offsets = (positions - state.goals.unsqueeze(1)).abs()
+        reached = (offsets < self.goal_tolerance).all(dim=-1)
         out_of_time = state.step_count + 1 >= self.horizon
         terminated = active & (reached | out_of_time)
         next_state = NavigationState(

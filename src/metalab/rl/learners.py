@@ -1,4 +1,5 @@
-"""MAML-RL, ANIL-RL and Reptile-RL over a shared inner loop.
+"""MAML-RL, ANIL-RL, Reptile-RL and the joint policy-gradient reference over a shared
+inner loop.
 
 One meta-iteration of every learner:
 1. sample T tasks; for each, sample trajectories with the meta-policy, take inner
@@ -36,7 +37,14 @@ First-order MAML-RL holds the inner gradients constant in every variant. ANIL-RL
 same with only the head (mean layer + log-std, or logits) adapted in the inner loop; the
 outer step still trains body and head (and ``dice``'s term (b) reaches the body too).
 Reptile-RL moves the meta-parameters toward the mean adapted parameters:
-theta += epsilon * (mean_i theta_i' - theta).
+theta += epsilon_k * (mean_i theta_i' - theta), epsilon_k going linearly from
+``epsilon`` at the first iteration toward ``epsilon_final`` (see :meth:`ReptileRL.epsilon_at`).
+
+:class:`JointPolicyGradient` is the MAML paper's "pretrained" reference: one policy
+trained by plain policy gradient on the mixture of training tasks (every iteration:
+trajectories of the meta-batch's tasks under the current policy, one Adam step on their
+REINFORCE loss; nothing adapts in training). Evaluated like the learners, it shows what
+adaptation from an ordinary multi-task policy gives.
 
 A learner computes on its policy's device (environment and baseline on the same one);
 ``tasks_per_second`` waits for the device's queued work before reading the clock.
@@ -175,6 +183,15 @@ class RLMetaLearner:
         }
 
 
+def build_optimizer(policy: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """The outer optimizer ``name`` ("adam" or "sgd") over the policy's parameters."""
+    if name == "adam":
+        return torch.optim.Adam(policy.parameters(), lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(policy.parameters(), lr=lr)
+    raise ValueError(f"unknown outer optimizer {name!r}")
+
+
 class MAMLRL(RLMetaLearner):
     """MAML for RL: differentiate the post-adaptation policy gradient through the inner loop."""
 
@@ -202,14 +219,7 @@ class MAMLRL(RLMetaLearner):
         if inner_estimator not in INNER_ESTIMATORS:
             raise ValueError(f"unknown inner estimator {inner_estimator!r}")
         self.inner_estimator: InnerEstimator = inner_estimator
-        if outer_optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
-                policy.parameters(), lr=outer_lr
-            )
-        elif outer_optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(policy.parameters(), lr=outer_lr)
-        else:
-            raise ValueError(f"unknown outer optimizer {outer_optimizer!r}")
+        self.optimizer = build_optimizer(policy, outer_optimizer, outer_lr)
 
     def adapt_from_buffer(
         self, buffer: MetaBuffer, create_graph: bool | None = None
@@ -301,6 +311,67 @@ class ANILRL(MAMLRL):
         return head_parameter_names(self.policy)
 
 
+class JointPolicyGradient(RLMetaLearner):
+    """Plain policy gradient on the mixture of tasks: no inner loop (``inner_steps`` 0).
+
+    Per iteration it samples ``trajectories_per_task`` trajectories of each task with the
+    current policy (the same sampling as a meta-learner's pre-adaptation batch) and takes
+    one outer-optimizer step on their mean REINFORCE loss. Its pre- and post-adaptation
+    returns are both that batch's.
+    """
+
+    algorithm = "joint_pg"
+
+    def __init__(
+        self,
+        env: MetaRLEnvironment,
+        policy: nn.Module,
+        baseline: Baseline,
+        trajectories_per_task: int,
+        inner_lr: float,
+        gamma: float,
+        gae_lambda: float,
+        outer_lr: float,
+        outer_optimizer: str = "adam",
+    ) -> None:
+        super().__init__(
+            env, policy, baseline, trajectories_per_task, inner_lr, 0, gamma, gae_lambda
+        )
+        self.optimizer = build_optimizer(policy, outer_optimizer, outer_lr)
+
+    def meta_step(
+        self, tasks: torch.Tensor, generator: torch.Generator, iteration: int
+    ) -> dict[str, float]:
+        started = time.perf_counter()
+        buffer, _, critic_loss = self.collect(tasks, generator)
+        batch = buffer.post_adaptation  # with no inner step, the only batch
+        parameters = stack_parameters(dict(self.policy.named_parameters()), tasks.shape[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = policy_gradient_losses(self.policy, parameters, batch).mean()
+        _check_finite(iteration, {"policy_loss": float(loss.detach()), "critic_loss": critic_loss})
+        loss.backward()
+        self.optimizer.step()
+        self.baseline.step()
+        seconds = _elapsed(started, self.device)
+        policy_loss = float(loss.detach())
+        returns = float(batch.trajectories.episode_returns().mean())
+        return {
+            "policy_loss": policy_loss,
+            "critic_loss": critic_loss,
+            "total_loss": policy_loss + critic_loss,
+            "pre_adaptation_return": returns,
+            "post_adaptation_return": returns,
+            "tasks_per_second": tasks.shape[0] / max(seconds, 1e-9),
+        }
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+
+
 class ReptileRL(RLMetaLearner):
     """Reptile for RL: k inner policy-gradient steps per task, then interpolate toward them."""
 
@@ -317,17 +388,30 @@ class ReptileRL(RLMetaLearner):
         gamma: float,
         gae_lambda: float,
         epsilon: float,
+        epsilon_final: float | None = None,
+        iterations: int = 1,
     ) -> None:
         super().__init__(
             env, policy, baseline, trajectories_per_task, inner_lr, inner_steps, gamma, gae_lambda
         )
         self.epsilon = epsilon
+        self.epsilon_final = epsilon if epsilon_final is None else epsilon_final
+        self.iterations = iterations
+
+    def epsilon_at(self, iteration: int) -> float:
+        """The interpolation factor of 0-based ``iteration`` of ``iterations``: linear from
+        ``epsilon`` (iteration 0) toward ``epsilon_final``. This is how
+        openai/supervised-reptile anneals its outer step size (supervised_reptile/train.py
+        mixes the initial and final sizes by the fraction of meta-iterations done; its
+        published runs pass a final size of 0)."""
+        done = min(iteration / self.iterations, 1.0)
+        return done * self.epsilon_final + (1.0 - done) * self.epsilon
 
     @torch.no_grad()
-    def interpolate(self, adapted: dict[str, torch.Tensor]) -> None:
+    def interpolate(self, adapted: dict[str, torch.Tensor], epsilon: float) -> None:
         """theta += epsilon * (mean over tasks of adapted theta - theta)."""
         for name, parameter in self.policy.named_parameters():
-            parameter.add_(self.epsilon * (adapted[name].mean(dim=0) - parameter))
+            parameter.add_(epsilon * (adapted[name].mean(dim=0) - parameter))
 
     def meta_step(
         self, tasks: torch.Tensor, generator: torch.Generator, iteration: int
@@ -341,7 +425,7 @@ class ReptileRL(RLMetaLearner):
         if not all(bool(torch.isfinite(value).all()) for value in adapted.values()):
             losses["adapted_parameters"] = math.nan
         _check_finite(iteration, losses)
-        self.interpolate(adapted)
+        self.interpolate(adapted, self.epsilon_at(iteration))
         self.baseline.step()
         seconds = _elapsed(started, self.device)
         return self._metrics(buffer, policy_loss_value, critic_loss, seconds)

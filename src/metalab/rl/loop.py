@@ -30,10 +30,11 @@ from metalab.rl.adaptation import sample_adaptation
 from metalab.rl.baselines import Baseline, build_baseline
 from metalab.rl.config import RLExperimentConfig
 from metalab.rl.envs import MetaRLEnvironment, build_environment, evaluation_tasks
-from metalab.rl.learners import ANILRL, MAMLRL, ReptileRL, RLMetaLearner
+from metalab.rl.learners import ANILRL, MAMLRL, JointPolicyGradient, ReptileRL, RLMetaLearner
 from metalab.rl.policies import Policy, build_policy
 
-# Seeds derived from ``config.seed`` for the separate random streams.
+# Seeds derived from ``config.seed`` (critic) and ``config.eval_seed`` (evaluation
+# sampling) for the separate random streams.
 CRITIC_SEED_OFFSET = 1
 EVALUATION_SAMPLING_SEED_OFFSET = 2
 
@@ -66,7 +67,14 @@ def build_components(
     (weights initialised on the CPU and moved: the same start on every device)."""
     env = build_environment(config.env, config.horizon, config.num_arms, dtype, device)
     policy = build_policy(
-        env, config.hidden_size, config.hidden_layers, config.init_std, config.seed, dtype, device
+        env,
+        config.hidden_size,
+        config.hidden_layers,
+        config.init_std,
+        config.seed,
+        dtype,
+        device,
+        min_std=config.min_std,
     )
     baseline = build_baseline(
         config.baseline,
@@ -98,7 +106,15 @@ def build_learner(
     )
     if config.algorithm == "reptile_rl":
         return ReptileRL(
-            **common, inner_steps=config.reptile_inner_steps, epsilon=config.reptile_epsilon
+            **common,
+            inner_steps=config.reptile_inner_steps,
+            epsilon=config.reptile_epsilon,
+            epsilon_final=config.reptile_epsilon_final,
+            iterations=config.iterations,
+        )
+    if config.algorithm == "joint_pg":
+        return JointPolicyGradient(
+            **common, outer_lr=config.outer_lr, outer_optimizer=config.outer_optimizer
         )
     learner_class = MAMLRL if config.algorithm == "maml_rl" else ANILRL
     return learner_class(
@@ -262,7 +278,9 @@ def load_agent(path: str | Path) -> dict:
     one line for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
-        raise MetalabError(f"{path}: no such RL model (train it with `dvc repro train_rl@<name>`)")
+        raise MetalabError(
+            f"{path}: no such RL model (train it with `dvc repro train_rl@<name>-<seed>`)"
+        )
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # foreign, truncated or crafted bytes: all the same here
@@ -282,9 +300,11 @@ def evaluation_step_sizes(config: RLExperimentConfig, steps: int) -> list[float]
 
 
 def trained_adaptation_steps(config: RLExperimentConfig) -> int:
-    """Inner steps the learner took per task while meta-training."""
+    """Inner steps the learner took per task while meta-training (0 for ``joint_pg``)."""
     if config.algorithm == "reptile_rl":
         return config.reptile_inner_steps
+    if config.algorithm == "joint_pg":
+        return 0
     return config.inner_steps
 
 
@@ -300,23 +320,25 @@ def evaluate_rl(
 
     agent_state: ``{"policy": state_dict, "baseline": state}`` as returned by
     :func:`train_rl`. tasks: [n, task_dim], by default the fixed held-out tasks of
-    ``config.seed``. Each adaptation step samples ``eval_trajectories_per_task`` fresh
-    trajectories with the current policy and takes one policy-gradient step (ANIL-RL adapts
-    the head only) with the sizes of :func:`evaluation_step_sizes`. A task's return is the
-    mean undiscounted return of its trajectories; statistics are over tasks. Returns
+    ``config.eval_seed`` (whatever the training seed). Each adaptation step samples
+    ``eval_trajectories_per_task`` fresh trajectories with the current policy and takes one
+    policy-gradient step (ANIL-RL adapts the head only) with the sizes of
+    :func:`evaluation_step_sizes`. A task's return is the mean undiscounted return of its
+    trajectories; statistics are over tasks. Returns
     ``{"num_tasks", "results": [...], "metrics": {flat floats}, "references": {name:
     {"results", "metrics"}}}`` with the reference policies on the same tasks:
     ``random_init`` (the untrained initialisation the run started from, adapted the same
     way) and ``oracle`` (the environment's task-aware policy, which does not adapt: the
     same return at every step count). Computes on ``device`` (agent tensors from any device
     are copied there) with ``threads`` torch threads (default ``config.num_threads``); the
-    sampling generator is a CPU one, so every device sees the same random numbers.
+    sampling generator is a CPU one seeded from ``config.eval_seed``, so every device and
+    every training seed sees the same random numbers.
     """
     with torch_threads(config.num_threads if threads is None else threads):
         device = torch.device(device)
         env, policy, baseline = build_components(config, device=device)
         if tasks is None:
-            tasks = evaluation_tasks(env, config.eval_tasks, config.seed)
+            tasks = evaluation_tasks(env, config.eval_tasks, config.eval_seed)
         tasks = tasks.to(device)
         untrained = {"policy": policy.state_dict(), "baseline": baseline.state_dict()}
         untrained = cpu_snapshot(untrained)
@@ -328,6 +350,11 @@ def evaluate_rl(
         return {"num_tasks": int(tasks.shape[0]), **learned, "references": references}
 
 
+def evaluation_generator(config: RLExperimentConfig) -> torch.Generator:
+    """The CPU generator of a held-out evaluation, from ``config.eval_seed``."""
+    return torch.Generator().manual_seed(config.eval_seed + EVALUATION_SAMPLING_SEED_OFFSET)
+
+
 def _adapted_returns(
     config: RLExperimentConfig, agent_state: dict, tasks: torch.Tensor, device: torch.device
 ) -> dict:
@@ -335,7 +362,7 @@ def _adapted_returns(
     policy.load_state_dict(agent_state["policy"])
     baseline.load_state_dict(copy.deepcopy(agent_state["baseline"]))
     learner = build_learner(config, env, policy, baseline)
-    generator = torch.Generator().manual_seed(config.seed + EVALUATION_SAMPLING_SEED_OFFSET)
+    generator = evaluation_generator(config)
     max_steps = max(config.eval_adaptation_steps)
     buffer, _, _ = sample_adaptation(
         env,
@@ -365,7 +392,7 @@ def _oracle_returns(
     config: RLExperimentConfig, env: MetaRLEnvironment, tasks: torch.Tensor
 ) -> dict:
     """The environment's task-aware policy on ``tasks``, reported at every step count."""
-    generator = torch.Generator().manual_seed(config.seed + EVALUATION_SAMPLING_SEED_OFFSET)
+    generator = evaluation_generator(config)
     state = env.reset(tasks, config.eval_trajectories_per_task)
     total = torch.zeros(tasks.shape[0], config.eval_trajectories_per_task, device=tasks.device)
     for _ in range(env.horizon):

@@ -58,8 +58,17 @@ def _mlp_body(input_dim: int, hidden_size: int, hidden_layers: int) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
-def _gaussian_outputs(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """Concatenate mean [(T,) ..., A] and a log-std [A] or per-task [T, A] broadcast to it."""
+def _gaussian_outputs(
+    mean: torch.Tensor, log_std: torch.Tensor, min_log_std: float
+) -> torch.Tensor:
+    """Concatenate mean [(T,) ..., A] and a log-std [A] or per-task [T, A] broadcast to it.
+
+    The log-std is clamped from below at ``min_log_std`` (as pytorch-maml-rl's Gaussian
+    policy does, there log(1e-6)): an inner step may push it arbitrarily low, and a
+    vanishing std makes the log-densities, and so the next step, blow up. Below the floor
+    its gradient is 0.
+    """
+    log_std = log_std.clamp_min(min_log_std)
     if log_std.dim() == 2:
         log_std = log_std.reshape(log_std.shape[0], *([1] * (mean.dim() - 2)), -1)
     return torch.cat([mean, log_std.expand_as(mean)], dim=-1)
@@ -68,8 +77,13 @@ def _gaussian_outputs(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor
 class GaussianHead(nn.Module):
     """Mean output layer plus a state-independent log standard deviation."""
 
-    def __init__(self, hidden_size: int, action_dim: int, init_std: float) -> None:
+    def __init__(
+        self, hidden_size: int, action_dim: int, init_std: float, min_std: float = 1e-6
+    ) -> None:
         super().__init__()
+        if not 0.0 < min_std <= init_std:
+            raise ValueError(f"min_std must be in (0, init_std={init_std}], got {min_std}")
+        self.min_log_std = math.log(min_std)
         self.mean = TaskLinear(hidden_size, action_dim)
         # Built on the CPU like the layers beside it; `build_policy` moves the whole policy.
         self.log_std = nn.Parameter(
@@ -81,11 +95,12 @@ class GaussianHead(nn.Module):
 
         A per-task log-std [T, A] goes with features [T, ..., hidden].
         """
-        return _gaussian_outputs(self.mean(features), self.log_std)
+        return _gaussian_outputs(self.mean(features), self.log_std, self.min_log_std)
 
 
 class GaussianMLPPolicy(nn.Module):
-    """Diagonal Gaussian policy: tanh MLP body, head = mean layer + log-std."""
+    """Diagonal Gaussian policy: tanh MLP body, head = mean layer + log-std (floored at
+    log(``min_std``))."""
 
     discrete = False
 
@@ -96,11 +111,12 @@ class GaussianMLPPolicy(nn.Module):
         hidden_size: int = 64,
         hidden_layers: int = 2,
         init_std: float = 1.0,
+        min_std: float = 1e-6,
     ) -> None:
         super().__init__()
         self.action_dim = action_dim
         self.body = _mlp_body(observation_dim, hidden_size, hidden_layers)
-        self.head = GaussianHead(hidden_size, action_dim, init_std)
+        self.head = GaussianHead(hidden_size, action_dim, init_std, min_std)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         """observations [..., observation_dim] -> distribution outputs [..., 2 * action_dim]."""
@@ -168,8 +184,10 @@ def build_policy(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    min_std: float = 1e-6,
 ) -> Policy:
-    """The policy family ``env`` needs, initialised from ``seed`` (global RNG untouched).
+    """The policy family ``env`` needs, initialised from ``seed`` (global RNG untouched);
+    ``init_std`` and ``min_std`` (the std floor) apply to the Gaussian one.
 
     The weights are drawn on the CPU and then moved to ``device``: the same start on every
     device.
@@ -183,7 +201,7 @@ def build_policy(
             )
         else:
             policy = GaussianMLPPolicy(
-                env.observation_dim, env.action_dim, hidden_size, hidden_layers, init_std
+                env.observation_dim, env.action_dim, hidden_size, hidden_layers, init_std, min_std
             )
     return policy.to(device=torch.device(device), dtype=dtype)
 
@@ -234,5 +252,5 @@ def sampling_outputs(
         mean = task_linear(
             hidden, task_parameters["head.mean.weight"], task_parameters["head.mean.bias"]
         )
-        return _gaussian_outputs(mean, task_parameters["head.log_std"])
+        return _gaussian_outputs(mean, task_parameters["head.log_std"], policy.head.min_log_std)
     return task_linear(hidden, task_parameters["head.weight"], task_parameters["head.bias"])
