@@ -392,10 +392,12 @@ def test_evaluation_metrics_are_built_through_the_schema():
         "maml", "maml", {"5w1s": gradient, "20w1s": single, "20w5s": unsupported}
     )
 
-    record = evaluation.record(peak_memory_mb=12.5, train_run_id="t", mlflow_run_id="e")
+    maml = committed("eval/maml.json")
+    # where it ran, as the committed file records it (which fields depends on the run)
+    device = {key: maml[key] for key in maml if key in DEVICE_FIELDS}
+    record = evaluation.record(peak_memory_mb=12.5, **device, train_run_id="t", mlflow_run_id="e")
 
     assert isinstance(record, EvaluationMetrics)
-    maml = committed("eval/maml.json")
     assert list(record.to_dict()) == list(maml)  # the file's keys, in its order
     assert list(record.to_dict()["settings"]["5w1s"]) == list(maml["settings"]["5w1s"])
     assert record.settings["5w1s"].gain == pytest.approx(
@@ -406,7 +408,7 @@ def test_evaluation_metrics_are_built_through_the_schema():
     assert record.episodes == 11 and record.evaluation_seconds == pytest.approx(6.0)
     assert EvaluationMetrics.from_json_text(record.to_json()) == record
     assert (
-        evaluation.metrics(peak_memory_mb=12.5)
+        evaluation.metrics(peak_memory_mb=12.5, **device)
         == record.model_copy(update={"train_run_id": None, "mlflow_run_id": None}).to_dict()
     )
     numbers = numeric_metrics(record)
@@ -420,7 +422,9 @@ def test_train_run_id_reads_only_the_run_id(tmp_path):
     path.write_text("{}")
     info_path(path).write_text(json.dumps({"mlflow_run_id": "abc"}))  # partial ones link
     assert train_run_id(path) == "abc"
-    assert train_run_id(METRICS / "train" / "maml.json") == "6ee9e6ce259841108789f9a4c108c4bf"
+    committed_train = METRICS / "train" / "maml.json"
+    committed_id = json.loads(info_path(committed_train).read_text())["mlflow_run_id"]
+    assert len(committed_id) == 32 and train_run_id(committed_train) == committed_id
     info_path(path).write_text("not json")
     with pytest.raises(MetricsFileError, match=r"train\.info\.json: not valid JSON"):
         train_run_id(path)
