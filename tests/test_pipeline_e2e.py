@@ -255,7 +255,8 @@ def test_full_pipeline_repro_then_nothing_to_do(repo, tiny_omniglot_dir):
     [workspace] = json.loads(dvc(repo, "metrics", "show", "--json")).values()  # one revision
     shown = workspace["data"]
     runs = len(EXPERIMENTS) + len(RL_EXPERIMENTS) * len(RL_SEEDS) + len(SEED_RUNS)
-    assert len(shown) == 3 + 2 * runs, sorted(shown)
+    # data, prefetch, episodes and pretrain, then a train and an evaluate file per run
+    assert len(shown) == 4 + 2 * runs, sorted(shown)
     for path, content in shown.items():
         assert "error" not in content and numbers_only(content["data"]), (path, content)
         assert info_path(repo / path).is_file() == (path != "metrics/prefetch.json")
