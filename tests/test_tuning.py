@@ -4,6 +4,7 @@ with its comments kept. One test drives DVC's real experiment queue."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -119,7 +120,7 @@ def test_a_tie_between_other_factors_goes_to_the_one_nearest_one():
 def test_queue_command_runs_only_the_train_stage_with_the_overrides():
     command = tuning.queue_command(trial("maml", 1, 1.0, 0.4, iterations=103))
     assert command[:6] == ["dvc", "exp", "run", "--queue", "--name", "tune-maml-f1"]
-    assert command[-1] == "train@maml"
+    assert command[-2:] == ["--single-item", "train@maml"]  # no upstream stage reruns
     sets = [command[i + 1] for i, word in enumerate(command) if word == "--set-param"]
     assert sets == [
         "experiments.maml.options.inner_lr=0.4",
@@ -142,27 +143,108 @@ def test_report_marks_the_chosen_trial_and_pending_ones(params):
 def test_apply_writes_the_choice_and_keeps_everything_else(tmp_path, params):
     path = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", path)
-    before = yaml.safe_load(path.read_text())
+    before_text = path.read_text()
+    before = yaml.safe_load(before_text)
     chosen = {
-        "maml": trial("maml", 0, 0.5, 0.2),
-        "protonets": Trial("protonets", 2, 2.0, {"train.meta_lr": 0.002}, 44),
+        "maml": trial("maml", 0, 0.5, 0.2),  # its own value, in a flow mapping
+        "protonets": Trial("protonets", 2, 2.0, {"train.meta_lr": 0.002}, 44),  # inherited
+        "mamlpp": Trial("mamlpp", 0, 0.5, {"options.inner_lr": 5e-05}, 1),  # block mapping
     }
     changed = tuning.apply_choices(path, chosen)
     assert changed == [
         "experiments.maml.options.inner_lr=0.2",
         "experiments.protonets.train.meta_lr=0.002",
+        "experiments.mamlpp.options.inner_lr=5e-05",
     ]
     text = path.read_text()
-    assert "# `metalab-tune` (README" in text  # comments survive
+    # A text edit, not a re-dump: exactly three lines differ (in file order: maml, mamlpp,
+    # protonets), each only by its value or by one appended entry; comments, wrapping and null spellings stay byte for byte.
+    differing = [
+        (old, new)
+        for old, new in zip(before_text.splitlines(), text.splitlines(), strict=True)
+        if old != new
+    ]
+    assert len(differing) == 3
+    assert differing[0][1] == differing[0][0].replace("inner_lr: 0.4", "inner_lr: 0.2")
+    assert differing[1][1] == differing[1][0].replace("0.4", "5.0e-05")  # a float in YAML 1.1
+    assert differing[2][1] == differing[2][0].removesuffix("}") + ", meta_lr: 0.002}"
     after = yaml.safe_load(text)
-    assert after["experiments"]["maml"]["options"]["inner_lr"] == 0.2
-    assert after["experiments"]["protonets"]["train"]["meta_lr"] == 0.002
     before["experiments"]["maml"]["options"]["inner_lr"] = 0.2
     before["experiments"]["protonets"]["train"]["meta_lr"] = 0.002
+    before["experiments"]["mamlpp"]["options"]["inner_lr"] = 5e-05
     assert after == before  # nothing else moved (anchors and merges resolve alike)
     reloaded = load_params(path)
     assert reloaded.train_config("protonets").meta_lr == 0.002
     assert reloaded.train_config("maml").meta_lr == params.train.meta_lr
+    assert reloaded.experiment("mamlpp").options.inner_lr == 5e-05
+
+
+def test_apply_adds_an_inherited_key_to_a_block_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "x: &base {meta_lr: null}\n"
+        "experiments:\n"
+        "  a:\n"
+        "    train:\n"
+        "      <<: *base\n"
+        "      iterations: 10  # kept\n"
+    )
+    tuning.apply_choices(path, {"a": Trial("a", 0, 0.5, {"train.meta_lr": 1.0}, 4)})
+    assert path.read_text().splitlines()[4:] == [
+        "      <<: *base",
+        "      meta_lr: 1.0",
+        "      iterations: 10  # kept",
+    ]
+    assert yaml.safe_load(path.read_text())["experiments"]["a"]["train"]["meta_lr"] == 1.0
+
+
+def test_apply_refuses_a_missing_mapping_and_leaves_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = "experiments:\n  a: {algorithm: protonets}\n"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=r"experiments.a has no `train` mapping"):
+        tuning.apply_choices(path, {"a": Trial("a", 0, 0.5, {"train.meta_lr": 0.1}, 4)})
+    assert path.read_text() == text
+
+
+def test_yaml_float_is_read_back_as_a_float_by_yaml_1_1():
+    for value in (5e-05, 1.0, 0.2, 2e-3, 100.0, 1.5e-7, 12345678.0):
+        spelled = tuning.yaml_float(value)
+        read = yaml.safe_load(f"v: {spelled}")["v"]
+        assert isinstance(read, float) and read == pytest.approx(value, rel=1e-5), spelled
+
+
+def test_the_record_keeps_finished_trials_across_clones(tmp_path, monkeypatch, params):
+    """A sweep outlasting a session: `collect` copies finished trials from DVC's refs into
+    the record; a later `queue` skips them and a later `collect` (with refs gone) still
+    counts them, but not a recorded trial of other settings."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    trials = tuning.plan(params, ["maml"])
+    first = [row(trials[0], 0.9), row(trials[1], 0.8)]
+    assert tuning.main(["collect", "maml"], rows=lambda: first) == 0
+    record = json.loads((tmp_path / tuning.RECORD).read_text())
+    assert [entry["trial"] for entry in record] == ["tune-maml-f0", "tune-maml-f1"]
+    commands: list[list[str]] = []
+    assert tuning.main(["queue", "maml"], run=lambda c: commands.append(c) or 0) == 0
+    assert [c[5] for c in commands] == ["tune-maml-f2"]
+    assert tuning.main(["collect", "maml", "--apply"], rows=lambda: [row(trials[2], 0.7)]) == 0
+    assert "**0.2: 0.9000**" in (tmp_path / "reports/tuning.md").read_text()
+    assert load_params("params.yaml").experiment("maml").options.inner_lr == 0.2
+    # After --apply the current rate is 0.2, so the plan's trials are new ones: the record's
+    # entries (run at 0.4 x factor) no longer count and queue takes all three again.
+    commands.clear()
+    assert tuning.main(["queue", "maml"], run=lambda c: commands.append(c) or 0) == 0
+    assert len(commands) == 3
+
+
+def test_a_damaged_record_is_named(tmp_path, monkeypatch, capsys):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / tuning.RECORD).write_text("{not json")
+    assert tuning.main(["collect", "maml"], rows=lambda: []) == 1
+    assert "reports/tuning_trials.json: not JSON" in capsys.readouterr().err
 
 
 def test_command_queues_each_trial_and_collects(tmp_path, monkeypatch, params):

@@ -14,15 +14,20 @@ tie goes to the factor nearest 1 (the current value). Only ``train@<name>`` runs
 trial, so no test episode is ever looked at.
 
 Each trial is a DVC experiment named ``tune-<name>-f<k>`` (factor index k) in DVC's queue,
-run in its own temporary copy of the project; its parameters and metrics stay in DVC's
-experiment refs (`dvc exp show`), which `collect` reads.
+run in its own temporary copy of the project with ``--single-item`` (its upstream stages'
+outputs come from the DVC cache: rerunning ``download`` in the copy would fail, since
+``data.sources`` is a path relative to the project). Its parameters and metrics stay in
+DVC's experiment refs (`dvc exp show`), which `collect` reads and copies into
+``reports/tuning_trials.json``, so a sweep can span several clones or sessions: commit that
+file, and ``queue`` skips the trials it already holds.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,11 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metalab.io import write_text
+from metalab.io import write_json, write_text
 from metalab.params import Params, load_params
 from metalab.schema import ParamsError
 
 REPORT = Path("reports/tuning.md")
+#: Every finished trial's settings and validation accuracy, committed with the report: DVC
+#: keeps a trial only in the experiment refs of the clone that ran it, and a sweep of all
+#: experiments outlasts a working session, so `collect` records what has finished and
+#: `queue` skips it.
+RECORD = Path("reports/tuning_trials.json")
 #: The train-stage metric a trial is selected on.
 SELECTION_METRIC = "best_validation_accuracy"
 
@@ -113,7 +123,7 @@ def queue_command(trial: Trial) -> list[str]:
     command = ["dvc", "exp", "run", "--queue", "--name", trial.name]
     for key, value in trial.overrides().items():
         command += ["--set-param", f"{key}={value!r}"]
-    return [*command, f"train@{trial.experiment}"]
+    return [*command, "--single-item", f"train@{trial.experiment}"]
 
 
 def metric_of(row: Mapping[str, Any], experiment: str) -> float | None:
@@ -149,6 +159,55 @@ def trial_results(trials: Sequence[Trial], rows: Sequence[Mapping[str, Any]]) ->
         if accuracy is not None and accuracy >= 0:  # -1: never validated
             results[trial.name] = accuracy
     return results
+
+
+def recorded_results(
+    trials: Sequence[Trial], record: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """Validation accuracy of each trial in `record` (entries of `RECORD`) whose settings
+    are the trial's own (an entry of another factor or budget under the same name does not
+    count)."""
+    rows = [
+        {
+            "Experiment": entry.get("trial"),
+            **entry.get("overrides", {}),
+            SELECTION_METRIC: entry.get("accuracy"),
+        }
+        for entry in record
+    ]
+    return trial_results(trials, rows)
+
+
+def load_record(path: Path) -> list[dict[str, Any]]:
+    """The entries of a trial record (``[]`` if there is none); ParamsError naming the file
+    if it is not a JSON list of objects."""
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ParamsError(
+            f"{path}: not JSON ({error}); delete it to start the record afresh"
+        ) from None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ParamsError(f"{path}: expected a JSON list of trial entries")
+    return entries
+
+
+def updated_record(
+    record: Sequence[Mapping[str, Any]], trials: Sequence[Trial], results: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """`record` with an entry for every trial in `results` (replacing an older entry of the
+    same trial name), sorted by trial name."""
+    entries = {str(entry.get("trial")): dict(entry) for entry in record}
+    for trial in trials:
+        if trial.name in results:
+            entries[trial.name] = {
+                "trial": trial.name,
+                "overrides": trial.overrides(),
+                "accuracy": results[trial.name],
+            }
+    return [entries[name] for name in sorted(entries)]
 
 
 def select(trials: Sequence[Trial], results: Mapping[str, float]) -> dict[str, Trial]:
@@ -205,28 +264,81 @@ def render(trials: Sequence[Trial], results: Mapping[str, float], params: Params
     return "\n".join(lines) + "\n"
 
 
-def apply_choices(params_file: Path, chosen: Mapping[str, Trial]) -> list[str]:
-    """Write each chosen trial's rate values into `params_file` (comments and layout kept);
-    returns the changed keys."""
-    from ruamel.yaml import YAML  # DVC's own YAML library: round-trips comments
+def yaml_float(value: float) -> str:
+    """`value` to 6 significant digits, spelled so that YAML 1.1 loaders (PyYAML, which DVC
+    and our params loader use) read a float: ``5e-05`` would be a string there, so the
+    mantissa always carries a dot (``5.0e-05``, ``1.0``)."""
+    text = f"{value:.6g}"
+    mantissa, _, exponent = text.partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return mantissa + (f"e{exponent}" if exponent else "")
 
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    document = yaml.load(params_file.read_text())
+
+def _closing_brace(text: str, opening: int) -> int:
+    """Offset of the ``}`` that closes the flow mapping opened at offset `opening`."""
+    depth = 0
+    for offset in range(opening, len(text)):
+        if text[offset] in "{[":
+            depth += 1
+        elif text[offset] in "}]":
+            depth -= 1
+            if depth == 0:
+                return offset
+    raise ParamsError(f"params file: unclosed flow mapping at offset {opening}")
+
+
+def apply_choices(params_file: Path, chosen: Mapping[str, Trial]) -> list[str]:
+    """Write each chosen trial's rate values into `params_file`; returns the changed keys.
+
+    The file is edited as text, one value at a time, so that everything else (comments,
+    line wrapping, anchors, the ``null`` spellings) stays byte for byte: ruamel (DVC's own
+    YAML library) only says where each value is. A value the experiment sets itself has
+    its characters replaced; a value it inherits (``train: {<<: *train-inherit, ...}``)
+    becomes one more entry of that mapping. The parent mapping (``options`` or ``train``)
+    must exist in the experiment; otherwise ParamsError and the file is left untouched.
+    """
+    from ruamel.yaml import YAML
+
+    text = params_file.read_text()
+    document = YAML().load(text)
+    line_starts = [0]
+    for line in text.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    edits: list[tuple[int, int, str]] = []  # (start offset, end offset, replacement)
     changed = []
     for experiment, trial in chosen.items():
         for path, value in trial.values.items():
             node = document["experiments"][experiment]
             *parents, key = path.split(".")
             for parent in parents:
-                if node.get(parent) is None:
-                    node[parent] = {}
-                node = node[parent]
-            node[key] = float(f"{value:.6g}")
-            changed.append(f"experiments.{experiment}.{path}={node[key]}")
-    text = io.StringIO()
-    yaml.dump(document, text)
-    write_text(params_file, text.getvalue())
+                child = node.get(parent)
+                if not hasattr(child, "lc"):
+                    raise ParamsError(
+                        f"{params_file}: experiments.{experiment} has no `{parent}` mapping "
+                        f"to hold {path}; add `{parent}: {{}}` to it first"
+                    )
+                node = child
+            spelled = yaml_float(value)
+            if key in node._ok:  # the experiment's own value: replace its characters
+                line, column = node.lc.value(key)
+                start = line_starts[line] + column
+                match = re.match(r"[^\s,}\]#]+", text[start:])
+                assert match is not None, f"no value at {params_file}:{line + 1}"
+                edits.append((start, start + match.end(), spelled))
+            elif node.fa.flow_style():  # inherited, `{...}`: one more entry before `}`
+                opening = line_starts[node.lc.line] + node.lc.col
+                closing = _closing_brace(text, opening)
+                edits.append((closing, closing, f", {key}: {spelled}"))
+            else:  # inherited, block mapping: one more line before its first own key
+                # (after the `<<:` line if it has none), indented like its keys
+                own_lines = [node.lc.key(own)[0] for own in node._ok]
+                start = line_starts[min(own_lines) if own_lines else node.lc.line + 1]
+                edits.append((start, start, " " * node.lc.col + f"{key}: {spelled}\n"))
+            changed.append(f"experiments.{experiment}.{path}={float(spelled)}")
+    for start, end, replacement in sorted(edits, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    write_text(params_file, text)
     return changed
 
 
@@ -252,6 +364,10 @@ def main(
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("experiments", nargs="*", help="default: every experiment")
+        if name == "queue":
+            command.add_argument(
+                "--again", action="store_true", help=f"also queue trials recorded in {RECORD}"
+            )
         if name == "collect":
             command.add_argument(
                 "--apply", action="store_true", help="write the chosen rates to params.yaml"
@@ -269,7 +385,16 @@ def main(
             print(f"{trial.name:40} {values} ({trial.iterations} iterations)")
         print(f"{len(trials)} trials")
         return 0
+    try:
+        record = load_record(RECORD)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if args.command == "queue":
+        finished = set(recorded_results(trials, record))
+        if finished and not args.again:
+            print(f"skipping {len(finished)} trials already in {RECORD} (--again reruns them)")
+            trials = [trial for trial in trials if trial.name not in finished]
         for trial in trials:
             status = run(queue_command(trial))
             if status != 0:
@@ -277,7 +402,8 @@ def main(
                 return 1
         print(f"queued {len(trials)} trials; run them with: dvc queue start -j 2")
         return 0
-    results = trial_results(trials, rows())
+    results = {**recorded_results(trials, record), **trial_results(trials, rows())}
+    write_json(RECORD, updated_record(record, trials, results))
     write_text(REPORT, render(trials, results, params))
     chosen = select(trials, results)
     pending = sorted({t.experiment for t in trials} - set(chosen))
