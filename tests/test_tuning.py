@@ -31,9 +31,10 @@ def params():
 def test_every_experiment_gets_the_same_trials(params):
     trials = tuning.plan(params)
     factors = params.tuning.factors
-    assert len(trials) == len(factors) * len(params.experiments)
+    swept = [name for name in params.experiments if name not in params.tuning.follows]
+    assert len(trials) == len(factors) * len(swept)
     assert len({trial.name for trial in trials}) == len(trials)
-    for name in params.experiments:
+    for name in swept:
         runs = [trial for trial in trials if trial.experiment == name]
         assert [run.factor for run in runs] == factors
         budget = params.train_config(name).iterations
@@ -63,6 +64,22 @@ def test_an_experiment_without_rates_or_with_a_bad_path_is_refused(params):
         tuning.current_rate(params, "maml", "options.inner_steps_x")
     with pytest.raises(ParamsError, match="no experiment named nope"):
         tuning.plan(params, ["nope"])
+
+
+def test_a_follower_takes_its_leaders_choice_and_gets_no_sweep(tmp_path, monkeypatch, params):
+    assert params.tuning.follows == {"maml_bf16": "maml"}
+    assert not [t for t in tuning.plan(params) if t.experiment == "maml_bf16"]
+    with pytest.raises(ParamsError, match="maml_bf16 takes maml's choice; sweep maml"):
+        tuning.plan(params, ["maml_bf16"])
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    trials = tuning.plan(params, ["maml"])
+    rows = [row(t, acc) for t, acc in zip(trials, (0.7, 0.8, 0.9), strict=True)]
+    assert tuning.main(["collect", "maml", "--apply"], rows=lambda: rows) == 0
+    applied = load_params("params.yaml")
+    assert applied.experiment("maml").options.inner_lr == 0.8
+    assert applied.experiment("maml_bf16").options.inner_lr == 0.8
+    assert "| maml_bf16 | follows maml |" in (tmp_path / "reports/tuning.md").read_text()
 
 
 def test_a_params_file_with_fewer_experiments_still_loads(tmp_path):

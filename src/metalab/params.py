@@ -230,6 +230,11 @@ class TuningConfig(Strict):
         description="per experiment, its main learning rate(s) as paths inside "
         "experiments.<name> (options.<key> or train.<key>)",
     )
+    follows: dict[ExperimentName, ExperimentName] = Field(
+        default_factory=dict,
+        description="experiments that take another's chosen rate(s) instead of a sweep of "
+        "their own (a precision check must differ from its reference in precision only)",
+    )
 
 
 # ---------------------------------------------------------------------- seed runs

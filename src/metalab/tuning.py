@@ -95,12 +95,31 @@ def current_rate(params: Params, experiment: str, path: str) -> float:
 def plan(params: Params, experiments: Iterable[str] | None = None) -> list[Trial]:
     """The trials of `experiments` (default: all; every one must have ``tuning.rates``)."""
     config = params.tuning
-    names = list(params.experiments) if experiments is None else list(experiments)
+    followers = {
+        name: leader for name, leader in config.follows.items() if name in params.experiments
+    }
+    if experiments is None:
+        names = [name for name in params.experiments if name not in followers]
+    else:
+        names = list(experiments)
     unknown = [name for name in names if name not in params.experiments]
     if unknown:
         raise ParamsError(
             f"no experiment named {', '.join(unknown)}; known: {', '.join(params.experiments)}"
         )
+    swept_followers = [name for name in names if name in followers]
+    if swept_followers:
+        name = swept_followers[0]
+        raise ParamsError(
+            f"params.yaml: tuning.follows: {name} takes {followers[name]}'s choice; sweep "
+            f"{followers[name]} instead"
+        )
+    for name, leader in followers.items():
+        if leader not in params.experiments or leader in followers:
+            raise ParamsError(
+                f"params.yaml: tuning.follows.{name}: {leader!r} is not an experiment with a "
+                "sweep of its own"
+            )
     missing = [name for name in names if name not in config.rates]
     if missing:
         raise ParamsError(
@@ -261,6 +280,11 @@ def render(trials: Sequence[Trial], results: Mapping[str, float], params: Params
         rates = ", ".join(runs[0].values)
         row = f"| {experiment} | {rates} | {runs[0].iterations} | " + " | ".join(cells)
         lines.append(f"{row} | {verdict} |")
+    for name, leader in config.follows.items():
+        if name in params.experiments and leader in by_experiment:
+            blanks = " | ".join("" for _ in config.factors)
+            verdict = "pending" if leader not in chosen else f"{leader}'s"
+            lines.append(f"| {name} | follows {leader} | | {blanks} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -286,6 +310,17 @@ def _closing_brace(text: str, opening: int) -> int:
             if depth == 0:
                 return offset
     raise ParamsError(f"params file: unclosed flow mapping at offset {opening}")
+
+
+def with_followers(params: Params, chosen: Mapping[str, Trial]) -> dict[str, Trial]:
+    """`chosen` plus, for every experiment of ``tuning.follows`` whose leader was chosen,
+    the leader's trial as its own (the same rate values)."""
+    result = dict(chosen)
+    for name, leader in params.tuning.follows.items():
+        if name in params.experiments and leader in chosen:
+            trial = chosen[leader]
+            result[name] = Trial(name, trial.factor_index, trial.factor, trial.values, 0)
+    return result
 
 
 def apply_choices(params_file: Path, chosen: Mapping[str, Trial]) -> list[str]:
@@ -409,7 +444,7 @@ def main(
     pending = sorted({t.experiment for t in trials} - set(chosen))
     print(f"wrote {REPORT}: {len(chosen)} experiments chosen, {len(pending)} pending")
     if args.apply and chosen:
-        for key in apply_choices(args.params, chosen):
+        for key in apply_choices(args.params, with_followers(params, chosen)):
             print(f"set {key}")
     return 0
 
