@@ -332,8 +332,9 @@ class MAMLLearner(MetaLearner):
         return params
 
     def _initial_params(self, num_tasks: int | None) -> ParameterDict:
-        """theta_0: the model's parameters the inner loop needs, stacked for ``num_tasks``
-        tasks (vectorised) or as they are (None)."""
+        """theta_0: the model's parameters the inner loop needs (``zero_head``: a fresh
+        zero head [N, F], [N] instead of the model's), stacked for ``num_tasks`` tasks
+        (vectorised) or as they are (None)."""
         params = dict(self.model.named_parameters())
         if self.options.adapt_parameters == "head":
             params = {name: p for name, p in params.items() if name.startswith("head.")}

@@ -13,27 +13,29 @@ loss after adaptation); ``variant`` chooses it:
 * ``inequality`` (inequality-minimisation TAML): lambda times an inequality measure of the
   meta-batch's per-task losses of the *initial* (un-adapted) model, so that the initial
   model does not serve some tasks much better than others: the Theil index (default), the
-  generalised entropy index GE(alpha) or the Gini coefficient (the paper's Sec. 3.2.1
-  also lists the Atkinson index and the variance of logarithms, not implemented here).
-  Which losses: the paper's abstract and Sec. 3.2 name "the losses by the initial model
-  f_theta" (the first term is the expected loss after the update, the second the
-  inequality of the losses before it), and Algorithm 2, line 10, minimises
-  E[L_Ti(f_theta_i)] + lambda I({L_Ti(f_theta)}), where L_Ti(f_theta) is the loss of
-  lines 5-7, evaluated "using K samples": the support set the inner step uses. That is
-  ``inequality_losses: initial_support`` (default); ``initial_query`` measures the
-  initial model on the query set instead (the text alone allows it), and
-  ``adapted_query`` is this project's earlier reading, the adapted query losses (not the
-  paper's).
+  generalised entropy index GE(alpha) or the Gini coefficient (of the paper's measures,
+  the Atkinson index and the variance of logarithms are not implemented).
+  Which losses: the paper minimises "the inequality of initial losses" (abstract); in
+  Sec. 3.2 the term is the inequality of the tasks' losses by the initial model f_theta,
+  before the update, next to the expected loss after it, and Algorithm 2, line 10,
+  updates theta along the gradient of E[L_Ti(f_theta_i)] + lambda I({L_Ti(f_theta)}).
+  L_Ti(f_theta) is the loss the algorithm's inner step (lines 5-7) evaluates on the K
+  samples drawn from T_i, the support set: ``inequality_losses: initial_support``
+  (default). ``initial_query`` measures the initial model on the query set instead (what
+  Sec. 3.2's text alone would also allow); ``adapted_query``, the adapted query losses,
+  is not the paper's: it is this module's behaviour before 2026-12-03 (the committed
+  ``taml_theil`` run).
 * ``encoder``: the seed project's "TAML" design, a different learner (see
   `metalab.algorithms.taml_encoder`): a task encoder over the support set modulates the
   features (FiLM) and sets per-task inner learning rates of the head, which the inner
   loop adapts ANIL-style.
 
 Every MAML option works with ``entropy`` and ``inequality`` (first order, ANIL, Meta-SGD,
-MAML++, Meta Dropout, ...), since they only change how task losses become the meta-loss;
-``encoder`` always adapts the head only, with its generated rates (``inner_lr_mode:
-fixed``), and supports first order, the multi-step loss and Meta Dropout. The options
-schema is `metalab.algorithms.taml_options.Options`.
+MAML++, Meta Dropout, ...), since they only change how task losses become the meta-loss,
+except ``zero_head`` with a term on the initial model (uniform initial predictions make it
+a constant; the options reject it); ``encoder`` always adapts the head only, with its
+generated rates (``inner_lr_mode: fixed``), and supports first order, the multi-step loss
+and Meta Dropout. The options schema is `metalab.algorithms.taml_options.Options`.
 """
 
 from __future__ import annotations
