@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from synthetic import (
     as_float64,
     build_context,
@@ -114,11 +115,16 @@ def test_entropy_terms_reward_uniform_initial_and_confident_adapted_predictions(
     assert (learner.task_regularisers(confident, uniform) > best).all()
 
 
-def test_inequality_meta_loss_is_mean_loss_plus_weighted_measure():
+def test_inequality_meta_loss_is_mean_adapted_loss_plus_weighted_measure_of_the_other():
+    # Mean of the adapted losses; inequality of the measured (initial) losses.
+    adapted = torch.tensor([0.5, 0.5, 2.0], dtype=torch.float64)
     theil = build(variant="inequality", inequality_weight=2.0)
-    assert theil.combine_task_losses(LOSSES, []).item() == pytest.approx(2 + 2 * 0.0872080)
+    assert theil.meta_loss(adapted, LOSSES).item() == pytest.approx(1 + 2 * 0.0872080)
     gini = build(variant="inequality", inequality="gini", inequality_weight=1.0)
-    assert gini.combine_task_losses(LOSSES, []).item() == pytest.approx(2 + 8 / 36)
+    assert gini.meta_loss(adapted, LOSSES).item() == pytest.approx(1 + 8 / 36)
+    # The pre-2026-12-03 reading: both terms from the adapted losses.
+    old = build(variant="inequality", inequality_weight=2.0, inequality_losses="adapted_query")
+    assert old.combine_task_losses(LOSSES, []).item() == pytest.approx(2 + 2 * 0.0872080)
 
 
 @pytest.mark.parametrize("variant", ["entropy", "theil"])
@@ -145,10 +151,112 @@ def test_reported_meta_loss_matches_an_independent_computation(variant: str):
         expected = losses.mean() - 0.5 * entropies.mean()
         assert stats.extra["initial_entropy"] == pytest.approx(entropies.mean().item(), rel=1e-10)
     else:
-        expected = losses.mean() + 0.1 * theil_index(losses)
-        assert stats.extra["inequality"] == pytest.approx(theil_index(losses).item(), rel=1e-10)
+        # The paper's inequality term: of the un-adapted network's support losses.
+        with torch.no_grad():
+            initial = torch.stack(
+                [
+                    F.cross_entropy(learner.model(x), y)
+                    for x, y in zip(episodes.support_x, episodes.support_y, strict=True)
+                ]
+            )
+        expected = losses.mean() + 0.1 * theil_index(initial)
+        assert stats.extra["inequality"] == pytest.approx(theil_index(initial).item(), rel=1e-10)
     assert stats.loss == pytest.approx(losses.mean().item(), rel=1e-10)
     assert stats.extra["meta_loss"] == pytest.approx(expected.item(), rel=1e-10)
+
+
+def two_task_losses(learner: MAMLLearner, episodes) -> dict[str, torch.Tensor]:
+    """Independently of the TAML code, float64 [2] per source: the un-adapted network's
+    cross-entropy on each task's support and query set (straight through the nn.Module)
+    and the adapted query loss (plain MAML, one task at a time)."""
+    maml_learner = MAMLLearner(copy.deepcopy(learner.model), 3, MAMLOptions(inner_lr=0.4))
+    with torch.no_grad():
+
+        def initial(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.stack(
+                [F.cross_entropy(learner.model(xt), yt) for xt, yt in zip(x, y, strict=True)]
+            )
+
+        losses = {
+            "initial_support": initial(episodes.support_x, episodes.support_y),
+            "initial_query": initial(episodes.query_x, episodes.query_y),
+        }
+    losses["adapted_query"] = torch.tensor(
+        [maml_learner.meta_gradients(episodes.task(t), TrainProgress(0, 10)).loss for t in (0, 1)],
+        dtype=torch.float64,
+    )
+    return losses
+
+
+def two_task_theil(losses: torch.Tensor) -> float:
+    """The Theil index of two losses by hand: mu = (l1 + l2) / 2, (1/2) sum (l/mu) ln(l/mu)."""
+    first, second = losses.tolist()
+    mu = (first + second) / 2
+    return 0.5 * sum(value / mu * math.log(value / mu) for value in (first, second))
+
+
+@pytest.mark.parametrize("source", ["initial_support", "initial_query", "adapted_query"])
+def test_inequality_is_measured_on_exactly_the_losses_the_option_names(source: str):
+    # Jamal & Qi, Algorithm 2, line 10: lambda I({L_Ti(f_theta)}), the initial model's
+    # losses (default: on the support samples of lines 5-7), not the adapted ones.
+    options = {"inequality_losses": source} if source != "initial_support" else {}
+    learner = build(n_way=3, variant="inequality", inequality_weight=0.5, **options).double()
+    episodes = as_float64(small_episodes(num_tasks=2))
+    losses = two_task_losses(learner, episodes)
+    theils = {name: two_task_theil(values) for name, values in losses.items()}
+    # The three sources give clearly different indices, so only the right one matches.
+    values = sorted(theils.values())
+    assert min(b - a for a, b in zip(values, values[1:], strict=False)) > 1e-4, theils
+    stats = learner.meta_gradients(episodes, TrainProgress(0, 10))
+    assert stats.extra["inequality"] == pytest.approx(theils[source], rel=1e-9)
+    assert stats.extra["measured_loss"] == pytest.approx(losses[source].mean().item(), rel=1e-9)
+    expected = losses["adapted_query"].mean().item() + 0.5 * theils[source]
+    assert stats.extra["meta_loss"] == pytest.approx(expected, rel=1e-9)
+    assert stats.loss == pytest.approx(losses["adapted_query"].mean().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("vectorise", [False, True], ids=["loop", "vectorised"])
+def test_gradient_of_the_inequality_term_matches_finite_differences(vectorise: bool):
+    """First order, the MAML part of the meta-gradient is the same with and without the
+    term, so the difference of the two is lambda grad I(initial support losses), which
+    must match central differences of the Theil index of the nn.Module's support losses
+    (float64), for body, BatchNorm and head parameters."""
+    episodes = as_float64(small_episodes(num_tasks=3))
+    grads = []
+    for weight in (2.0, 0.0):
+        learner = build(
+            n_way=3,
+            variant="inequality",
+            inequality_weight=weight,
+            first_order=True,
+            inner_steps=2,
+            vectorise_tasks=vectorise,
+        ).double()
+        learner.meta_gradients(episodes, TrainProgress(0, 10))
+        grads.append({name: p.grad.clone() for name, p in learner.model.named_parameters()})
+
+    def term() -> torch.Tensor:
+        losses = [
+            F.cross_entropy(learner.model(x), y)
+            for x, y in zip(episodes.support_x, episodes.support_y, strict=True)
+        ]
+        return 2.0 * theil_index(torch.stack(losses))
+
+    generator = torch.Generator().manual_seed(3)
+    for name in (
+        "body.0.0.weight",
+        "body.1.1.weight",
+        "body.3.0.weight",
+        "head.weight",
+        "head.bias",
+    ):
+        parameter = learner.model.get_parameter(name)
+        indices = torch.randint(parameter.numel(), (3,), generator=generator)
+        analytic = (grads[0][name] - grads[1][name]).view(-1)[indices]
+        with torch.no_grad():
+            numeric = central_differences(term, parameter, indices)
+        torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9, msg=name)
+        assert analytic.abs().max() > 1e-6, name  # the term does reach this parameter
 
 
 # ---------------------------------------------------------------- meta-gradients
@@ -156,6 +264,22 @@ FINITE_DIFFERENCE_CASES = {
     "entropy": {"entropy_weight": 0.5, "adapted_entropy_weight": 0.2},
     "theil": {"variant": "inequality", "inequality_weight": 2.0},
     "theil_loop": {"variant": "inequality", "inequality_weight": 2.0, "vectorise_tasks": False},
+    "theil_initial_query": {
+        "variant": "inequality",
+        "inequality_weight": 2.0,
+        "inequality_losses": "initial_query",
+    },
+    "theil_adapted_query": {
+        "variant": "inequality",
+        "inequality_weight": 2.0,
+        "inequality_losses": "adapted_query",
+    },
+    "theil_anil_dropout": {
+        "variant": "inequality",
+        "inequality_weight": 2.0,
+        "adapt_parameters": "head",
+        "meta_dropout_rates": [0.2, 0.0, 0.1, 0.0],
+    },
     "generalized_entropy": {
         "variant": "inequality",
         "inequality": "generalized_entropy",
@@ -184,6 +308,7 @@ def test_second_order_meta_gradient_matches_central_differences(case: str):
             learner.task_encoder.decoder.bias.normal_(0, 0.3)
     episodes = as_float64(small_episodes())
     learner.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same meta dropout masks in every evaluation
     learner.meta_gradients(episodes, TrainProgress(0, 10))
     # Cloned now: every finite-difference evaluation accumulates into .grad again.
     grads = {name: p.grad.clone() for name, p in learner.named_meta_parameters()}
@@ -196,6 +321,7 @@ def test_second_order_meta_gradient_matches_central_differences(case: str):
         analytic = grads[name].view(-1)[indices]
 
         def meta_loss() -> torch.Tensor:
+            torch.manual_seed(5)
             stats = learner.meta_gradients(episodes, TrainProgress(0, 10))
             return torch.tensor(stats.extra["meta_loss"], dtype=torch.float64)
 
@@ -347,6 +473,11 @@ def test_bf16_meta_gradients_are_finite(variant: str):
         ({"variant": "encoder", "adapt_parameters": "all"}, "adapt_parameters must be head"),
         ({"variant": "encoder", "inner_lr_mode": "per_parameter"}, "inner_lr_mode must be fixed"),
         ({"variant": "inequality", "inequality": "atkinson"}, "theil"),
+        ({"inequality_losses": "initial_query"}, "applies only to variant 'inequality'"),
+        ({"variant": "inequality", "inequality_losses": "after"}, "initial_support"),
+        ({"variant": "inequality", "zero_head": True}, "inequality_losses must be adapted_query"),
+        ({"variant": "entropy", "zero_head": True}, "set entropy_weight 0"),
+        ({"variant": "encoder", "zero_head": True}, "not available for variant 'encoder'"),
         ({"lambda": 0.1}, "Extra inputs are not permitted"),
     ],
 )

@@ -16,6 +16,12 @@ variants are options of this one loop:
   MAML++ LSLR (``per_layer_per_step``): one learned scalar per parameter tensor per step.
 * MAML++: multi-step loss, per-step BatchNorm affine parameters, derivative-order annealing
   (each switchable on its own; the cosine meta-lr schedule belongs to the train loop).
+* The zeroing trick (``zero_head``; Kao, Chiu & Chen, ICLR 2022, "MAML is a Noisy
+  Contrastive Learner in Classification"): every task's inner loop, in training and at
+  test, starts from a zero linear head, so every class starts from the same logits and
+  the pre-adaptation query loss is exactly ln N. The paper sets the head to zero after
+  every outer update, which makes its outer update dead; here the head is simply left out
+  of the outer optimizer (same trajectory of every other parameter).
 
 BatchNorm is transductive, as in MAML's reference code: every forward normalises with the
 statistics of the batch it sees (no running statistics), separately for each task and
@@ -55,6 +61,7 @@ from metalab.algorithms.functional import (
     stack_for_tasks,
     use_batch_statistics,
     weighted_query_losses,
+    zero_head,
 )
 from metalab.algorithms.outer_groups import LrMultiplier
 from metalab.algorithms.precision import Precision, check_precision
@@ -119,6 +126,13 @@ class Options(BaseModel):
     head_init: Literal["default", "zeros"] = Field(
         "default", description="head initialisation: PyTorch's Linear default or zeros"
     )
+    zero_head: bool = Field(
+        False,
+        description=(
+            "zeroing trick (Kao et al. 2022): head weight and bias are zero at the start of "
+            "every task's inner loop, in training and at test; the head is not meta-learned"
+        ),
+    )
     meta_dropout_rates: list[float] | None = Field(
         None, description="Meta Dropout (Conv4): one rate per block, masks fixed per task"
     )
@@ -145,6 +159,15 @@ class Options(BaseModel):
         if rates is not None and any(not 0.0 <= rate < 1.0 for rate in rates):
             raise ValueError("meta dropout rates must be in [0, 1)")
         return rates
+
+    @model_validator(mode="after")
+    def _zero_head_leaves_something_to_train(self) -> Options:
+        if self.zero_head and self.outer_trainable == "head":
+            raise ValueError(
+                "zero_head resets the head for every task, so outer_trainable 'head' would "
+                "train nothing: use 'all' or 'head_and_batchnorm'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Options:
@@ -185,7 +208,9 @@ class MAMLLearner(MetaLearner):
         self.n_way = n_way
         self.precision = check_precision(precision)
         use_batch_statistics(model)
-        if options.head_init == "zeros":
+        if options.head_init == "zeros" or options.zero_head:
+            # zero_head: the stored head is the zero start every task uses (model files,
+            # a plain forward), though `_initial_params` never reads it.
             nn.init.zeros_(model.head.weight)
             nn.init.zeros_(model.head.bias)
         if options.meta_dropout_rates is not None:
@@ -307,11 +332,17 @@ class MAMLLearner(MetaLearner):
         return params
 
     def _initial_params(self, num_tasks: int | None) -> ParameterDict:
-        """theta_0: the model's parameters the inner loop needs, stacked for ``num_tasks``
-        tasks (vectorised) or as they are (None)."""
+        """theta_0: the model's parameters the inner loop needs (``zero_head``: a fresh
+        zero head [N, F], [N] instead of the model's), stacked for ``num_tasks`` tasks
+        (vectorised) or as they are (None)."""
         params = dict(self.model.named_parameters())
         if self.options.adapt_parameters == "head":
             params = {name: p for name, p in params.items() if name.startswith("head.")}
+        if self.options.zero_head:
+            # The zeroing trick: fresh zeros (not the module's head, which no outer step
+            # must reach), leaves that the inner loop differentiates.
+            fresh = zero_head(self.n_way, self.model.head.weight)
+            params.update({name: p.requires_grad_(True) for name, p in fresh.items()})
         return params if num_tasks is None else stack_for_tasks(params, num_tasks)
 
     def _task_forward(
@@ -457,9 +488,13 @@ class MAMLLearner(MetaLearner):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups of the outer-trainable meta-parameters with a nonzero multiplier
-        (`metalab.algorithms.outer_groups.parameter_groups`)."""
+        (`metalab.algorithms.outer_groups.parameter_groups`); with ``zero_head`` the head
+        is in none (every inner loop starts from zeros, so it never reaches a loss)."""
+        named = self.named_meta_parameters()
+        if self.options.zero_head:
+            named = [(n, p) for n, p in named if not n.startswith("head.")]
         return outer_groups.parameter_groups(
-            self.named_meta_parameters(),
+            named,
             self.options,
             self.batchnorm_names,
             self.own_outer_sections,

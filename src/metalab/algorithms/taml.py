@@ -11,19 +11,31 @@ loss after adaptation); ``variant`` chooses it:
   adapted predictions); that is ``adapted_entropy_weight`` (default 0 = off, the paper
   uses the same lambda for both terms).
 * ``inequality`` (inequality-minimisation TAML): lambda times an inequality measure of the
-  meta-batch's per-task query losses, so that the initial model does not serve some tasks
-  much better than others: the Theil index (default), the generalised entropy index
-  GE(alpha) or the Gini coefficient.
+  meta-batch's per-task losses of the *initial* (un-adapted) model, so that the initial
+  model does not serve some tasks much better than others: the Theil index (default), the
+  generalised entropy index GE(alpha) or the Gini coefficient (of the paper's measures,
+  the Atkinson index and the variance of logarithms are not implemented).
+  Which losses: the paper minimises "the inequality of initial losses" (abstract); in
+  Sec. 3.2 the term is the inequality of the tasks' losses by the initial model f_theta,
+  before the update, next to the expected loss after it, and Algorithm 2, line 10,
+  updates theta along the gradient of E[L_Ti(f_theta_i)] + lambda I({L_Ti(f_theta)}).
+  L_Ti(f_theta) is the loss the algorithm's inner step (lines 5-7) evaluates on the K
+  samples drawn from T_i, the support set: ``inequality_losses: initial_support``
+  (default). ``initial_query`` measures the initial model on the query set instead (what
+  Sec. 3.2's text alone would also allow); ``adapted_query``, the adapted query losses,
+  is not the paper's: it is this module's behaviour before 2026-12-03 (the committed
+  ``taml_theil`` run).
 * ``encoder``: the seed project's "TAML" design, a different learner (see
   `metalab.algorithms.taml_encoder`): a task encoder over the support set modulates the
   features (FiLM) and sets per-task inner learning rates of the head, which the inner
   loop adapts ANIL-style.
 
 Every MAML option works with ``entropy`` and ``inequality`` (first order, ANIL, Meta-SGD,
-MAML++, Meta Dropout, ...), since they only change how task losses become the meta-loss;
-``encoder`` always adapts the head only, with its generated rates (``inner_lr_mode:
-fixed``), and supports first order, the multi-step loss and Meta Dropout. The options
-schema is `metalab.algorithms.taml_options.Options`.
+MAML++, Meta Dropout, ...), since they only change how task losses become the meta-loss,
+except ``zero_head`` with a term on the initial model (uniform initial predictions make it
+a constant; the options reject it); ``encoder`` always adapts the head only, with its
+generated rates (``inner_lr_mode: fixed``), and supports first order, the multi-step loss
+and Meta Dropout. The options schema is `metalab.algorithms.taml_options.Options`.
 """
 
 from __future__ import annotations
@@ -34,10 +46,12 @@ import torch
 from torch import Tensor, nn
 
 from metalab.algorithms.base import BuildContext, StepStats, TrainProgress
+from metalab.algorithms.functional import per_task_cross_entropy
 from metalab.algorithms.maml import MAMLLearner
 from metalab.algorithms.precision import Precision
 from metalab.algorithms.taml_encoder import TAMLEncoderLearner
 from metalab.algorithms.taml_options import Options
+from metalab.algorithms.task_forward import TaskDropoutMasks
 from metalab.algorithms.task_runner import TaskOutcome
 from metalab.data.episodes import Episodes
 from metalab.models import build_model
@@ -160,8 +174,18 @@ class TAMLInequalityLearner(MAMLLearner):
     """MAML with TAML's inequality term (``variant: inequality``); adaptation, options and
     parameters are MAML's.
 
-    The term couples the tasks of a meta-batch, so the MAML core keeps all tasks' graphs
-    until one backward pass: `combine_task_losses` is overridden, hence
+    Meta-loss of a meta-batch of T tasks (Jamal & Qi 2019, Algorithm 2, line 10):
+
+        (1/T) sum_t L_Q(theta_t) + lambda I(l_1, ..., l_T),
+
+    theta_t task t's adapted weights, I the measure ``inequality`` and l_t task t's loss
+    named by ``inequality_losses``: by default L_S(theta), the initial model's mean
+    cross-entropy on task t's support set (one more support forward per task at theta_0,
+    where the inner loop's first step is; `initial_losses`), else L_Q(theta) (the
+    pre-adaptation query logits the MAML core computes) or L_Q(theta_t) itself. The
+    initial losses depend on theta directly, so first-order MAML differentiates this term
+    exactly. The term couples the tasks of a meta-batch, so the MAML core keeps all tasks'
+    graphs until one backward pass: `combine_task_losses` is overridden, hence
     ``combines_tasks_by_mean`` is False (a meta-batch cannot be split across processes).
     """
 
@@ -171,21 +195,82 @@ class TAMLInequalityLearner(MAMLLearner):
         self, model: nn.Module, n_way: int, options: Options, precision: Precision = "fp32"
     ) -> None:
         super().__init__(model, n_way, options, precision=precision)
+        # The MAML core computes the un-adapted query logits only when asked.
+        self.needs_pre_adaptation_logits = options.inequality_losses == "initial_query"
+        self.initial_losses: list[Tensor] = []  # per chunk [T'], in the graph, chunk order
         self.last_inequality = float("nan")  # for logging
+        self.last_measured_loss = float("nan")
+
+    def initial_support_losses(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        dropout_masks: TaskDropoutMasks | None,
+    ) -> Tensor:
+        """L_S(theta) of T tasks, the un-adapted model's mean cross-entropy on each support
+        set (support_x [T, S, C, H, W], support_y [T, S]) -> [T], in the graph; the same
+        forward as the inner loop's step 0 (meta dropout masks, BatchNorm set 0), once
+        differentiable."""
+        forward = self._task_forward(support_x, None, dropout_masks, second_order=False)
+        params = self._initial_params(support_x.shape[0] if forward.stacked else None)
+        return per_task_cross_entropy(forward.logits(params, "support", 0), support_y)
+
+    def run_tasks(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        dropout_masks: TaskDropoutMasks | None,
+        second_order: bool,
+        step_weights: Tensor,
+    ) -> TaskOutcome:
+        """MAML's inner loop and query losses of T tasks; records the tasks' initial losses
+        [T] for `combine_task_losses` (the runner calls this chunk by chunk, in order, in
+        the calling thread when the tasks are not combined by their mean)."""
+        outcome = super().run_tasks(
+            support_x, support_y, query_x, query_y, dropout_masks, second_order, step_weights
+        )
+        source = self.options.inequality_losses
+        if source == "initial_support":
+            self.initial_losses.append(
+                self.initial_support_losses(support_x, support_y, dropout_masks)
+            )
+        elif source == "initial_query":
+            logits = outcome.pre_adaptation_logits  # [T, Q, N], in the graph
+            self.initial_losses.append(per_task_cross_entropy(logits, query_y))
+        return outcome
+
+    def meta_loss(self, adapted_losses: Tensor, measured_losses: Tensor) -> Tensor:
+        """Mean of the adapted query losses [T] + inequality_weight x the inequality of
+        ``measured_losses`` [T] (those ``inequality_losses`` names) -> scalar."""
+        inequality = inequality_measure(measured_losses, self.options)
+        self.last_inequality = float(inequality.detach())
+        return adapted_losses.mean() + self.options.inequality_weight * inequality
 
     def combine_task_losses(
         self, query_losses: Tensor, pre_adaptation_logits: list[Tensor]
     ) -> Tensor:
-        """Mean of the task losses [T] + inequality_weight x their inequality -> scalar."""
-        inequality = inequality_measure(query_losses, self.options)
-        self.last_inequality = float(inequality.detach())
-        return query_losses.mean() + self.options.inequality_weight * inequality
+        """`meta_loss` of the meta-batch's adapted query losses [T] and the losses recorded
+        by `run_tasks` (the adapted query losses themselves for ``adapted_query``)."""
+        if self.options.inequality_losses == "adapted_query":
+            measured = query_losses
+        else:
+            measured = torch.cat(self.initial_losses)
+        self.last_measured_loss = float(measured.detach().mean())
+        return self.meta_loss(query_losses, measured)
 
     def meta_gradients(self, episodes: Episodes, progress: TrainProgress) -> StepStats:
         """MAML's meta-gradients of the TAML meta-loss; ``extra`` also logs the
-        meta-batch's inequality (``inequality``)."""
-        stats = super().meta_gradients(episodes, progress)
-        stats.extra = {**(stats.extra or {}), "inequality": self.last_inequality}
+        meta-batch's inequality (``inequality``) and the mean of the losses it measures
+        (``measured_loss``)."""
+        self.initial_losses = []
+        try:
+            stats = super().meta_gradients(episodes, progress)
+        finally:
+            self.initial_losses = []  # frees their graphs
+        extra = {"inequality": self.last_inequality, "measured_loss": self.last_measured_loss}
+        stats.extra = {**(stats.extra or {}), **extra}
         return stats
 
 

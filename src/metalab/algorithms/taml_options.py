@@ -17,7 +17,12 @@ from metalab.algorithms import maml
 # The options that only one variant reads; setting one for another variant is an error.
 VARIANT_OPTIONS: dict[str, tuple[str, ...]] = {
     "entropy": ("entropy_weight", "adapted_entropy_weight"),
-    "inequality": ("inequality", "inequality_weight", "generalized_entropy_alpha"),
+    "inequality": (
+        "inequality",
+        "inequality_weight",
+        "generalized_entropy_alpha",
+        "inequality_losses",
+    ),
     "encoder": ("encoder_width",),
 }
 
@@ -46,6 +51,14 @@ class Options(maml.Options):
     )
     generalized_entropy_alpha: float = Field(
         2.0, ge=0, le=10, description="generalized_entropy: alpha (0: mean log deviation)"
+    )
+    inequality_losses: Literal["initial_support", "initial_query", "adapted_query"] = Field(
+        "initial_support",
+        description=(
+            "inequality: the per-task losses it measures: the initial (un-adapted) model's "
+            "on the support set (the paper, Algorithm 2), on the query set, or the adapted "
+            "model's on the query set (not the paper; the behaviour before 2026-12-03)"
+        ),
     )
     encoder_width: int = Field(
         64, ge=1, le=4096, description="encoder: width of the task encoder and relation network"
@@ -76,6 +89,25 @@ class Options(maml.Options):
                 f"applies only to inequality 'generalized_entropy', not {inequality!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _zero_head_leaves_the_variant_a_term(self) -> Options:
+        """The zeroing trick makes every initial prediction uniform (loss ln N, entropy
+        ln N on every task): a term on the initial model would be a constant."""
+        if not self.zero_head:
+            return self
+        if self.variant == "encoder":
+            raise ValueError("zero_head is not available for variant 'encoder' (own head start)")
+        if self.variant == "entropy" and self.entropy_weight > 0:
+            raise ValueError(
+                "zero_head makes the initial entropy ln N on every task: set entropy_weight 0"
+            )
+        if self.variant == "inequality" and self.inequality_losses != "adapted_query":
+            raise ValueError(
+                "zero_head makes every initial loss ln N, so their inequality is 0: "
+                "inequality_losses must be adapted_query"
+            )
+        return self
 
     @model_validator(mode="after")
     def _encoder_consistent(self) -> Options:
