@@ -56,6 +56,7 @@ from metalab.algorithms.functional import (
     use_batch_statistics,
     weighted_query_losses,
 )
+from metalab.algorithms.learned_noise import NoiseGenerator, SupportNoise, draw_task_seeds
 from metalab.algorithms.outer_groups import LrMultiplier
 from metalab.algorithms.precision import Precision, check_precision
 from metalab.algorithms.task_forward import (
@@ -122,6 +123,19 @@ class Options(BaseModel):
     meta_dropout_rates: list[float] | None = Field(
         None, description="Meta Dropout (Conv4): one rate per block, masks fixed per task"
     )
+    learned_noise: bool = Field(
+        False,
+        description=(
+            "Meta Dropout of Lee et al. 2020 (Conv4): learned input-dependent noise on the "
+            "support forward passes, meta-learned through the inner loop (learned_noise.py)"
+        ),
+    )
+    learned_noise_train_samples: int = Field(
+        1, ge=1, le=100, description="learned_noise: noise draws averaged per inner step (train)"
+    )
+    learned_noise_test_samples: int = Field(
+        30, ge=1, le=1000, description="learned_noise: noise draws averaged per step (test)"
+    )
     vectorise_tasks: bool = Field(
         True, description="run a chunk of tasks in one pass (same result as a per-task loop)"
     )
@@ -152,6 +166,13 @@ class Options(BaseModel):
             raise ValueError(
                 "per_step_batchnorm needs adapt_parameters 'all': ANIL runs the body once"
             )
+        if self.learned_noise and self.first_order:
+            raise ValueError(
+                "learned_noise needs first_order: false (first-order MAML gives the noise "
+                "generator no meta-gradient)"
+            )
+        if self.learned_noise and self.meta_dropout_rates is not None:
+            raise ValueError("learned_noise and meta_dropout_rates: choose one of the two")
         return self
 
 
@@ -230,6 +251,10 @@ class MAMLLearner(MetaLearner):
                     for n in self.batchnorm_names
                 }
             )
+        # Meta Dropout (Lee et al. 2020): phi, outer-only (`metalab.algorithms.learned_noise`).
+        self.noise_generator: NoiseGenerator | None = None
+        if options.learned_noise:
+            self.noise_generator = NoiseGenerator(model)
 
     # ----------------------------------------------------------------- settings
     @property
@@ -329,6 +354,13 @@ class MAMLLearner(MetaLearner):
         kind = GroupedConv4Forward if self.vectorised else ModuleForward
         return kind(*inputs, precision, channels_last, second_order, self._with_step_batchnorm)
 
+    def _support_noise(self, seeds: list[int] | None, samples: int) -> SupportNoise | None:
+        """Learned support noise of a chunk of tasks (``seeds[t]``: task t's), averaging
+        ``samples`` draws per inner step; None without ``learned_noise`` or seeds."""
+        if self.noise_generator is None or seeds is None:
+            return None
+        return SupportNoise(self.noise_generator, seeds, samples)
+
     def _adapt_on_support(
         self,
         forward: TaskForward,
@@ -337,11 +369,15 @@ class MAMLLearner(MetaLearner):
         inner_lr: Callable[[str, int], Tensor | float],
         steps: int,
         second_order: bool,
+        noise: SupportNoise | None = None,
     ) -> list[ParameterDict]:
         """The inner loop on T tasks' support sets (support_y [T, S]) from theta_0 =
-        ``params``: the trajectory [theta_0, ..., theta_steps] of `functional.inner_loop`."""
+        ``params``: the trajectory [theta_0, ..., theta_steps] of `functional.inner_loop`.
+        ``noise``: the support losses are the learned-noise ones (the query's never are)."""
 
         def support_loss(params: ParameterDict, step: int) -> Tensor:
+            if noise is not None:
+                return noise.support_loss(forward, params, step, support_y)
             logits = forward.logits(params, "support", step)
             return per_task_cross_entropy(logits, support_y).sum()
 
@@ -356,11 +392,13 @@ class MAMLLearner(MetaLearner):
         dropout_masks: TaskDropoutMasks | None,
         second_order: bool,
         step_weights: Tensor,
+        noise_seeds: list[int] | None = None,
     ) -> TaskOutcome:
         """Inner loop + query losses of T tasks in one pass (T = 1 on the loop path).
 
         support_x [T, S, C, H, W], support_y [T, S], query_x [T, Q, C, H, W], query_y [T, Q];
-        ``dropout_masks[t]``: task t's per-block masks, or None.
+        ``dropout_masks[t]``: task t's per-block masks, or None; ``noise_seeds[t]``: task t's
+        learned-noise seed (``learned_noise``), or None.
         """
         num_tasks = support_x.shape[0]
         forward = self._task_forward(support_x, query_x, dropout_masks, second_order)
@@ -369,8 +407,15 @@ class MAMLLearner(MetaLearner):
         if self.needs_pre_adaptation_logits:
             pre_adaptation_logits = forward.logits(params, "query", 0)
 
+        noise = self._support_noise(noise_seeds, self.options.learned_noise_train_samples)
         trajectory = self._adapt_on_support(
-            forward, params, support_y, self._inner_lr, self.options.inner_steps, second_order
+            forward,
+            params,
+            support_y,
+            self._inner_lr,
+            self.options.inner_steps,
+            second_order,
+            noise,
         )
         meta_losses, final_logits, final_losses = weighted_query_losses(
             trajectory,
@@ -391,6 +436,8 @@ class MAMLLearner(MetaLearner):
         masks = draw_task_dropout_masks(
             self.model, self.options.meta_dropout_rates, num_tasks, dtype, support_x.device
         )
+        # Drawn here, in task order, so that chunking and threads do not change the noise.
+        seeds = draw_task_seeds(num_tasks) if self.noise_generator is not None else None
         # The backward's inputs: meta-parameters with a nonzero outer lr at this iteration.
         inputs = outer_groups.trained_parameters(self.parameter_groups(), progress.iteration)
         by_mean = self.combines_tasks_by_mean
@@ -404,6 +451,7 @@ class MAMLLearner(MetaLearner):
                 None if masks is None else masks[tasks],
                 second_order,
                 step_weights,
+                None if seeds is None else seeds[tasks],
             )
 
         # By the mean, each chunk is backpropagated as soon as it is done (mean over all
@@ -453,16 +501,20 @@ class MAMLLearner(MetaLearner):
             ]
         if self.inner_lrs is not None:
             named += [(f"inner_lr.{n}", self.inner_lrs[_key(n)]) for n in self.adapted_names]
+        if self.noise_generator is not None:
+            named += [(f"learned_noise.{n}", p) for n, p in self.noise_generator.named_parameters()]
         return named
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups of the outer-trainable meta-parameters with a nonzero multiplier
         (`metalab.algorithms.outer_groups.parameter_groups`)."""
+        # The noise generator is a section of its own, trained like the head.
+        noise = ("learned_noise",) if self.noise_generator is not None else ()
         return outer_groups.parameter_groups(
             self.named_meta_parameters(),
             self.options,
             self.batchnorm_names,
-            self.own_outer_sections,
+            self.own_outer_sections + noise,
         )
 
 
