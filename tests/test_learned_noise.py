@@ -334,3 +334,15 @@ def test_noise_generator_mirrors_the_block_convolutions():
         assert conv.stride == block[0].stride and conv.padding == block[0].padding
         assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
     assert generator.head.weight.shape == (1, model.feature_dim)
+
+
+def test_cpu_run_creates_no_tensor_on_the_default_device():
+    """Noise seeds and eps are drawn on the CPU explicitly: with ``meta`` as torch's default
+    device a factory call without ``device=`` would make a meta tensor and fail here."""
+    learner = make_learner(inner_steps=2)
+    episodes = make_episodes()
+    with torch.device("meta"):
+        grads = meta_gradients(learner, episodes)
+        logits = learner.adapt_many(episodes.support_x, episodes.support_y, 2)(episodes.query_x)
+    assert all(g.device.type == "cpu" for g in grads.values())
+    assert logits.device.type == "cpu" and torch.isfinite(logits).all()

@@ -88,7 +88,7 @@ class NoiseGenerator(nn.Module):
 
 def draw_task_seeds(num_tasks: int) -> list[int]:
     """One noise seed per task from torch's global CPU generator, in task order."""
-    return torch.randint(0, SEED_BOUND, (num_tasks,), dtype=torch.int64).tolist()
+    return torch.randint(0, SEED_BOUND, (num_tasks,), dtype=torch.int64, device="cpu").tolist()
 
 
 class SupportNoise:
@@ -100,12 +100,12 @@ class SupportNoise:
     def __init__(self, generator: NoiseGenerator, seeds: Sequence[int], samples: int) -> None:
         self.generator = generator
         self.samples = samples
-        self.task_generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.task_generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
 
     def _normal(self, shape: Sequence[int], like: Tensor) -> Tensor:
         """N(0, 1) noise: ``shape`` = [B, *rest] per task, stacked [B, T, *rest] (tasks on
         dim 1), task t's from its own generator."""
-        draws = [torch.randn(tuple(shape), generator=g) for g in self.task_generators]
+        draws = [torch.randn(tuple(shape), generator=g, device="cpu") for g in self.task_generators]
         return torch.stack(draws, dim=1).to(device=like.device, dtype=like.dtype)
 
     def support_loss(
