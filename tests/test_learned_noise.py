@@ -13,7 +13,7 @@ from torch.func import functional_call
 from metalab.algorithms import learned_noise, maml_adaptation
 from metalab.algorithms.base import TrainProgress
 from metalab.algorithms.functional import adaptation_lr, adaptation_start, per_task_cross_entropy
-from metalab.algorithms.learned_noise import NoiseGenerator, SupportNoise, draw_task_seeds
+from metalab.algorithms.learned_noise import NoiseGenerator, SupportNoise, task_seeds
 from metalab.algorithms.maml import MAMLLearner, Options
 from metalab.data.episodes import Episodes
 from metalab.models import Conv4, ResNet18
@@ -113,7 +113,7 @@ def test_query_logits_are_the_noise_free_network_at_the_adapted_weights(adapt, v
 
     forward = learner._task_forward(sx, qx, None, True)
     start = learner._initial_params(num_tasks if forward.stacked else None)
-    noise = learner._support_noise(seeds, 1)
+    noise = learned_noise.support_noise(learner.noise_generator, seeds, 1)
     trajectory = learner._adapt_on_support(forward, start, sy, learner._inner_lr, 2, True, noise)
     phi = {n: p.detach().clone() for n, p in learner.noise_generator.named_parameters()}
     for t in range(num_tasks):
@@ -130,7 +130,7 @@ def test_query_logits_are_the_noise_free_network_at_the_adapted_weights(adapt, v
     # clean inner loop ends elsewhere.
     with torch.no_grad():
         clean = per_task_cross_entropy(forward.logits(start, "support", 0), sy).sum()
-        noisy = learner._support_noise(seeds, 1).support_loss(forward, start, 0, sy)
+        noisy = SupportNoise(learner.noise_generator, seeds, 1).support_loss(forward, start, 0, sy)
     assert abs(noisy.item() - clean.item()) > 1e-3
     clean_trajectory = learner._adapt_on_support(forward, start, sy, learner._inner_lr, 2, True)
     name = "head.weight"
@@ -210,7 +210,7 @@ def test_test_time_average_equals_the_mean_of_single_sample_runs():
     averaged = ends[0][1]
 
     torch.manual_seed(3)
-    seeds = draw_task_seeds(2)  # what adapt_chunks drew
+    seeds = task_seeds(learner.noise_generator, 2)  # what adapt_chunks drew
     forward = maml_adaptation.test_time_forward(learner, sx, None)
     start = adaptation_start(learner._initial_params(None), learner.adapted_names, N_WAY, N_WAY)
     start = {n: p.unsqueeze(0).expand(2, *p.shape) for n, p in start.items()}
@@ -307,8 +307,8 @@ def test_off_draws_no_noise_and_adds_no_parameter(monkeypatch: pytest.MonkeyPatc
     assert torch.equal(torch.get_rng_state(), rng_after_model)
 
     monkeypatch.setattr(learned_noise.SupportNoise, "support_loss", unreachable)
-    monkeypatch.setattr(learned_noise, "draw_task_seeds", unreachable)
-    monkeypatch.setattr(maml_adaptation, "draw_task_seeds", unreachable)
+    monkeypatch.setattr(learned_noise.SupportNoise, "__init__", unreachable)
+    monkeypatch.setattr(learned_noise.NoiseGenerator, "__init__", unreachable)
     episodes = make_episodes()
     results = []
     for options in ({}, {"learned_noise": False}):

@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
 from metalab.algorithms.functional import ParameterDict, linear_per_task, per_task_cross_entropy
@@ -59,6 +60,36 @@ from metalab.models import Conv4
 INIT_STD = 0.02
 # Per-task seeds are drawn below this bound (any int64 seed works for torch.Generator).
 SEED_BOUND = 2**62
+
+
+class LearnedNoiseOptions(BaseModel):
+    """The ``learned_noise*`` options of the MAML core (`metalab.algorithms.maml.Options`
+    derives from this; its ``first_order`` and ``meta_dropout_rates`` are checked here)."""
+
+    learned_noise: bool = Field(
+        False,
+        description=(
+            "Meta Dropout of Lee et al. 2020 (Conv4): learned input-dependent noise on the "
+            "support forward passes, meta-learned through the inner loop (learned_noise.py)"
+        ),
+    )
+    learned_noise_train_samples: int = Field(
+        1, ge=1, le=100, description="learned_noise: noise draws averaged per inner step (train)"
+    )
+    learned_noise_test_samples: int = Field(
+        30, ge=1, le=1000, description="learned_noise: noise draws averaged per step (test)"
+    )
+
+    @model_validator(mode="after")
+    def _learned_noise_consistent(self) -> LearnedNoiseOptions:
+        if self.learned_noise and getattr(self, "first_order", False):
+            raise ValueError(
+                "learned_noise needs first_order: false (first-order MAML gives the noise "
+                "generator no meta-gradient)"
+            )
+        if self.learned_noise and getattr(self, "meta_dropout_rates", None) is not None:
+            raise ValueError("learned_noise and meta_dropout_rates: choose one of the two")
+        return self
 
 
 class NoiseGenerator(nn.Module):
@@ -85,9 +116,17 @@ class NoiseGenerator(nn.Module):
             nn.init.normal_(module.weight, std=INIT_STD)
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def build(cls, model: nn.Module, options: LearnedNoiseOptions) -> NoiseGenerator | None:
+        """phi for ``model`` with ``learned_noise`` on, else None (no parameter, no draw)."""
+        return cls(model) if options.learned_noise else None
 
-def draw_task_seeds(num_tasks: int) -> list[int]:
-    """One noise seed per task from torch's global CPU generator, in task order."""
+
+def task_seeds(generator: NoiseGenerator | None, num_tasks: int) -> list[int] | None:
+    """One noise seed per task from torch's global CPU generator, in task order; None
+    (nothing drawn) without a noise generator."""
+    if generator is None:
+        return None
     return torch.randint(0, SEED_BOUND, (num_tasks,), dtype=torch.int64, device="cpu").tolist()
 
 
@@ -121,6 +160,16 @@ class SupportNoise:
                 logits = noisy_logits(forward.model, self.generator, params, x, self._normal)
             losses.append(per_task_cross_entropy(logits.to(forward.dtype), support_y).sum())
         return torch.stack(losses).mean()
+
+
+def support_noise(
+    generator: NoiseGenerator | None, seeds: Sequence[int] | None, samples: int
+) -> SupportNoise | None:
+    """The learned support noise of a chunk of tasks (``seeds[t]``: task t's), averaging
+    ``samples`` draws per inner step; None without a generator (option off) or seeds."""
+    if generator is None or seeds is None:
+        return None
+    return SupportNoise(generator, seeds, samples)
 
 
 def _stacked(params: ParameterDict, model: nn.Module, name: str, num_tasks: int) -> Tensor:

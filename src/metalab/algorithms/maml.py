@@ -34,10 +34,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from metalab.algorithms import maml_adaptation, outer_groups
+from metalab.algorithms import learned_noise, maml_adaptation, outer_groups
 from metalab.algorithms.base import (
     BeforeAfterPredictor,
     BuildContext,
@@ -56,7 +56,6 @@ from metalab.algorithms.functional import (
     use_batch_statistics,
     weighted_query_losses,
 )
-from metalab.algorithms.learned_noise import NoiseGenerator, SupportNoise, draw_task_seeds
 from metalab.algorithms.outer_groups import LrMultiplier
 from metalab.algorithms.precision import Precision, check_precision
 from metalab.algorithms.task_forward import (
@@ -72,8 +71,9 @@ from metalab.data.episodes import Episodes
 from metalab.models import Conv4, build_model
 
 
-class Options(BaseModel):
-    """``experiments.<name>.options`` of algorithm ``maml``."""
+class Options(learned_noise.LearnedNoiseOptions):
+    """``experiments.<name>.options`` of algorithm ``maml`` (the ``learned_noise*`` ones:
+    `metalab.algorithms.learned_noise.LearnedNoiseOptions`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -123,19 +123,6 @@ class Options(BaseModel):
     meta_dropout_rates: list[float] | None = Field(
         None, description="Meta Dropout (Conv4): one rate per block, masks fixed per task"
     )
-    learned_noise: bool = Field(
-        False,
-        description=(
-            "Meta Dropout of Lee et al. 2020 (Conv4): learned input-dependent noise on the "
-            "support forward passes, meta-learned through the inner loop (learned_noise.py)"
-        ),
-    )
-    learned_noise_train_samples: int = Field(
-        1, ge=1, le=100, description="learned_noise: noise draws averaged per inner step (train)"
-    )
-    learned_noise_test_samples: int = Field(
-        30, ge=1, le=1000, description="learned_noise: noise draws averaged per step (test)"
-    )
     vectorise_tasks: bool = Field(
         True, description="run a chunk of tasks in one pass (same result as a per-task loop)"
     )
@@ -166,13 +153,6 @@ class Options(BaseModel):
             raise ValueError(
                 "per_step_batchnorm needs adapt_parameters 'all': ANIL runs the body once"
             )
-        if self.learned_noise and self.first_order:
-            raise ValueError(
-                "learned_noise needs first_order: false (first-order MAML gives the noise "
-                "generator no meta-gradient)"
-            )
-        if self.learned_noise and self.meta_dropout_rates is not None:
-            raise ValueError("learned_noise and meta_dropout_rates: choose one of the two")
         return self
 
 
@@ -252,9 +232,7 @@ class MAMLLearner(MetaLearner):
                 }
             )
         # Meta Dropout (Lee et al. 2020): phi, outer-only (`metalab.algorithms.learned_noise`).
-        self.noise_generator: NoiseGenerator | None = None
-        if options.learned_noise:
-            self.noise_generator = NoiseGenerator(model)
+        self.noise_generator = learned_noise.NoiseGenerator.build(model, options)
 
     # ----------------------------------------------------------------- settings
     @property
@@ -354,13 +332,6 @@ class MAMLLearner(MetaLearner):
         kind = GroupedConv4Forward if self.vectorised else ModuleForward
         return kind(*inputs, precision, channels_last, second_order, self._with_step_batchnorm)
 
-    def _support_noise(self, seeds: list[int] | None, samples: int) -> SupportNoise | None:
-        """Learned support noise of a chunk of tasks (``seeds[t]``: task t's), averaging
-        ``samples`` draws per inner step; None without ``learned_noise`` or seeds."""
-        if self.noise_generator is None or seeds is None:
-            return None
-        return SupportNoise(self.noise_generator, seeds, samples)
-
     def _adapt_on_support(
         self,
         forward: TaskForward,
@@ -369,7 +340,7 @@ class MAMLLearner(MetaLearner):
         inner_lr: Callable[[str, int], Tensor | float],
         steps: int,
         second_order: bool,
-        noise: SupportNoise | None = None,
+        noise: learned_noise.SupportNoise | None = None,
     ) -> list[ParameterDict]:
         """The inner loop on T tasks' support sets (support_y [T, S]) from theta_0 =
         ``params``: the trajectory [theta_0, ..., theta_steps] of `functional.inner_loop`.
@@ -407,7 +378,8 @@ class MAMLLearner(MetaLearner):
         if self.needs_pre_adaptation_logits:
             pre_adaptation_logits = forward.logits(params, "query", 0)
 
-        noise = self._support_noise(noise_seeds, self.options.learned_noise_train_samples)
+        samples = self.options.learned_noise_train_samples
+        noise = learned_noise.support_noise(self.noise_generator, noise_seeds, samples)
         trajectory = self._adapt_on_support(
             forward,
             params,
@@ -437,7 +409,7 @@ class MAMLLearner(MetaLearner):
             self.model, self.options.meta_dropout_rates, num_tasks, dtype, support_x.device
         )
         # Drawn here, in task order, so that chunking and threads do not change the noise.
-        seeds = draw_task_seeds(num_tasks) if self.noise_generator is not None else None
+        seeds = learned_noise.task_seeds(self.noise_generator, num_tasks)
         # The backward's inputs: meta-parameters with a nonzero outer lr at this iteration.
         inputs = outer_groups.trained_parameters(self.parameter_groups(), progress.iteration)
         by_mean = self.combines_tasks_by_mean

@@ -25,7 +25,7 @@ from metalab.algorithms.functional import (
     adaptation_start,
     stack_for_tasks,
 )
-from metalab.algorithms.learned_noise import draw_task_seeds
+from metalab.algorithms.learned_noise import support_noise, task_seeds
 from metalab.algorithms.task_forward import HeadOnlyForward, TaskForward
 
 
@@ -42,7 +42,6 @@ class MAMLLearner(Protocol):
     _initial_params: Callable[..., Any]
     _inner_lr: Callable[..., Any]
     _task_forward: Callable[..., Any]
-    _support_noise: Callable[..., Any]
     noise_generator: Any
 
 
@@ -82,15 +81,16 @@ def adapt_chunks(
     )
     inner_lr = adaptation_lr(learner._inner_lr, n_way, learner.n_way)
     chunks = learner.task_runner.chunks(support_x.shape[0])
-    noisy = learner.noise_generator is not None and steps > 0
-    seeds = draw_task_seeds(support_x.shape[0]) if noisy else None
+    # Zero steps draw nothing (the per-episode evaluation's un-adapted pass).
+    seeds = task_seeds(learner.noise_generator, support_x.shape[0]) if steps > 0 else None
     samples = learner.options.learned_noise_test_samples
     ends = []
     for tasks in chunks:
         chunk_x = support_x[tasks].to(dtype)
         forward = test_time_forward(learner, chunk_x, None)
         params = stack_for_tasks(start, chunk_x.shape[0]) if forward.stacked else start
-        noise = learner._support_noise(None if seeds is None else seeds[tasks], samples)
+        chunk_seeds = None if seeds is None else seeds[tasks]
+        noise = support_noise(learner.noise_generator, chunk_seeds, samples)
         if steps > 0 and noise is None:
             with torch.no_grad():
                 forward.precompute("support")
