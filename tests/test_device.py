@@ -141,6 +141,7 @@ EXTRA_CASES = [
         {"variant": "entropy", "adapted_entropy_weight": 0.1, "vectorise_tasks": False},
     ),
     Case("taml-gini", "taml", {"variant": "inequality", "inequality": "gini"}),
+    Case("taml-entropy-learned-noise", "taml", {"variant": "entropy", "learned_noise": True}),
     Case(
         "taml-ge-dropout",
         "taml",

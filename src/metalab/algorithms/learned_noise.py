@@ -89,6 +89,8 @@ class LearnedNoiseOptions(BaseModel):
             )
         if self.learned_noise and getattr(self, "meta_dropout_rates", None) is not None:
             raise ValueError("learned_noise and meta_dropout_rates: choose one of the two")
+        if self.learned_noise and getattr(self, "variant", None) == "encoder":
+            raise ValueError("learned_noise: not for TAML's encoder variant (own head loop)")
         return self
 
 

@@ -423,7 +423,7 @@ class MAMLLearner(MetaLearner):
                 None if masks is None else masks[tasks],
                 second_order,
                 step_weights,
-                None if seeds is None else seeds[tasks],
+                **({} if seeds is None else {"noise_seeds": seeds[tasks]}),
             )
 
         # By the mean, each chunk is backpropagated as soon as it is done (mean over all
