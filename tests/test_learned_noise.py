@@ -5,17 +5,20 @@ Monte Carlo averaging, determinism, and the option off leaving everything as it 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from metalab import evaluation
 from metalab.algorithms import learned_noise, maml_adaptation, taml
 from metalab.algorithms.base import TrainProgress
 from metalab.algorithms.functional import adaptation_lr, adaptation_start, per_task_cross_entropy
 from metalab.algorithms.learned_noise import NoiseGenerator, SupportNoise, task_seeds
 from metalab.algorithms.maml import MAMLLearner, Options
-from metalab.data.episodes import Episodes
+from metalab.data.episodes import EpisodeIndex, Episodes
+from metalab.learner_api import Learner
 from metalab.models import Conv4, ResNet18
 
 SIZE = 16  # 16 -> 8 -> 4 -> 2 -> 1 through the four max-pooling blocks
@@ -348,3 +351,35 @@ def test_cpu_run_creates_no_tensor_on_the_default_device():
         logits = learner.adapt_many(episodes.support_x, episodes.support_y, 2)(episodes.query_x)
     assert all(g.device.type == "cpu" for g in grads.values())
     assert logits.device.type == "cpu" and torch.isfinite(logits).all()
+
+
+def test_evaluation_reruns_and_per_episode_loop_give_the_same_accuracies(monkeypatch):
+    """`evaluate_episode_set` seeds the global RNG per setting: a rerun draws the same
+    noise; the per-episode loop (after, then 0 steps) draws the batched call's seeds in
+    task order, so it scores every episode alike; chunks of uneven size change nothing."""
+    characters, drawings, size, episodes, n_way, k_shot, queries = 8, 6, SIZE, 5, 3, 1, 2
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.rand(characters, 1, size, size, generator=generator) < 0.3
+    flips = torch.rand(characters, drawings, size, size, generator=generator) < 0.05
+    images = ((patterns ^ flips).to(torch.uint8) * 255).reshape(-1, size, size)
+    chosen = torch.stack([torch.randperm(characters, generator=generator)[:n_way]] * episodes)
+    image_index = chosen.unsqueeze(-1) * drawings + torch.arange(k_shot + queries)
+    rotation = torch.zeros(episodes, n_way, dtype=torch.int64)
+    index = EpisodeIndex(image_index, rotation, chosen, k_shot)
+    options = Options(learned_noise=True, learned_noise_test_samples=2, test_inner_steps=2)
+    torch.manual_seed(0)
+    meta_learner = MAMLLearner(Conv4(n_way, size, hidden=4), n_way, options)
+    learner = Learner(meta_learner, options, n_way, size)
+    monkeypatch.setattr(evaluation, "CHUNK_IMAGES", 2 * n_way * (k_shot + queries))  # 2 + 2 + 1
+
+    def run(batch_tasks: bool):
+        result = evaluation.evaluate_episode_set(
+            learner, images, index, "3w1s", seed=5, progress=False, batch_tasks=batch_tasks
+        )
+        return result.accuracy_before, result.accuracy_after
+
+    before, after = run(True)
+    again_before, again_after = run(True)
+    loop_before, loop_after = run(False)
+    assert np.array_equal(after, again_after) and np.array_equal(before, again_before)
+    assert np.array_equal(after, loop_after) and np.array_equal(before, loop_before)
