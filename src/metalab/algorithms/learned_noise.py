@@ -40,6 +40,17 @@ before its tasks are split into chunks); its noise then comes from a CPU generat
 own, in the order (inner step, sample, block, logits), and is moved to the model's device.
 The numbers are therefore the same on the per-task loop and the vectorised path, on any
 device, and whatever thread a chunk runs on.
+
+Deviations from the paper / the authors' code:
+
+* Query passes run the plain network. The authors' code sends query images through the
+  generator at its mean (eps = 0: features times softplus(conv_phi(h)), logits without
+  noise); here the generator only ever touches support passes.
+* Conv4 only (the paper's networks); ResNet18, TAML's encoder variant and the seed's
+  ``meta_dropout_rates`` are rejected with it. Extensions the paper does not cover: ANIL
+  (the fixed body still gets perturbed support features, recomputed at every inner step
+  because the noise is redrawn), MAML++ per-step BatchNorm, multi-step loss, bf16.
+* MAML++ derivative-order annealing: in its first-order iterations phi gets no gradient.
 """
 
 from __future__ import annotations
