@@ -116,6 +116,19 @@ EXTRA_CASES = [
         iteration=1,
     ),
     Case("anil-loop", "maml", {"adapt_parameters": "head", "vectorise_tasks": False}),
+    Case("maml-learned-noise", "maml", {"learned_noise": True, "learned_noise_test_samples": 2}),
+    Case(
+        "maml-learned-noise-loop-bf16",
+        "maml",
+        {"learned_noise": True, "vectorise_tasks": False, "learned_noise_train_samples": 2},
+        "bf16",
+        downsample="stride",
+    ),
+    Case(
+        "anil-learned-noise",
+        "maml",
+        {"adapt_parameters": "head", "learned_noise": True, "learned_noise_test_samples": 2},
+    ),
     Case(
         "anil-metasgd-dropout-bf16",
         "maml",
@@ -128,6 +141,7 @@ EXTRA_CASES = [
         {"variant": "entropy", "adapted_entropy_weight": 0.1, "vectorise_tasks": False},
     ),
     Case("taml-gini", "taml", {"variant": "inequality", "inequality": "gini"}),
+    Case("taml-entropy-learned-noise", "taml", {"variant": "entropy", "learned_noise": True}),
     Case(
         "taml-ge-dropout",
         "taml",

@@ -37,13 +37,12 @@ chunk of tasks at once with grouped convolutions; same meta-gradients, tested),
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from metalab.algorithms import maml_adaptation, outer_groups
+from metalab.algorithms import learned_noise, maml_adaptation, outer_groups
 from metalab.algorithms.base import (
     BeforeAfterPredictor,
     BuildContext,
@@ -63,7 +62,7 @@ from metalab.algorithms.functional import (
     weighted_query_losses,
     zero_head,
 )
-from metalab.algorithms.outer_groups import LrMultiplier
+from metalab.algorithms.maml_options import Options
 from metalab.algorithms.precision import Precision, check_precision
 from metalab.algorithms.task_forward import (
     GroupedConv4Forward,
@@ -76,106 +75,6 @@ from metalab.algorithms.task_forward import (
 from metalab.algorithms.task_runner import TaskOutcome, TaskRunner
 from metalab.data.episodes import Episodes
 from metalab.models import Conv4, build_model
-
-
-class Options(BaseModel):
-    """``experiments.<name>.options`` of algorithm ``maml``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    inner_lr: float = Field(0.4, gt=0, le=10, description="inner-loop step size (initial value)")
-    inner_steps: int = Field(1, ge=1, le=50, description="inner gradient steps in training")
-    test_inner_steps: int = Field(
-        3, ge=0, le=200, description="adaptation steps at test time (adapt)"
-    )
-    first_order: bool = Field(False, description="first-order MAML: drop second derivatives")
-    adapt_parameters: Literal["all", "head"] = Field(
-        "all", description="what the inner loop adapts: everything (MAML) or head.* (ANIL)"
-    )
-    inner_lr_mode: Literal["fixed", "per_parameter", "per_layer_per_step"] = Field(
-        "fixed",
-        description=(
-            "fixed lr; Meta-SGD learned lr tensors; MAML++ learned lr per tensor and step "
-            "(test-time steps beyond inner_steps reuse the last step's)"
-        ),
-    )
-    multi_step_loss: bool = Field(False, description="MAML++: query loss after every step")
-    multi_step_loss_iterations: int = Field(
-        1000, ge=1, description="MAML++: iterations over which step weights anneal to last step"
-    )
-    per_step_batchnorm: bool = Field(
-        False,
-        description=(
-            "MAML++: separate BatchNorm weight/bias per inner step (not adapted; extra "
-            "test-time steps reuse the last set)"
-        ),
-    )
-    first_order_until_iteration: int = Field(
-        0, ge=0, description="MAML++ derivative-order annealing: first-order before this"
-    )
-    outer_trainable: Literal["all", "head_and_batchnorm", "head"] = Field(
-        "all", description="meta-parameters the outer optimizer updates"
-    )
-    outer_lr_multipliers: list[LrMultiplier] = Field(
-        default_factory=list,
-        description="per-parameter outer lr multipliers, first matching pattern wins",
-    )
-    body_warmup_iterations: int = Field(
-        0, ge=0, description="body (incl. BatchNorm) outer lr is 0 before this iteration"
-    )
-    head_init: Literal["default", "zeros"] = Field(
-        "default", description="head initialisation: PyTorch's Linear default or zeros"
-    )
-    zero_head: bool = Field(
-        False,
-        description=(
-            "zeroing trick (Kao et al. 2022): head weight and bias are zero at the start of "
-            "every task's inner loop, in training and at test; the head is not meta-learned"
-        ),
-    )
-    meta_dropout_rates: list[float] | None = Field(
-        None, description="Meta Dropout (Conv4): one rate per block, masks fixed per task"
-    )
-    vectorise_tasks: bool = Field(
-        True, description="run a chunk of tasks in one pass (same result as a per-task loop)"
-    )
-    task_chunk_size: int = Field(
-        2, ge=1, le=1024, description="tasks per vectorised pass (small = cache-friendly)"
-    )
-    channels_last: bool = Field(
-        True, description="channels_last memory format for convolution inputs"
-    )
-    task_parallel: bool = Field(
-        True,
-        description=(
-            "vectorised path on the CPU with several torch threads: each thread runs whole "
-            "task chunks single-threaded instead of all threads splitting every kernel"
-        ),
-    )
-
-    @field_validator("meta_dropout_rates")
-    @classmethod
-    def _rates_in_range(cls, rates: list[float] | None) -> list[float] | None:
-        if rates is not None and any(not 0.0 <= rate < 1.0 for rate in rates):
-            raise ValueError("meta dropout rates must be in [0, 1)")
-        return rates
-
-    @model_validator(mode="after")
-    def _zero_head_leaves_something_to_train(self) -> Options:
-        if self.zero_head and self.outer_trainable == "head":
-            raise ValueError(
-                "zero_head resets the head for every task, so outer_trainable 'head' would "
-                "train nothing: use 'all' or 'head_and_batchnorm'"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Options:
-        if self.per_step_batchnorm and self.adapt_parameters == "head":
-            raise ValueError(
-                "per_step_batchnorm needs adapt_parameters 'all': ANIL runs the body once"
-            )
-        return self
 
 
 def _key(name: str) -> str:
@@ -255,6 +154,8 @@ class MAMLLearner(MetaLearner):
                     for n in self.batchnorm_names
                 }
             )
+        # Meta Dropout (Lee et al. 2020): phi, outer-only (`metalab.algorithms.learned_noise`).
+        self.noise_generator = learned_noise.NoiseGenerator.build(model, options)
 
     # ----------------------------------------------------------------- settings
     @property
@@ -368,11 +269,15 @@ class MAMLLearner(MetaLearner):
         inner_lr: Callable[[str, int], Tensor | float],
         steps: int,
         second_order: bool,
+        noise: learned_noise.SupportNoise | None = None,
     ) -> list[ParameterDict]:
         """The inner loop on T tasks' support sets (support_y [T, S]) from theta_0 =
-        ``params``: the trajectory [theta_0, ..., theta_steps] of `functional.inner_loop`."""
+        ``params``: the trajectory [theta_0, ..., theta_steps] of `functional.inner_loop`.
+        ``noise``: the support losses are the learned-noise ones (the query's never are)."""
 
         def support_loss(params: ParameterDict, step: int) -> Tensor:
+            if noise is not None:
+                return noise.support_loss(forward, params, step, support_y)
             logits = forward.logits(params, "support", step)
             return per_task_cross_entropy(logits, support_y).sum()
 
@@ -387,11 +292,13 @@ class MAMLLearner(MetaLearner):
         dropout_masks: TaskDropoutMasks | None,
         second_order: bool,
         step_weights: Tensor,
+        noise_seeds: list[int] | None = None,
     ) -> TaskOutcome:
         """Inner loop + query losses of T tasks in one pass (T = 1 on the loop path).
 
         support_x [T, S, C, H, W], support_y [T, S], query_x [T, Q, C, H, W], query_y [T, Q];
-        ``dropout_masks[t]``: task t's per-block masks, or None.
+        ``dropout_masks[t]``: task t's per-block masks, or None; ``noise_seeds[t]``: task t's
+        learned-noise seed (``learned_noise``), or None.
         """
         num_tasks = support_x.shape[0]
         forward = self._task_forward(support_x, query_x, dropout_masks, second_order)
@@ -400,8 +307,16 @@ class MAMLLearner(MetaLearner):
         if self.needs_pre_adaptation_logits:
             pre_adaptation_logits = forward.logits(params, "query", 0)
 
+        samples = self.options.learned_noise_train_samples
+        noise = learned_noise.support_noise(self.noise_generator, noise_seeds, samples)
         trajectory = self._adapt_on_support(
-            forward, params, support_y, self._inner_lr, self.options.inner_steps, second_order
+            forward,
+            params,
+            support_y,
+            self._inner_lr,
+            self.options.inner_steps,
+            second_order,
+            noise,
         )
         meta_losses, final_logits, final_losses = weighted_query_losses(
             trajectory,
@@ -422,6 +337,8 @@ class MAMLLearner(MetaLearner):
         masks = draw_task_dropout_masks(
             self.model, self.options.meta_dropout_rates, num_tasks, dtype, support_x.device
         )
+        # Drawn here, in task order, so that chunking and threads do not change the noise.
+        seeds = learned_noise.task_seeds(self.noise_generator, num_tasks)
         # The backward's inputs: meta-parameters with a nonzero outer lr at this iteration.
         inputs = outer_groups.trained_parameters(self.parameter_groups(), progress.iteration)
         by_mean = self.combines_tasks_by_mean
@@ -435,6 +352,7 @@ class MAMLLearner(MetaLearner):
                 None if masks is None else masks[tasks],
                 second_order,
                 step_weights,
+                **({} if seeds is None else {"noise_seeds": seeds[tasks]}),
             )
 
         # By the mean, each chunk is backpropagated as soon as it is done (mean over all
@@ -484,6 +402,8 @@ class MAMLLearner(MetaLearner):
             ]
         if self.inner_lrs is not None:
             named += [(f"inner_lr.{n}", self.inner_lrs[_key(n)]) for n in self.adapted_names]
+        if self.noise_generator is not None:
+            named += [(f"learned_noise.{n}", p) for n, p in self.noise_generator.named_parameters()]
         return named
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -493,11 +413,13 @@ class MAMLLearner(MetaLearner):
         named = self.named_meta_parameters()
         if self.options.zero_head:
             named = [(n, p) for n, p in named if not n.startswith("head.")]
+        # The noise generator is a section of its own, trained like the head.
+        noise = ("learned_noise",) if self.noise_generator is not None else ()
         return outer_groups.parameter_groups(
             named,
             self.options,
             self.batchnorm_names,
-            self.own_outer_sections,
+            self.own_outer_sections + noise,
         )
 
 

@@ -25,6 +25,7 @@ from metalab.algorithms.functional import (
     adaptation_start,
     stack_for_tasks,
 )
+from metalab.algorithms.learned_noise import support_noise, task_seeds
 from metalab.algorithms.task_forward import HeadOnlyForward, TaskForward
 
 
@@ -41,6 +42,7 @@ class MAMLLearner(Protocol):
     _initial_params: Callable[..., Any]
     _inner_lr: Callable[..., Any]
     _task_forward: Callable[..., Any]
+    noise_generator: Any
 
 
 # Which ends of a task's inner-loop trajectory a predictor reads: theta_0, theta_K.
@@ -67,9 +69,11 @@ def adapt_chunks(
 
     For N other than the trained way count the head starts as a fresh zero N-way head,
     adapted with the rest (Meta-SGD: class-averaged head lrs). ANIL computes the support
-    features without an autograd graph (the body stays fixed). Returns the chunks and,
-    per chunk, (theta_0, theta_steps) detached (stacked [T_chunk, ...] on the vectorised
-    path)."""
+    features without an autograd graph (the body stays fixed). With ``learned_noise``
+    every support loss is the mean over ``learned_noise_test_samples`` noise draws (one
+    seed per task from the global torch RNG, in task order, drawn only when steps > 0).
+    Returns the chunks and, per chunk, (theta_0, theta_steps) detached (stacked
+    [T_chunk, ...] on the vectorised path)."""
     dtype = learner.model.head.weight.dtype
     n_way = int(support_y.max().item()) + 1
     start = adaptation_start(
@@ -77,17 +81,22 @@ def adapt_chunks(
     )
     inner_lr = adaptation_lr(learner._inner_lr, n_way, learner.n_way)
     chunks = learner.task_runner.chunks(support_x.shape[0])
+    # Zero steps draw nothing (the per-episode evaluation's un-adapted pass).
+    seeds = task_seeds(learner.noise_generator, support_x.shape[0]) if steps > 0 else None
+    samples = learner.options.learned_noise_test_samples
     ends = []
     for tasks in chunks:
         chunk_x = support_x[tasks].to(dtype)
         forward = test_time_forward(learner, chunk_x, None)
         params = stack_for_tasks(start, chunk_x.shape[0]) if forward.stacked else start
-        if steps > 0:
+        chunk_seeds = None if seeds is None else seeds[tasks]
+        noise = support_noise(learner.noise_generator, chunk_seeds, samples)
+        if steps > 0 and noise is None:
             with torch.no_grad():
                 forward.precompute("support")
         with torch.enable_grad():
             trajectory = learner._adapt_on_support(
-                forward, params, support_y[tasks], inner_lr, steps, False
+                forward, params, support_y[tasks], inner_lr, steps, False, noise
             )
         ends.append(tuple({n: p.detach() for n, p in trajectory[i].items()} for i in (0, -1)))
     return chunks, ends
