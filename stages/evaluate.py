@@ -7,6 +7,11 @@ it on the fixed meta-test episode sets data/episodes/<setting>.npz, before and a
 adaptation. Writes metrics/eval/<name>.json (scalars per setting, 95% intervals; the names,
 episode-set fingerprints and run ids beside it in <name>.info.json) and
 metrics/eval/<name>.episodes.csv (per-episode accuracies, for paired comparisons).
+
+With ``evaluate.step_selection``, a gradient learner's test-time steps on each setting other
+than its training one are chosen first, on validation tasks of that setting drawn from the
+split's validation classes (``data.split``, ``episodes.query_per_class`` queries per class);
+the choice and every candidate's validation accuracy go into the setting's result.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from dataclasses import asdict
 
 from metalab import load_learner
 from metalab.cli import run_stage, stage_parser
-from metalab.data.prefetch import load_prefetched
+from metalab.data.prefetch import OmniglotArrays, load_prefetched
+from metalab.data.splits import make_split
 from metalab.device import configure, device_record, resolve_device
 from metalab.evaluation import (
+    StepSelection,
     evaluate_learner,
     load_episode_sets,
     numeric_metrics,
     train_run_id,
+    validation_episode_sets,
 )
 from metalab.io import write_text
 from metalab.layout import (
@@ -34,6 +42,27 @@ from metalab.layout import (
 )
 from metalab.params import Params, load_params, run_name
 from metalab.tracking import memory_figures, stage_run
+
+
+def step_selection(
+    params: Params, arrays: OmniglotArrays, settings: list[str]
+) -> StepSelection | None:
+    """``evaluate.step_selection`` with its validation tasks (None when off): per setting,
+    tasks from the validation classes of ``data.split``, shaped as the stored test tasks
+    (``episodes.query_per_class`` queries per class)."""
+    config = params.evaluate.step_selection
+    if config is None:
+        return None
+    split = make_split(arrays.character_origin, params.data.split)
+    sets = validation_episode_sets(
+        split.validation,
+        arrays.drawings_per_character,
+        settings,
+        params.episodes.query_per_class,
+        config.episodes,
+        config.seed,
+    )
+    return StepSelection(sets, tuple(config.steps), config.seed)
 
 
 def main(args, params: Params) -> None:
@@ -49,6 +78,7 @@ def main(args, params: Params) -> None:
     learner = load_learner(model_file(name), device=device)
     arrays = load_prefetched(PREFETCHED_FILE)
     episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
+    selection = step_selection(params, arrays, settings)
     parent_run = train_run_id(train_metrics_file(name))
     tags = {
         "experiment": experiment_name,
@@ -78,6 +108,7 @@ def main(args, params: Params) -> None:
             seed=params.episodes.seed,
             progress=not args.no_progress,
             experiment=experiment_name,
+            step_selection=selection,
         )
         metrics = evaluation.record(
             seed=seed,
@@ -100,6 +131,8 @@ def main(args, params: Params) -> None:
                 f"{name} {setting}: accuracy {summary.accuracy:.4f}{ci_text}{before_text} "
                 f"({summary.episodes} episodes)"
             )
+            if summary.step_selection_note is not None:
+                print(f"{name} {setting}: {summary.step_selection_note}")
         for setting, reason in metrics.unsupported.items():
             print(f"{name} {setting}: not evaluated: {reason}")
 

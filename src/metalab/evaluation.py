@@ -3,6 +3,12 @@
 Every learner is evaluated on the same stored tasks (`data/episodes/<setting>.npz`), so
 per-episode accuracies of two learners can be compared pairwise (`metalab.statistics`
 computes the intervals and paired differences).
+
+Per-setting test protocol (``evaluate.step_selection``): a learner that adapts by gradient
+steps, evaluated on a setting other than the one it was trained on (its N-way K-shot),
+takes the test-time step count that scores best on validation episodes of that setting
+(drawn from the validation characters, never the meta-test ones; `select_adaptation_steps`).
+On its own training setting it keeps its trained configuration.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from metalab.data.episodes import (
     Episodes,
     load_episode_set,
     materialize,
+    sample_episode_index,
     setting_seed,
 )
 from metalab.layout import episode_set_file
 from metalab.learner_api import Learner, UnsupportedTaskError
 from metalab.records import EvaluationMetrics, MetricsFile, SettingResult, TrainRunReference
+from metalab.records.vision import StepSelectionResult
 from metalab.statistics import mean_ci95, paired_difference
 from metalab.tracking import flatten
 
@@ -86,6 +94,7 @@ class SettingEvaluation:
     accuracy_before: np.ndarray | None
     seconds: np.ndarray
     unsupported: str | None = None
+    step_choice: StepChoice | None = None
 
     def summary(self) -> SettingResult:
         """This setting's entry of metrics/eval/<name>.json (accuracies as fractions; the
@@ -109,6 +118,7 @@ class SettingEvaluation:
             gain_ci95=gain_ci,
             seconds_per_episode=float(self.seconds.mean()) if self.seconds.size else None,
             episode_set=self.episode_set,
+            **(self.step_choice.record_fields() if self.step_choice is not None else {}),
         )
 
     def episode_rows(self) -> pd.DataFrame:
@@ -255,6 +265,163 @@ def _unsupported(result: SettingEvaluation, reason: str) -> SettingEvaluation:
     return result
 
 
+# ------------------------------------------------------------ test-time step selection
+@dataclass(frozen=True)
+class StepSelection:
+    """What `select_adaptation_steps` needs besides the learner (``evaluate.step_selection``).
+
+    validation_sets: {setting: validation episode index} (`validation_episode_sets`, drawn
+    from the validation classes only); candidates: the step counts tried (distinct, >= 0);
+    seed: seeds the torch RNG before each candidate (as `evaluate_episode_set` does).
+    """
+
+    validation_sets: dict[str, EpisodeIndex]
+    candidates: tuple[int, ...]
+    seed: int = 0
+
+
+@dataclass
+class StepChoice:
+    """The test-time steps used on one setting and how they were chosen.
+
+    steps: the chosen count; trained_setting: the setting is the learner's training one, so
+    it kept its trained configuration (no candidate scored: ``accuracies`` empty);
+    accuracies: {candidate steps: mean validation query accuracy} in candidate order;
+    episodes: validation episodes per candidate; episode_set: their fingerprint.
+    """
+
+    steps: int
+    trained_setting: bool
+    accuracies: dict[int, float]
+    episodes: int
+    episode_set: str | None
+
+    def record_fields(self) -> dict[str, Any]:
+        """The `SettingResult` fields of this choice (numbers; the note is text)."""
+        if self.trained_setting:
+            note = f"trained setting: kept the trained {self.steps} steps"
+        else:
+            tried = ", ".join(str(steps) for steps in self.accuracies)
+            note = (
+                f"{self.steps} steps: best mean accuracy of steps [{tried}] on "
+                f"{self.episodes} validation episodes (set {self.episode_set})"
+            )
+        return {
+            "step_selection": StepSelectionResult(
+                trained_setting=self.trained_setting,
+                episodes=self.episodes,
+                validation_accuracy={str(s): a for s, a in self.accuracies.items()},
+            ),
+            "step_selection_note": note,
+        }
+
+
+def validation_episode_sets(
+    validation_classes: torch.Tensor,
+    drawings_per_character: int,
+    settings: list[str],
+    query_per_class: int,
+    episodes: int,
+    seed: int,
+) -> dict[str, EpisodeIndex]:
+    """{setting: `episodes` tasks of that setting drawn from `validation_classes`} (int64
+    [C, 2]: character, rotation; the split's validation part, so no meta-test character can
+    appear). Each setting's tasks depend only on (`seed`, setting), as the test sets do."""
+    sets = {}
+    for setting in settings:
+        n_way, k_shot = parse_setting(setting)
+        generator = torch.Generator().manual_seed(setting_seed(seed, setting))
+        sets[setting] = sample_episode_index(
+            validation_classes,
+            drawings_per_character,
+            n_way,
+            k_shot,
+            query_per_class,
+            episodes,
+            generator,
+        )
+    return sets
+
+
+def is_trained_setting(learner: Learner, index: EpisodeIndex) -> bool:
+    """Whether `index` holds tasks of the shape `learner` was trained on (N-way K-shot; an
+    unknown K, from an old model file, matches no setting)."""
+    return (index.n_way, index.k_shot) == (learner.n_way, learner.k_shot)
+
+
+def validation_accuracies(
+    learner: Learner, images: torch.Tensor, index: EpisodeIndex, steps: int
+) -> np.ndarray:
+    """Per-task query accuracy (float64 [T]) of `learner` adapted with `steps` to each task
+    of `index` (images: uint8 [N_images, S, S]); batched as `evaluate_episode_set` when the
+    learner batches tasks. `UnsupportedTaskError` if it cannot do the task shape."""
+    batched = learner.batches_tasks
+    per_call = episodes_per_call(index) if batched else 1
+    accuracies = np.zeros(index.num_tasks)
+    for start in range(0, index.num_tasks, TASK_CHUNK):
+        episodes = materialize(images, index[start : start + TASK_CHUNK])
+        for offset in range(0, episodes.num_tasks, per_call):
+            chunk = episodes[offset : offset + per_call]
+            logits = adapt_and_predict(learner, chunk, steps, batched)
+            first = start + offset
+            accuracies[first : first + chunk.num_tasks] = task_accuracies(logits, chunk.query_y)
+    return accuracies
+
+
+def select_adaptation_steps(
+    learner: Learner,
+    images: torch.Tensor,
+    index: EpisodeIndex,
+    setting: str,
+    candidates: tuple[int, ...] | list[int],
+    seed: int = 0,
+) -> StepChoice:
+    """The candidate step count with the best mean query accuracy on the validation tasks
+    `index` of `setting` (ties: the fewest steps, the cheaper adaptation).
+
+    A pure function of the model, the tasks and (`candidates`, `seed`): the torch RNG is
+    seeded from (`seed`, `setting`) before each candidate, so a candidate's accuracy does not
+    depend on the others or their order. `UnsupportedTaskError` passes through.
+    """
+    accuracies: dict[int, float] = {}
+    for steps in dict.fromkeys(candidates):
+        torch.manual_seed(setting_seed(seed, setting))
+        accuracies[steps] = float(validation_accuracies(learner, images, index, steps).mean())
+    best = max(accuracies, key=lambda steps: (accuracies[steps], -steps))
+    return StepChoice(
+        steps=best,
+        trained_setting=False,
+        accuracies=accuracies,
+        episodes=index.num_tasks,
+        episode_set=episode_set_fingerprint(index),
+    )
+
+
+def choose_steps(
+    learner: Learner,
+    images: torch.Tensor,
+    index: EpisodeIndex,
+    setting: str,
+    selection: StepSelection | None,
+) -> StepChoice | None:
+    """The step choice of one setting under `selection`: None without a selection, for a
+    learner that does not adapt by gradient steps, or when it cannot do the setting's
+    tasks; the trained configuration on the trained setting; else
+    `select_adaptation_steps` on the setting's validation tasks."""
+    if selection is None or not learner.adapts_by_gradient:
+        return None
+    if is_trained_setting(learner, index):
+        steps = int(learner.default_adaptation_steps or 0)
+        return StepChoice(steps, True, {}, 0, None)
+    validation = selection.validation_sets[setting]
+    try:
+        return select_adaptation_steps(
+            learner, images, validation, setting, selection.candidates, selection.seed
+        )
+    except UnsupportedTaskError:  # the test set reports the reason
+        return None
+
+
 @dataclass
 class LearnerEvaluation:
     """All settings of one learner; `record()` is the metrics/eval/<name>.json content."""
@@ -306,12 +473,18 @@ def evaluate_learner(
     seed: int = 0,
     progress: bool = True,
     experiment: str | None = None,
+    step_selection: StepSelection | None = None,
 ) -> LearnerEvaluation:
     """Evaluate `learner` on each {setting: episode index} (see `evaluate_episode_set`).
 
     images: uint8 [N_images, S, S] with S = the learner's image size. `experiment` names
-    the result (default: the name stored in the model file).
+    the result (default: the name stored in the model file). With `step_selection` (and
+    `steps` None), a gradient learner's test-time steps on each setting come from
+    `choose_steps` (recorded with the setting's result); the test tasks are scored after
+    the selection, with the RNG reseeded, so they see nothing of it.
     """
+    if step_selection is not None and steps is not None:
+        raise ValueError("give either fixed steps or a step selection, not both")
     size = int(images.shape[-1])
     if size != learner.image_size:
         raise ValueError(
@@ -321,16 +494,20 @@ def evaluate_learner(
     experiment = experiment or learner.experiment
     results = {}
     for setting, index in episode_sets.items():
+        choice = choose_steps(learner, images, index, setting, step_selection)
         results[setting] = evaluate_episode_set(
             learner,
             images,
             index,
             setting,
-            steps=steps,
+            # the trained setting keeps the learner's default (steps None), as without it
+            steps=choice.steps if choice is not None and not choice.trained_setting else steps,
             seed=seed,
             progress=progress,
             description=f"evaluate {experiment} {setting}",
         )
+        if results[setting].unsupported is None:
+            results[setting].step_choice = choice
     return LearnerEvaluation(experiment, learner.algorithm, results)
 
 
