@@ -10,7 +10,7 @@ metrics/eval/<name>.episodes.csv (per-episode accuracies, for paired comparisons
 
 With ``evaluate.step_selection``, a gradient learner's test-time steps on each setting other
 than its training one are chosen first, on validation tasks of that setting drawn from the
-split's validation classes (``data.split``, ``episodes.query_per_class`` queries per class);
+split's validation classes (``data.split``), shaped as the stored test tasks;
 the choice and every candidate's validation accuracy go into the setting's result.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 from metalab import load_learner
 from metalab.cli import run_stage, stage_parser
+from metalab.data.episodes import EpisodeIndex
 from metalab.data.prefetch import OmniglotArrays, load_prefetched
 from metalab.data.splits import make_split
 from metalab.device import configure, device_record, resolve_device
@@ -45,22 +46,17 @@ from metalab.tracking import memory_figures, stage_run
 
 
 def step_selection(
-    params: Params, arrays: OmniglotArrays, settings: list[str]
+    params: Params, arrays: OmniglotArrays, episode_sets: dict[str, EpisodeIndex]
 ) -> StepSelection | None:
     """``evaluate.step_selection`` with its validation tasks (None when off): per setting,
     tasks from the validation classes of ``data.split``, shaped as the stored test tasks
-    (``episodes.query_per_class`` queries per class)."""
+    `episode_sets` (so the query count comes from the episode files, not from params)."""
     config = params.evaluate.step_selection
     if config is None:
         return None
     split = make_split(arrays.character_origin, params.data.split)
     sets = validation_episode_sets(
-        split.validation,
-        arrays.drawings_per_character,
-        settings,
-        params.episodes.query_per_class,
-        config.episodes,
-        config.seed,
+        split.validation, arrays.drawings_per_character, episode_sets, config.episodes, config.seed
     )
     return StepSelection(sets, tuple(config.steps), config.seed)
 
@@ -78,7 +74,7 @@ def main(args, params: Params) -> None:
     learner = load_learner(model_file(name), device=device)
     arrays = load_prefetched(PREFETCHED_FILE)
     episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
-    selection = step_selection(params, arrays, settings)
+    selection = step_selection(params, arrays, episode_sets)
     parent_run = train_run_id(train_metrics_file(name))
     tags = {
         "experiment": experiment_name,

@@ -51,7 +51,7 @@ def omniglot(tiny_prefetched_28):
 
 
 @pytest.fixture(scope="module")
-def test_sets(omniglot, tmp_path_factory) -> dict[str, EpisodeIndex]:
+def stored_sets(omniglot, tmp_path_factory) -> dict[str, EpisodeIndex]:
     """The stored meta-test sets of `SETTINGS` (5w1s: the trained setting, 3w2s: not)."""
     from metalab.data.config import EpisodesConfig
     from metalab.data.episodes import write_evaluation_episodes
@@ -63,15 +63,10 @@ def test_sets(omniglot, tmp_path_factory) -> dict[str, EpisodeIndex]:
     return load_episode_sets(SETTINGS, directory)
 
 
-def selection(omniglot, candidates=CANDIDATES, seed: int = 0) -> StepSelection:
+def selection(omniglot, stored_sets, candidates=CANDIDATES, seed: int = 0) -> StepSelection:
     arrays, split = omniglot
     sets = validation_episode_sets(
-        split.validation,
-        arrays.drawings_per_character,
-        SETTINGS,
-        QUERIES,
-        VALIDATION_EPISODES,
-        seed,
+        split.validation, arrays.drawings_per_character, stored_sets, VALIDATION_EPISODES, seed
     )
     return StepSelection(sets, tuple(candidates), seed)
 
@@ -122,9 +117,9 @@ def peak_learner(omniglot, **kwargs) -> Learner:
     )
 
 
-def test_the_step_count_with_the_best_validation_accuracy_is_chosen(omniglot):
+def test_the_step_count_with_the_best_validation_accuracy_is_chosen(omniglot, stored_sets):
     arrays, _ = omniglot
-    plan = selection(omniglot)
+    plan = selection(omniglot, stored_sets)
 
     choice = select_adaptation_steps(
         peak_learner(omniglot), arrays.images, plan.validation_sets["3w2s"], "3w2s", CANDIDATES
@@ -141,9 +136,9 @@ def test_the_step_count_with_the_best_validation_accuracy_is_chosen(omniglot):
     assert choice.episodes == VALIDATION_EPISODES
 
 
-def test_ties_go_to_the_fewest_steps(omniglot):
+def test_ties_go_to_the_fewest_steps(omniglot, stored_sets):
     arrays, _ = omniglot
-    plan = selection(omniglot)
+    plan = selection(omniglot, stored_sets)
 
     choice = select_adaptation_steps(
         peak_learner(omniglot, flat=True),
@@ -157,13 +152,17 @@ def test_ties_go_to_the_fewest_steps(omniglot):
 
 
 def test_the_test_set_is_scored_with_the_chosen_steps_and_the_trained_setting_keeps_its_own(
-    omniglot, test_sets
+    omniglot, stored_sets
 ):
     arrays, _ = omniglot
     learner = peak_learner(omniglot)
 
     result = evaluate_learner(
-        learner, arrays.images, test_sets, progress=False, step_selection=selection(omniglot)
+        learner,
+        arrays.images,
+        stored_sets,
+        progress=False,
+        step_selection=selection(omniglot, stored_sets),
     )
 
     settings = result.metrics()["settings"]
@@ -184,16 +183,16 @@ def test_the_test_set_is_scored_with_the_chosen_steps_and_the_trained_setting_ke
     }
     # 5w1s: its test tasks (after, then before); 3w2s: every candidate on the validation
     # tasks, then its test tasks with the choice
-    tests = len(test_sets["5w1s"].image_index)
+    tests = len(stored_sets["5w1s"].image_index)
     validation = [s for s in CANDIDATES for _ in range(VALIDATION_EPISODES)]
-    expected = [3, 0] * tests + validation + [PEAK, 0] * len(test_sets["3w2s"].image_index)
+    expected = [3, 0] * tests + validation + [PEAK, 0] * len(stored_sets["3w2s"].image_index)
     assert learner.meta_learner.steps_run == expected
 
 
 # -------------------------------------------------- only validation characters are seen
-def test_validation_tasks_hold_validation_characters_only(omniglot):
+def test_validation_tasks_hold_validation_characters_only(omniglot, stored_sets):
     _, split = omniglot
-    plan = selection(omniglot)
+    plan = selection(omniglot, stored_sets)
     for setting, index in plan.validation_sets.items():
         used = set(index.character.flatten().tolist())
         assert used <= characters(split.validation), setting
@@ -201,7 +200,7 @@ def test_validation_tasks_hold_validation_characters_only(omniglot):
         assert (index.n_way, index.k_shot) == {"5w1s": (5, 1), "3w2s": (3, 2)}[setting]
 
 
-def test_the_selection_materialises_no_test_character(omniglot, test_sets, monkeypatch):
+def test_the_selection_materialises_no_test_character(omniglot, stored_sets, monkeypatch):
     arrays, split = omniglot
     seen: list[set[int]] = []
     real = evaluation.materialize
@@ -213,7 +212,9 @@ def test_the_selection_materialises_no_test_character(omniglot, test_sets, monke
     monkeypatch.setattr(evaluation, "materialize", recording)
     learner = make_learner("maml", STEP_OPTIONS["maml"])
 
-    choice = choose_steps(learner, arrays.images, test_sets["3w2s"], "3w2s", selection(omniglot))
+    choice = choose_steps(
+        learner, arrays.images, stored_sets["3w2s"], "3w2s", selection(omniglot, stored_sets)
+    )
 
     assert choice is not None and not choice.trained_setting
     assert len(seen) == len(CANDIDATES)  # one chunk of validation tasks per candidate
@@ -224,13 +225,17 @@ def test_the_selection_materialises_no_test_character(omniglot, test_sets, monke
 
 
 # ----------------------------------------------------------------- off, rerun, read back
-def test_off_the_record_and_the_numbers_are_as_before(omniglot, test_sets):
+def test_off_the_record_and_the_numbers_are_as_before(omniglot, stored_sets):
     arrays, _ = omniglot
     learner = make_learner("maml", STEP_OPTIONS["maml"])
 
-    off = evaluate_learner(learner, arrays.images, test_sets, progress=False)
+    off = evaluate_learner(learner, arrays.images, stored_sets, progress=False)
     on = evaluate_learner(
-        learner, arrays.images, test_sets, progress=False, step_selection=selection(omniglot)
+        learner,
+        arrays.images,
+        stored_sets,
+        progress=False,
+        step_selection=selection(omniglot, stored_sets),
     )
 
     for result in off.metrics()["settings"].values():
@@ -245,12 +250,12 @@ def test_off_the_record_and_the_numbers_are_as_before(omniglot, test_sets):
     # 3w2s numbers are those of a plain evaluation with that many steps
     chosen = on.settings["3w2s"].adaptation_steps
     fixed = evaluate_learner(
-        learner, arrays.images, {"3w2s": test_sets["3w2s"]}, steps=chosen, progress=False
+        learner, arrays.images, {"3w2s": stored_sets["3w2s"]}, steps=chosen, progress=False
     )
     assert (fixed.settings["3w2s"].accuracy_after == on.settings["3w2s"].accuracy_after).all()
 
 
-def test_a_rerun_gives_the_same_choice_and_accuracies(omniglot, test_sets):
+def test_a_rerun_gives_the_same_choice_and_accuracies(omniglot, stored_sets):
     arrays, _ = omniglot
     # Meta Dropout draws masks at test time: the seeding must make them repeat too
     options = {**STEP_OPTIONS["maml"], "meta_dropout_rates": [0.2, 0.2, 0.2, 0.2]}
@@ -258,7 +263,11 @@ def test_a_rerun_gives_the_same_choice_and_accuracies(omniglot, test_sets):
 
     first, second = (
         evaluate_learner(
-            learner, arrays.images, test_sets, progress=False, step_selection=selection(omniglot)
+            learner,
+            arrays.images,
+            stored_sets,
+            progress=False,
+            step_selection=selection(omniglot, stored_sets),
         ).metrics()
         for _ in range(2)
     )
@@ -276,12 +285,16 @@ def without_timing(settings: dict) -> dict:
 
 
 def test_the_recorded_choice_reads_back_numbers_in_the_metrics_file_note_beside_it(
-    omniglot, test_sets, tmp_path
+    omniglot, stored_sets, tmp_path
 ):
     arrays, _ = omniglot
     learner = peak_learner(omniglot)
     record = evaluate_learner(
-        learner, arrays.images, test_sets, progress=False, step_selection=selection(omniglot)
+        learner,
+        arrays.images,
+        stored_sets,
+        progress=False,
+        step_selection=selection(omniglot, stored_sets),
     ).record()
     path = tmp_path / "eval.json"
 
@@ -305,11 +318,15 @@ def test_the_recorded_choice_reads_back_numbers_in_the_metrics_file_note_beside_
     )
 
 
-def test_learners_without_test_time_steps_get_no_choice(omniglot, test_sets):
+def test_learners_without_test_time_steps_get_no_choice(omniglot, stored_sets):
     arrays, _ = omniglot
     learner = make_learner("protonets")
     result = evaluate_learner(
-        learner, arrays.images, test_sets, progress=False, step_selection=selection(omniglot)
+        learner,
+        arrays.images,
+        stored_sets,
+        progress=False,
+        step_selection=selection(omniglot, stored_sets),
     )
     for summary in result.metrics()["settings"].values():
         assert "step_selection" not in summary and summary["adaptation_steps"] is None
@@ -336,13 +353,13 @@ def test_params_errors_name_the_key():
 
 
 def test_evaluate_stage_selects_on_validation_tasks_and_writes_the_choice(
-    tiny_prefetched_28, tmp_path, monkeypatch, omniglot, test_sets
+    tiny_prefetched_28, tmp_path, monkeypatch, omniglot, stored_sets
 ):
     _, split = omniglot
     episode_dir = tmp_path / "episodes"
     from metalab.data.episodes import save_episode_set
 
-    for setting, index in test_sets.items():
+    for setting, index in stored_sets.items():
         save_episode_set(episode_dir / f"{setting}.npz", index, setting=setting)
     project = tmp_path / "project"
     raw = make_project(project, episode_dir, tiny_prefetched_28, None, "maml", STEP_OPTIONS["maml"])

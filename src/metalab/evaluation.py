@@ -319,24 +319,23 @@ class StepChoice:
 def validation_episode_sets(
     validation_classes: torch.Tensor,
     drawings_per_character: int,
-    settings: list[str],
-    query_per_class: int,
+    test_sets: dict[str, EpisodeIndex],
     episodes: int,
     seed: int,
 ) -> dict[str, EpisodeIndex]:
-    """{setting: `episodes` tasks of that setting drawn from `validation_classes`} (int64
-    [C, 2]: character, rotation; the split's validation part, so no meta-test character can
-    appear). Each setting's tasks depend only on (`seed`, setting), as the test sets do."""
+    """{setting: `episodes` tasks shaped as that setting's test tasks in `test_sets` (N-way,
+    K-shot, Q queries per class), drawn from `validation_classes`} (int64 [C, 2]: character,
+    rotation; the split's validation part, so no meta-test character can appear). Each
+    setting's tasks depend only on (`seed`, setting) and its shape, as the test sets do."""
     sets = {}
-    for setting in settings:
-        n_way, k_shot = parse_setting(setting)
+    for setting, shape in test_sets.items():
         generator = torch.Generator().manual_seed(setting_seed(seed, setting))
         sets[setting] = sample_episode_index(
             validation_classes,
             drawings_per_character,
-            n_way,
-            k_shot,
-            query_per_class,
+            shape.n_way,
+            shape.k_shot,
+            shape.query_per_class,
             episodes,
             generator,
         )
