@@ -11,7 +11,9 @@ metrics/eval/<name>.episodes.csv (per-episode accuracies, for paired comparisons
 With ``evaluate.step_selection``, a gradient learner's test-time steps on each setting other
 than its training one are chosen first, on validation tasks of that setting drawn from the
 split's validation classes (``data.split``), shaped as the stored test tasks;
-the choice and every candidate's validation accuracy go into the setting's result.
+the choice and every candidate's validation accuracy go into the setting's result. With
+``evaluate.trained_setting_only``, a model is evaluated only on the settings of the N-way
+K-shot tasks it was trained on (one model per setting).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import asdict
 
 from metalab import load_learner
 from metalab.cli import run_stage, stage_parser
+from metalab.data.config import parse_setting
 from metalab.data.episodes import EpisodeIndex
 from metalab.data.prefetch import OmniglotArrays, load_prefetched
 from metalab.data.splits import make_split
@@ -72,6 +75,8 @@ def main(args, params: Params) -> None:
     # train.threads: the thread count changes some learners' numbers (tests/test_threads.py)
     configure(device, params.train_config(experiment_name).threads)
     learner = load_learner(model_file(name), device=device)
+    if params.evaluate.trained_setting_only:  # the model file says what it was trained on
+        settings = [s for s in settings if parse_setting(s) == (learner.n_way, learner.k_shot)]
     arrays = load_prefetched(PREFETCHED_FILE)
     episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
     selection = step_selection(params, arrays, episode_sets)

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from test_evaluation import SETTINGS, STEP_OPTIONS, load_stage, make_learner, make_project
+from test_evaluation import (
+    SETTINGS,
+    STEP_OPTIONS,
+    load_stage,
+    make_learner,
+    make_project,
+)
 
 from metalab import evaluation
 from metalab.algorithms.base import MetaLearner
-from metalab.data.config import SplitConfig
-from metalab.data.episodes import EpisodeIndex
+from metalab.data.config import EpisodesConfig, SplitConfig
+from metalab.data.episodes import EpisodeIndex, write_evaluation_episodes
 from metalab.data.prefetch import load_prefetched
 from metalab.data.splits import make_split
 from metalab.evaluation import (
@@ -51,16 +58,19 @@ def omniglot(tiny_prefetched_28):
 
 
 @pytest.fixture(scope="module")
-def stored_sets(omniglot, tmp_path_factory) -> dict[str, EpisodeIndex]:
-    """The stored meta-test sets of `SETTINGS` (5w1s: the trained setting, 3w2s: not)."""
-    from metalab.data.config import EpisodesConfig
-    from metalab.data.episodes import write_evaluation_episodes
-
+def stored_dir(omniglot, tmp_path_factory) -> Path:
+    """Stored meta-test sets of `SETTINGS` (5w1s: the tiny models' trained setting; 3w2s:
+    another), as the episodes stage writes them."""
     arrays, split = omniglot
     directory = tmp_path_factory.mktemp("episodes")
     config = EpisodesConfig(settings=SETTINGS, num_episodes=4, query_per_class=QUERIES, seed=5)
     write_evaluation_episodes(directory, split, arrays.drawings_per_character, config)
-    return load_episode_sets(SETTINGS, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def stored_sets(stored_dir) -> dict[str, EpisodeIndex]:
+    return load_episode_sets(SETTINGS, stored_dir)
 
 
 def selection(omniglot, stored_sets, candidates=CANDIDATES, seed: int = 0) -> StepSelection:
@@ -353,16 +363,11 @@ def test_params_errors_name_the_key():
 
 
 def test_evaluate_stage_selects_on_validation_tasks_and_writes_the_choice(
-    tiny_prefetched_28, tmp_path, monkeypatch, omniglot, stored_sets
+    tiny_prefetched_28, tmp_path, monkeypatch, omniglot, stored_dir
 ):
     _, split = omniglot
-    episode_dir = tmp_path / "episodes"
-    from metalab.data.episodes import save_episode_set
-
-    for setting, index in stored_sets.items():
-        save_episode_set(episode_dir / f"{setting}.npz", index, setting=setting)
     project = tmp_path / "project"
-    raw = make_project(project, episode_dir, tiny_prefetched_28, None, "maml", STEP_OPTIONS["maml"])
+    raw = make_project(project, stored_dir, tiny_prefetched_28, None, "maml", STEP_OPTIONS["maml"])
     raw["episodes"]["query_per_class"] = QUERIES
     raw["data"] = {"split": {"validation_characters": 5}}
     raw["evaluate"] = {
@@ -412,3 +417,21 @@ def test_evaluate_stage_selects_on_validation_tasks_and_writes_the_choice(
     assert kinds == ["test", "validation", "validation", "validation", "test"]
     rerun = json.loads(run()[0])["settings"]  # the same choice and accuracies
     assert without_timing(rerun) == without_timing(settings)
+
+
+@pytest.mark.parametrize("only", [False, True])
+def test_trained_setting_only_evaluates_a_model_on_its_own_setting(
+    stored_dir, tiny_prefetched_28, tmp_path, monkeypatch, only
+):
+    # the tiny model file says 5-way 1-shot (test_learner_api.trainer_like_payload)
+    project = tmp_path / "project"
+    raw = make_project(project, stored_dir, tiny_prefetched_28, None)
+    raw["evaluate"] = {"settings": SETTINGS, "trained_setting_only": only, "max_episodes": 2}
+    monkeypatch.chdir(project)
+
+    load_stage("evaluate").main(
+        argparse.Namespace(experiment="tiny", no_progress=True), validate_params(raw)
+    )
+
+    metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
+    assert list(metrics["settings"]) == (["5w1s"] if only else SETTINGS)

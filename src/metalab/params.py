@@ -212,6 +212,12 @@ class EvaluateConfig(Strict):
         description="evaluate the first N tasks of each stored episode set (every learner "
         "gets the same N, so comparisons stay paired); null = all of them",
     )
+    trained_setting_only: bool = Field(
+        False,
+        description="evaluate each model only on the settings of the N-way K-shot tasks it "
+        "was trained on (one model per setting, as the papers train them); false = every "
+        "evaluated setting",
+    )
     step_selection: StepSelectionConfig | None = Field(
         None,
         description="choose test-time steps per setting on validation tasks; null = off "
