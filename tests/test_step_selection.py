@@ -435,3 +435,42 @@ def test_trained_setting_only_evaluates_a_model_on_its_own_setting(
 
     metrics = json.loads((project / "metrics" / "eval" / "tiny.json").read_text())
     assert list(metrics["settings"]) == (["5w1s"] if only else SETTINGS)
+
+
+def test_the_per_setting_paper_file_trains_one_model_per_setting_evaluated_there():
+    from metalab.data.config import parse_setting
+    from metalab.params import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    paper = load_params(root / "params" / "paper.yaml")
+    per_setting = load_params(root / "params" / "paper_per_setting.yaml")
+    settings = paper.episodes.settings
+    assert set(per_setting.experiments) == {
+        f"{name}_{setting}" for name in paper.experiments for setting in settings
+    }
+    assert per_setting.evaluate.trained_setting_only and per_setting.evaluate.step_selection is None
+    maml_core = {"maml", "maml_bf16", "fomaml", "maml_dropout", "taml_entropy", "taml_theil"}
+    for name in paper.experiments:
+        for setting in settings:
+            run = f"{name}_{setting}"
+            train, experiment = per_setting.train_config(run), per_setting.experiment(run)
+            n_way, k_shot = parse_setting(setting)
+            assert (train.n_way, train.k_shot) == (n_way, k_shot)
+            changed = {"n_way", "k_shot"}
+            options = paper.experiment(name).options.model_dump()
+            if n_way == 20 and name in maml_core:  # cbfinn/maml's 20-way configuration
+                changed.add("meta_batch_size")
+                assert train.meta_batch_size == 16
+                options.update(inner_lr=0.1, inner_steps=5, test_inner_steps=5)
+            assert experiment.options.model_dump() == options, run
+            own = paper.train_config(name).model_dump()
+            assert {k: v for k, v in train.model_dump().items() if k not in changed} == {
+                k: v for k, v in own.items() if k not in changed
+            }, run
+            assert (experiment.algorithm, experiment.model, experiment.body_init) == (
+                paper.experiment(name).algorithm,
+                paper.experiment(name).model,
+                paper.experiment(name).body_init,
+            )
+    for section in ("data", "episodes", "pretrain", "train", "rl_experiments", "seed_runs"):
+        assert getattr(per_setting, section) == getattr(paper, section), section
