@@ -199,6 +199,17 @@ def test_the_test_set_is_scored_with_the_chosen_steps_and_the_trained_setting_ke
     assert learner.meta_learner.steps_run == expected
 
 
+def test_the_learners_own_steps_are_always_a_candidate(omniglot, stored_sets):
+    arrays, _ = omniglot
+    learner = peak_learner(omniglot)  # default 3 steps
+    plan = StepSelection(selection(omniglot, stored_sets).validation_sets, (10, 1), 0)
+
+    choice = choose_steps(learner, arrays.images, stored_sets["3w2s"], "3w2s", plan)
+
+    assert list(choice.accuracies) == [10, 1, 3]  # the grid's order, then its own
+    assert choice.steps == 3  # the closest to the peak (5) of the three
+
+
 # -------------------------------------------------- only validation characters are seen
 def test_validation_tasks_hold_validation_characters_only(omniglot, stored_sets):
     _, split = omniglot

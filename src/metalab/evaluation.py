@@ -406,16 +406,21 @@ def choose_steps(
     """The step choice of one setting under `selection`: None without a selection, for a
     learner that does not adapt by gradient steps, or when it cannot do the setting's
     tasks; the trained configuration on the trained setting; else
-    `select_adaptation_steps` on the setting's validation tasks."""
+    `select_adaptation_steps` on the setting's validation tasks, with the learner's default
+    steps added to the candidates (after them) when they are not among them."""
     if selection is None or not learner.adapts_by_gradient:
         return None
     if is_trained_setting(learner, index):
         steps = int(learner.default_adaptation_steps or 0)
         return StepChoice(steps, True, {}, 0, None)
     validation = selection.validation_sets[setting]
+    # The learner's own test-time steps are always a candidate: the choice scores at least
+    # as well on validation as the protocol without a selection.
+    own = learner.default_adaptation_steps
+    candidates = (*selection.candidates, *([own] if own is not None else []))
     try:
         return select_adaptation_steps(
-            learner, images, validation, setting, selection.candidates, selection.seed
+            learner, images, validation, setting, tuple(dict.fromkeys(candidates)), selection.seed
         )
     except UnsupportedTaskError:  # the test set reports the reason
         return None

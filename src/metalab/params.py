@@ -182,7 +182,8 @@ class StepSelectionConfig(Strict):
     """``evaluate.step_selection``: a gradient learner's test-time steps per setting.
 
     On a setting other than its training one (N-way K-shot), the learner uses the count of
-    `steps` with the best mean validation accuracy over `episodes` tasks of that setting
+    `steps` (and of its own test-time steps, always tried) with the best mean validation
+    accuracy (ties: the fewest steps) over `episodes` tasks of that setting
     drawn from the validation classes (``data.split``; seeded by `seed` and the setting);
     on its training setting it keeps its trained steps. Learners without test-time
     gradient steps are unaffected.
