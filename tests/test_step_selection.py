@@ -194,7 +194,8 @@ def test_the_test_set_is_scored_with_the_chosen_steps_and_the_trained_setting_ke
     # 5w1s: its test tasks (after, then before); 3w2s: every candidate on the validation
     # tasks, then its test tasks with the choice
     tests = len(stored_sets["5w1s"].image_index)
-    validation = [s for s in CANDIDATES for _ in range(VALIDATION_EPISODES)]
+    # (scored as test tasks are: each adaptation, then before it, 0 steps)
+    validation = [n for s in CANDIDATES for _ in range(VALIDATION_EPISODES) for n in (s, 0)]
     expected = [3, 0] * tests + validation + [PEAK, 0] * len(stored_sets["3w2s"].image_index)
     assert learner.meta_learner.steps_run == expected
 

@@ -4,11 +4,8 @@ Every learner is evaluated on the same stored tasks (`data/episodes/<setting>.np
 per-episode accuracies of two learners can be compared pairwise (`metalab.statistics`
 computes the intervals and paired differences).
 
-Per-setting test protocol (``evaluate.step_selection``): a learner that adapts by gradient
-steps, evaluated on a setting other than the one it was trained on (its N-way K-shot),
-takes the test-time step count that scores best on validation episodes of that setting
-(drawn from the validation characters, never the meta-test ones; `select_adaptation_steps`).
-On its own training setting it keeps its trained configuration.
+With ``evaluate.step_selection`` a gradient learner tested off its training setting takes the
+step count best on validation tasks of that setting (validation characters only; `choose_steps`).
 """
 
 from __future__ import annotations
@@ -268,12 +265,8 @@ def _unsupported(result: SettingEvaluation, reason: str) -> SettingEvaluation:
 # ------------------------------------------------------------ test-time step selection
 @dataclass(frozen=True)
 class StepSelection:
-    """What `select_adaptation_steps` needs besides the learner (``evaluate.step_selection``).
-
-    validation_sets: {setting: validation episode index} (`validation_episode_sets`, drawn
-    from the validation classes only); candidates: the step counts tried (distinct, >= 0);
-    seed: seeds the torch RNG before each candidate (as `evaluate_episode_set` does).
-    """
+    """``evaluate.step_selection`` with its tasks: {setting: validation episode index}
+    (`validation_episode_sets`), the candidate step counts and the seed."""
 
     validation_sets: dict[str, EpisodeIndex]
     candidates: tuple[int, ...]
@@ -282,38 +275,32 @@ class StepSelection:
 
 @dataclass
 class StepChoice:
-    """The test-time steps used on one setting and how they were chosen.
-
-    steps: the chosen count; trained_setting: the setting is the learner's training one, so
-    it kept its trained configuration (no candidate scored: ``accuracies`` empty);
-    accuracies: {candidate steps: mean validation query accuracy} in candidate order;
-    episodes: validation episodes per candidate; episode_set: their fingerprint.
-    """
+    """The test-time steps of one setting: kept on the `trained_setting` (no candidate
+    scored), else the best of `accuracies` ({steps: mean validation accuracy}, in the order
+    tried) on `episodes` validation tasks (fingerprint `episode_set`)."""
 
     steps: int
     trained_setting: bool
     accuracies: dict[int, float]
-    episodes: int
-    episode_set: str | None
+    episodes: int = 0
+    episode_set: str | None = None
 
     def record_fields(self) -> dict[str, Any]:
-        """The `SettingResult` fields of this choice (numbers; the note is text)."""
-        if self.trained_setting:
-            note = f"trained setting: kept the trained {self.steps} steps"
-        else:
-            tried = ", ".join(str(steps) for steps in self.accuracies)
-            note = (
-                f"{self.steps} steps: best mean accuracy of steps [{tried}] on "
-                f"{self.episodes} validation episodes (set {self.episode_set})"
-            )
-        return {
-            "step_selection": StepSelectionResult(
-                trained_setting=self.trained_setting,
-                episodes=self.episodes,
-                validation_accuracy={str(s): a for s, a in self.accuracies.items()},
-            ),
-            "step_selection_note": note,
-        }
+        """The `SettingResult` fields of the choice: numbers, and a note (text)."""
+        tried = ", ".join(map(str, self.accuracies))
+        note = (
+            f"trained setting: kept the trained {self.steps} steps"
+            if self.trained_setting
+            else f"{self.steps} steps: best mean accuracy of steps [{tried}] on {self.episodes} "
+            f"validation episodes (set {self.episode_set})"
+        )
+        accuracies = {str(steps): value for steps, value in self.accuracies.items()}
+        result = StepSelectionResult(
+            trained_setting=self.trained_setting,
+            episodes=self.episodes,
+            validation_accuracy=accuracies,
+        )
+        return {"step_selection": result, "step_selection_note": note}
 
 
 def validation_episode_sets(
@@ -323,48 +310,18 @@ def validation_episode_sets(
     episodes: int,
     seed: int,
 ) -> dict[str, EpisodeIndex]:
-    """{setting: `episodes` tasks shaped as that setting's test tasks in `test_sets` (N-way,
-    K-shot, Q queries per class), drawn from `validation_classes`} (int64 [C, 2]: character,
-    rotation; the split's validation part, so no meta-test character can appear). Each
-    setting's tasks depend only on (`seed`, setting) and its shape, as the test sets do."""
-    sets = {}
-    for setting, shape in test_sets.items():
-        generator = torch.Generator().manual_seed(setting_seed(seed, setting))
-        sets[setting] = sample_episode_index(
+    """{setting: `episodes` tasks shaped as its test tasks in `test_sets` (N, K, Q), drawn
+    from `validation_classes`} (int64 [C, 2]: character, rotation; the split's validation
+    part, so no meta-test character appears); seeded by (`seed`, setting), as test sets."""
+    return {
+        setting: sample_episode_index(
             validation_classes,
             drawings_per_character,
-            shape.n_way,
-            shape.k_shot,
-            shape.query_per_class,
-            episodes,
-            generator,
+            *(shape.n_way, shape.k_shot, shape.query_per_class, episodes),
+            torch.Generator().manual_seed(setting_seed(seed, setting)),
         )
-    return sets
-
-
-def is_trained_setting(learner: Learner, index: EpisodeIndex) -> bool:
-    """Whether `index` holds tasks of the shape `learner` was trained on (N-way K-shot; an
-    unknown K, from an old model file, matches no setting)."""
-    return (index.n_way, index.k_shot) == (learner.n_way, learner.k_shot)
-
-
-def validation_accuracies(
-    learner: Learner, images: torch.Tensor, index: EpisodeIndex, steps: int
-) -> np.ndarray:
-    """Per-task query accuracy (float64 [T]) of `learner` adapted with `steps` to each task
-    of `index` (images: uint8 [N_images, S, S]); batched as `evaluate_episode_set` when the
-    learner batches tasks. `UnsupportedTaskError` if it cannot do the task shape."""
-    batched = learner.batches_tasks
-    per_call = episodes_per_call(index) if batched else 1
-    accuracies = np.zeros(index.num_tasks)
-    for start in range(0, index.num_tasks, TASK_CHUNK):
-        episodes = materialize(images, index[start : start + TASK_CHUNK])
-        for offset in range(0, episodes.num_tasks, per_call):
-            chunk = episodes[offset : offset + per_call]
-            logits = adapt_and_predict(learner, chunk, steps, batched)
-            first = start + offset
-            accuracies[first : first + chunk.num_tasks] = task_accuracies(logits, chunk.query_y)
-    return accuracies
+        for setting, shape in test_sets.items()
+    }
 
 
 def select_adaptation_steps(
@@ -374,26 +331,20 @@ def select_adaptation_steps(
     setting: str,
     candidates: tuple[int, ...] | list[int],
     seed: int = 0,
-) -> StepChoice:
+) -> StepChoice | None:
     """The candidate step count with the best mean query accuracy on the validation tasks
-    `index` of `setting` (ties: the fewest steps, the cheaper adaptation).
-
-    A pure function of the model, the tasks and (`candidates`, `seed`): the torch RNG is
-    seeded from (`seed`, `setting`) before each candidate, so a candidate's accuracy does not
-    depend on the others or their order. `UnsupportedTaskError` passes through.
-    """
+    `index` of `setting` (ties: the fewest steps, the cheaper), scored as the test tasks
+    are (`evaluate_episode_set`: batched, RNG seeded from (`seed`, `setting`) per candidate,
+    so no candidate depends on another). None if the learner cannot do the tasks."""
     accuracies: dict[int, float] = {}
     for steps in dict.fromkeys(candidates):
-        torch.manual_seed(setting_seed(seed, setting))
-        accuracies[steps] = float(validation_accuracies(learner, images, index, steps).mean())
+        scored = evaluate_episode_set(learner, images, index, setting, steps, seed, False)
+        if scored.unsupported is not None:
+            return None  # the test set reports why
+        accuracies[steps] = float(scored.accuracy_after.mean())
     best = max(accuracies, key=lambda steps: (accuracies[steps], -steps))
-    return StepChoice(
-        steps=best,
-        trained_setting=False,
-        accuracies=accuracies,
-        episodes=index.num_tasks,
-        episode_set=episode_set_fingerprint(index),
-    )
+    fingerprint = episode_set_fingerprint(index)
+    return StepChoice(best, False, accuracies, index.num_tasks, fingerprint)
 
 
 def choose_steps(
@@ -403,27 +354,19 @@ def choose_steps(
     setting: str,
     selection: StepSelection | None,
 ) -> StepChoice | None:
-    """The step choice of one setting under `selection`: None without a selection, for a
-    learner that does not adapt by gradient steps, or when it cannot do the setting's
-    tasks; the trained configuration on the trained setting; else
-    `select_adaptation_steps` on the setting's validation tasks, with the learner's default
-    steps added to the candidates (after them) when they are not among them."""
+    """The steps of test set `index` under `selection`: None without one or for a learner
+    without test-time gradient steps; kept on the setting the learner was trained on (N-way
+    K-shot; an unknown K matches none); else `select_adaptation_steps`, the learner's own
+    test-time steps tried too (after the grid), so the choice does at least as well on
+    validation as no selection."""
     if selection is None or not learner.adapts_by_gradient:
         return None
-    if is_trained_setting(learner, index):
-        steps = int(learner.default_adaptation_steps or 0)
-        return StepChoice(steps, True, {}, 0, None)
-    validation = selection.validation_sets[setting]
-    # The learner's own test-time steps are always a candidate: the choice scores at least
-    # as well on validation as the protocol without a selection.
     own = learner.default_adaptation_steps
+    if (index.n_way, index.k_shot) == (learner.n_way, learner.k_shot):
+        return StepChoice(int(own or 0), True, {})
     candidates = (*selection.candidates, *([own] if own is not None else []))
-    try:
-        return select_adaptation_steps(
-            learner, images, validation, setting, tuple(dict.fromkeys(candidates)), selection.seed
-        )
-    except UnsupportedTaskError:  # the test set reports the reason
-        return None
+    validation = selection.validation_sets[setting]
+    return select_adaptation_steps(learner, images, validation, setting, candidates, selection.seed)
 
 
 @dataclass

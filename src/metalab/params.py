@@ -7,7 +7,7 @@ Each section's schema lives beside the code that reads it and is only assembled 
 - ``experiments.<name>.options``: the algorithm's ``Options`` (`metalab.algorithms`),
   typed once, at load: ``params.experiment(name).options`` is that ``Options`` instance
 - ``rl_experiments.<name>``: `metalab.rl.config`
-- ``tracking``: `metalab.schema`
+- ``tracking``, ``evaluate.step_selection``: `metalab.schema`
 
 The sections that belong to the pipeline as a whole (the shared ``train`` defaults and an
 experiment's overrides, ``evaluate`` with its optional ``step_selection``, ``report``,
@@ -57,6 +57,7 @@ from metalab.rl.config import RLExperimentConfig
 from metalab.schema import (
     ExperimentName,
     ParamsError,
+    StepSelectionConfig,
     Strict,
     TrackingConfig,
     field_error,
@@ -172,34 +173,6 @@ class ExperimentConfig(Strict):
 
 
 # ------------------------------------------------------------------ evaluate / report
-def _distinct_steps(steps: list[int]) -> list[int]:
-    if len(set(steps)) != len(steps):
-        raise ValueError("list each step count once")
-    return steps
-
-
-class StepSelectionConfig(Strict):
-    """``evaluate.step_selection``: a gradient learner's test-time steps per setting.
-
-    On a setting other than its training one (N-way K-shot), the learner uses the count of
-    `steps` (and of its own test-time steps, always tried) with the best mean validation
-    accuracy (ties: the fewest steps) over `episodes` tasks of that setting
-    drawn from the validation classes (``data.split``; seeded by `seed` and the setting);
-    on its training setting it keeps its trained steps. Learners without test-time
-    gradient steps are unaffected.
-    """
-
-    steps: Annotated[list[Annotated[int, Field(ge=0, le=200)]], AfterValidator(_distinct_steps)] = (
-        Field(
-            default_factory=lambda: [1, 2, 3, 5, 10],
-            min_length=1,
-            description="candidate test-time step counts",
-        )
-    )
-    episodes: int = Field(100, ge=2, le=10_000, description="validation tasks per candidate")
-    seed: int = Field(0, ge=0, description="seed of the validation tasks and of adaptation")
-
-
 class EvaluateConfig(Strict):
     settings: list[str] | None = Field(
         None, description="subset of episodes.settings to evaluate; null = all"
