@@ -7,6 +7,13 @@ it on the fixed meta-test episode sets data/episodes/<setting>.npz, before and a
 adaptation. Writes metrics/eval/<name>.json (scalars per setting, 95% intervals; the names,
 episode-set fingerprints and run ids beside it in <name>.info.json) and
 metrics/eval/<name>.episodes.csv (per-episode accuracies, for paired comparisons).
+
+With ``evaluate.step_selection``, a gradient learner's test-time steps on each setting other
+than its training one are chosen first, on validation tasks of that setting drawn from the
+split's validation classes (``data.split``), shaped as the stored test tasks;
+the choice and every candidate's validation accuracy go into the setting's result. With
+``evaluate.trained_setting_only``, a model is evaluated only on the settings of the N-way
+K-shot tasks it was trained on (one model per setting).
 """
 
 from __future__ import annotations
@@ -15,13 +22,18 @@ from dataclasses import asdict
 
 from metalab import load_learner
 from metalab.cli import run_stage, stage_parser
-from metalab.data.prefetch import load_prefetched
+from metalab.data.config import parse_setting
+from metalab.data.episodes import EpisodeIndex
+from metalab.data.prefetch import OmniglotArrays, load_prefetched
+from metalab.data.splits import make_split
 from metalab.device import configure, device_record, resolve_device
 from metalab.evaluation import (
+    StepSelection,
     evaluate_learner,
     load_episode_sets,
     numeric_metrics,
     train_run_id,
+    validation_episode_sets,
 )
 from metalab.io import write_text
 from metalab.layout import (
@@ -36,6 +48,22 @@ from metalab.params import Params, load_params, run_name
 from metalab.tracking import memory_figures, stage_run
 
 
+def step_selection(
+    params: Params, arrays: OmniglotArrays, episode_sets: dict[str, EpisodeIndex]
+) -> StepSelection | None:
+    """``evaluate.step_selection`` with its validation tasks (None when off): per setting,
+    tasks from the validation classes of ``data.split``, shaped as the stored test tasks
+    `episode_sets` (so the query count comes from the episode files, not from params)."""
+    config = params.evaluate.step_selection
+    if config is None:
+        return None
+    split = make_split(arrays.character_origin, params.data.split)
+    sets = validation_episode_sets(
+        split.validation, arrays.drawings_per_character, episode_sets, config.episodes, config.seed
+    )
+    return StepSelection(sets, tuple(config.steps), config.seed)
+
+
 def main(args, params: Params) -> None:
     experiment_name = args.experiment
     # a namespace built by hand (tests, tools) may leave --seed out: the own run
@@ -47,8 +75,11 @@ def main(args, params: Params) -> None:
     # train.threads: the thread count changes some learners' numbers (tests/test_threads.py)
     configure(device, params.train_config(experiment_name).threads)
     learner = load_learner(model_file(name), device=device)
+    if params.evaluate.trained_setting_only:  # the model file says what it was trained on
+        settings = [s for s in settings if parse_setting(s) == (learner.n_way, learner.k_shot)]
     arrays = load_prefetched(PREFETCHED_FILE)
     episode_sets = load_episode_sets(settings, EPISODES_DIR, params.evaluate.max_episodes)
+    selection = step_selection(params, arrays, episode_sets)
     parent_run = train_run_id(train_metrics_file(name))
     tags = {
         "experiment": experiment_name,
@@ -78,6 +109,7 @@ def main(args, params: Params) -> None:
             seed=params.episodes.seed,
             progress=not args.no_progress,
             experiment=experiment_name,
+            step_selection=selection,
         )
         metrics = evaluation.record(
             seed=seed,
@@ -100,6 +132,8 @@ def main(args, params: Params) -> None:
                 f"{name} {setting}: accuracy {summary.accuracy:.4f}{ci_text}{before_text} "
                 f"({summary.episodes} episodes)"
             )
+            if summary.step_selection_note is not None:
+                print(f"{name} {setting}: {summary.step_selection_note}")
         for setting, reason in metrics.unsupported.items():
             print(f"{name} {setting}: not evaluated: {reason}")
 

@@ -15,6 +15,7 @@ from test_evaluation import load_stage
 
 from metalab.params import validate_params
 from metalab.records import EvaluationMetrics, SettingResult, TrainSummary
+from metalab.records.vision import StepSelectionResult
 from metalab.report import build_report, render_readme_table, update_readme
 from metalab.report.plots import pareto_front
 from metalab.report.tables import durations
@@ -349,3 +350,26 @@ def test_durations_share_one_unit_per_column():
     assert durations([90.0, 7200.0]) == ["0.03 h", "2.00 h"]
     assert durations([None]) == ["-"]
     assert durations([]) == []
+
+
+def test_chosen_test_time_steps_are_shown_only_when_a_run_has_a_choice(project):
+    before = build(project).markdown.read_text()
+    assert "Test-time adaptation steps" not in before
+    path = project / "metrics" / "eval" / "maml.json"
+    record = EvaluationMetrics.read(path)
+    record.settings["5w1s"].step_selection = StepSelectionResult(
+        trained_setting=True, episodes=0, validation_accuracy={}
+    )
+    record.settings["20w1s"].adaptation_steps = 2
+    record.settings["20w1s"].step_selection = StepSelectionResult(
+        trained_setting=False, episodes=100, validation_accuracy={"1": 0.9, "2": 0.925, "5": 0.8}
+    )
+    record.write(path)
+
+    text = build(project).markdown.read_text()
+
+    section = text.split("## Test-time adaptation steps")[1].split("## Training cost")[0]
+    assert "| maml | 1 (trained setting) | 2 (1: 90.00, 2: 92.50, 5: 80.00) |" in section
+    assert "fomaml" not in section and "protonets" not in section  # no choice: no row
+    # the rest of the report is as without the choice
+    assert text.replace("## Test-time adaptation steps" + section, "") == before

@@ -3,6 +3,9 @@
 Every learner is evaluated on the same stored tasks (`data/episodes/<setting>.npz`), so
 per-episode accuracies of two learners can be compared pairwise (`metalab.statistics`
 computes the intervals and paired differences).
+
+With ``evaluate.step_selection`` a gradient learner tested off its training setting takes the
+step count best on validation tasks of that setting (validation characters only; `choose_steps`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from metalab.data.episodes import (
     Episodes,
     load_episode_set,
     materialize,
+    sample_episode_index,
     setting_seed,
 )
 from metalab.layout import episode_set_file
 from metalab.learner_api import Learner, UnsupportedTaskError
 from metalab.records import EvaluationMetrics, MetricsFile, SettingResult, TrainRunReference
+from metalab.records.vision import StepSelectionResult
 from metalab.statistics import mean_ci95, paired_difference
 from metalab.tracking import flatten
 
@@ -86,6 +91,7 @@ class SettingEvaluation:
     accuracy_before: np.ndarray | None
     seconds: np.ndarray
     unsupported: str | None = None
+    step_choice: StepChoice | None = None
 
     def summary(self) -> SettingResult:
         """This setting's entry of metrics/eval/<name>.json (accuracies as fractions; the
@@ -109,6 +115,7 @@ class SettingEvaluation:
             gain_ci95=gain_ci,
             seconds_per_episode=float(self.seconds.mean()) if self.seconds.size else None,
             episode_set=self.episode_set,
+            **(self.step_choice.record_fields() if self.step_choice is not None else {}),
         )
 
     def episode_rows(self) -> pd.DataFrame:
@@ -255,6 +262,113 @@ def _unsupported(result: SettingEvaluation, reason: str) -> SettingEvaluation:
     return result
 
 
+# ------------------------------------------------------------ test-time step selection
+@dataclass(frozen=True)
+class StepSelection:
+    """``evaluate.step_selection`` with its tasks: {setting: validation episode index}
+    (`validation_episode_sets`), the candidate step counts and the seed."""
+
+    validation_sets: dict[str, EpisodeIndex]
+    candidates: tuple[int, ...]
+    seed: int = 0
+
+
+@dataclass
+class StepChoice:
+    """The test-time steps of one setting: kept on the `trained_setting` (no candidate
+    scored), else the best of `accuracies` ({steps: mean validation accuracy}, in the order
+    tried) on `episodes` validation tasks (fingerprint `episode_set`)."""
+
+    steps: int
+    trained_setting: bool
+    accuracies: dict[int, float]
+    episodes: int = 0
+    episode_set: str | None = None
+
+    def record_fields(self) -> dict[str, Any]:
+        """The `SettingResult` fields of the choice: numbers, and a note (text)."""
+        tried = ", ".join(map(str, self.accuracies))
+        note = (
+            f"trained setting: kept the trained {self.steps} steps"
+            if self.trained_setting
+            else f"{self.steps} steps: best mean accuracy of steps [{tried}] on {self.episodes} "
+            f"validation episodes (set {self.episode_set})"
+        )
+        accuracies = {str(steps): value for steps, value in self.accuracies.items()}
+        result = StepSelectionResult(
+            trained_setting=self.trained_setting,
+            episodes=self.episodes,
+            validation_accuracy=accuracies,
+        )
+        return {"step_selection": result, "step_selection_note": note}
+
+
+def validation_episode_sets(
+    validation_classes: torch.Tensor,
+    drawings_per_character: int,
+    test_sets: dict[str, EpisodeIndex],
+    episodes: int,
+    seed: int,
+) -> dict[str, EpisodeIndex]:
+    """{setting: `episodes` tasks shaped as its test tasks in `test_sets` (N, K, Q), drawn
+    from `validation_classes`} (int64 [C, 2]: character, rotation; the split's validation
+    part, so no meta-test character appears); seeded by (`seed`, setting), as test sets."""
+    return {
+        setting: sample_episode_index(
+            validation_classes,
+            drawings_per_character,
+            *(shape.n_way, shape.k_shot, shape.query_per_class, episodes),
+            torch.Generator().manual_seed(setting_seed(seed, setting)),
+        )
+        for setting, shape in test_sets.items()
+    }
+
+
+def select_adaptation_steps(
+    learner: Learner,
+    images: torch.Tensor,
+    index: EpisodeIndex,
+    setting: str,
+    candidates: tuple[int, ...] | list[int],
+    seed: int = 0,
+) -> StepChoice | None:
+    """The candidate step count with the best mean query accuracy on the validation tasks
+    `index` of `setting` (ties: the fewest steps, the cheaper), scored as the test tasks
+    are (`evaluate_episode_set`: batched, RNG seeded from (`seed`, `setting`) per candidate,
+    so no candidate depends on another). None if the learner cannot do the tasks."""
+    accuracies: dict[int, float] = {}
+    for steps in dict.fromkeys(candidates):
+        scored = evaluate_episode_set(learner, images, index, setting, steps, seed, False)
+        if scored.unsupported is not None:
+            return None  # the test set reports why
+        accuracies[steps] = float(scored.accuracy_after.mean())
+    best = max(accuracies, key=lambda steps: (accuracies[steps], -steps))
+    fingerprint = episode_set_fingerprint(index)
+    return StepChoice(best, False, accuracies, index.num_tasks, fingerprint)
+
+
+def choose_steps(
+    learner: Learner,
+    images: torch.Tensor,
+    index: EpisodeIndex,
+    setting: str,
+    selection: StepSelection | None,
+) -> StepChoice | None:
+    """The steps of test set `index` under `selection`: None without one or for a learner
+    without test-time gradient steps; kept on the setting the learner was trained on (N-way
+    K-shot; an unknown K matches none); else `select_adaptation_steps`, the learner's own
+    test-time steps tried too (after the grid), so the choice does at least as well on
+    validation as no selection."""
+    if selection is None or not learner.adapts_by_gradient:
+        return None
+    own = learner.default_adaptation_steps
+    if (index.n_way, index.k_shot) == (learner.n_way, learner.k_shot):
+        return StepChoice(int(own or 0), True, {})
+    candidates = (*selection.candidates, *([own] if own is not None else []))
+    validation = selection.validation_sets[setting]
+    return select_adaptation_steps(learner, images, validation, setting, candidates, selection.seed)
+
+
 @dataclass
 class LearnerEvaluation:
     """All settings of one learner; `record()` is the metrics/eval/<name>.json content."""
@@ -306,12 +420,18 @@ def evaluate_learner(
     seed: int = 0,
     progress: bool = True,
     experiment: str | None = None,
+    step_selection: StepSelection | None = None,
 ) -> LearnerEvaluation:
     """Evaluate `learner` on each {setting: episode index} (see `evaluate_episode_set`).
 
     images: uint8 [N_images, S, S] with S = the learner's image size. `experiment` names
-    the result (default: the name stored in the model file).
+    the result (default: the name stored in the model file). With `step_selection` (and
+    `steps` None), a gradient learner's test-time steps on each setting come from
+    `choose_steps` (recorded with the setting's result); the test tasks are scored after
+    the selection, with the RNG reseeded, so they see nothing of it.
     """
+    if step_selection is not None and steps is not None:
+        raise ValueError("give either fixed steps or a step selection, not both")
     size = int(images.shape[-1])
     if size != learner.image_size:
         raise ValueError(
@@ -321,16 +441,20 @@ def evaluate_learner(
     experiment = experiment or learner.experiment
     results = {}
     for setting, index in episode_sets.items():
+        choice = choose_steps(learner, images, index, setting, step_selection)
         results[setting] = evaluate_episode_set(
             learner,
             images,
             index,
             setting,
-            steps=steps,
+            # the trained setting keeps the learner's default (steps None), as without it
+            steps=choice.steps if choice is not None and not choice.trained_setting else steps,
             seed=seed,
             progress=progress,
             description=f"evaluate {experiment} {setting}",
         )
+        if results[setting].unsupported is None:
+            results[setting].step_choice = choice
     return LearnerEvaluation(experiment, learner.algorithm, results)
 
 

@@ -7,12 +7,12 @@ Each section's schema lives beside the code that reads it and is only assembled 
 - ``experiments.<name>.options``: the algorithm's ``Options`` (`metalab.algorithms`),
   typed once, at load: ``params.experiment(name).options`` is that ``Options`` instance
 - ``rl_experiments.<name>``: `metalab.rl.config`
-- ``tracking``: `metalab.schema`
+- ``tracking``, ``evaluate.step_selection``: `metalab.schema`
 
 The sections that belong to the pipeline as a whole (the shared ``train`` defaults and an
-experiment's overrides, ``evaluate``, ``report``, ``seed_runs``: extra training seeds) are
-defined here. Stages that read only a
-few sections load just those (`metalab.data.config.load_data_params`,
+experiment's overrides, ``evaluate`` with its optional ``step_selection``, ``report``,
+``seed_runs``: extra training seeds) are defined here. Stages that read only a few
+sections load just those (`metalab.data.config.load_data_params`,
 `metalab.rl.config.load_rl_params`, `metalab.algorithms.pretrain.load_pretrain_params`).
 
 Each top-level section belongs to one stage (DVC tracks them separately, so changing one
@@ -48,6 +48,7 @@ from metalab.data.config import (
     EpisodesConfig,
     check_episodes_fit,
     drawings_needed,
+    parse_setting,
     split_classes,
 )
 from metalab.layout import PRETRAIN_DIR, RANDOM_BODY_INIT
@@ -56,6 +57,7 @@ from metalab.rl.config import RLExperimentConfig
 from metalab.schema import (
     ExperimentName,
     ParamsError,
+    StepSelectionConfig,
     Strict,
     TrackingConfig,
     field_error,
@@ -73,6 +75,7 @@ __all__ = [
     "PretrainConfig",
     "ReportConfig",
     "SeedRunConfig",
+    "StepSelectionConfig",
     "TrainConfig",
     "load_params",
     "validate_params",
@@ -182,6 +185,17 @@ class EvaluateConfig(Strict):
         ge=2,
         description="evaluate the first N tasks of each stored episode set (every learner "
         "gets the same N, so comparisons stay paired); null = all of them",
+    )
+    trained_setting_only: bool = Field(
+        False,
+        description="evaluate each model only on the settings of the N-way K-shot tasks it "
+        "was trained on (one model per setting, as the papers train them); false = every "
+        "evaluated setting",
+    )
+    step_selection: StepSelectionConfig | None = Field(
+        None,
+        description="choose test-time steps per setting on validation tasks; null = off "
+        "(every setting uses adaptation_steps or the learner's default)",
     )
 
 
@@ -294,6 +308,7 @@ class Params(Strict):
                     f"{', '.join(missing)} not in episodes.settings "
                     f"[{', '.join(self.episodes.settings)}] (only those episode sets exist)",
                 )
+        self._check_step_selection(classes)
         for index, pair in enumerate(self.report.pairs):
             unknown = [name for name in pair if name not in self.experiments]
             if unknown:
@@ -345,6 +360,31 @@ class Params(Strict):
                         f"{config.n_way}-way tasks need {config.n_way} classes; the {part} "
                         f"split has {classes[part]} (data.split, data.expected)",
                     )
+
+    def _check_step_selection(self, classes: dict[str, int] | None) -> None:
+        """A step selection replaces fixed test steps and draws every evaluated setting's
+        tasks from the validation classes, so it needs that many classes."""
+        selection = self.evaluate.step_selection
+        if selection is None:
+            return
+        if self.evaluate.adaptation_steps is not None:
+            raise field_error(
+                ("evaluate", "adaptation_steps"),
+                self.evaluate.adaptation_steps,
+                "fixed steps for every setting, but evaluate.step_selection chooses them "
+                "per setting: set one of the two to null",
+            )
+        if classes is None:
+            return
+        for setting in self.evaluation_settings():
+            n_way, _ = parse_setting(setting)
+            if n_way > classes["validation"]:
+                raise field_error(
+                    ("evaluate", "step_selection"),
+                    selection.model_dump(),
+                    f"{setting} validation tasks need {n_way} classes; the validation split "
+                    f"has {classes['validation']} (data.split)",
+                )
 
     def _check_seed_run(self, key: str, run: SeedRunConfig) -> None:
         """A seed run names a configured experiment, is keyed by its files' name and

@@ -74,6 +74,34 @@ class TrackingConfig(Strict):
     enabled: bool = True
 
 
+def _distinct_steps(steps: list[int]) -> list[int]:
+    if len(set(steps)) != len(steps):
+        raise ValueError("list each step count once")
+    return steps
+
+
+class StepSelectionConfig(Strict):
+    """``evaluate.step_selection``: a gradient learner's test-time steps per setting.
+
+    On a setting other than its training one (N-way K-shot), the learner uses the count of
+    `steps` (and of its own test-time steps, always tried) with the best mean validation
+    accuracy (ties: the fewest steps) over `episodes` tasks of that setting drawn from the
+    validation classes (``data.split``; seeded by `seed` and the setting); on its training
+    setting it keeps its trained steps. Learners without test-time gradient steps are
+    unaffected. Read by the evaluate stage (`metalab.params.EvaluateConfig`).
+    """
+
+    steps: Annotated[list[Annotated[int, Field(ge=0, le=200)]], AfterValidator(_distinct_steps)] = (
+        Field(
+            default_factory=lambda: [1, 2, 3, 5, 10],
+            min_length=1,
+            description="candidate test-time step counts",
+        )
+    )
+    episodes: int = Field(100, ge=2, le=10_000, description="validation tasks per candidate")
+    seed: int = Field(0, ge=0, description="seed of the validation tasks and of adaptation")
+
+
 def _submodel(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model an annotation leads to (through Optional, dict and list)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -4,7 +4,7 @@ an extra training seed (params.yaml `seed_runs`); `seed` says which."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,9 +78,26 @@ class TrainRunReference(MetricsFile, BaseModel):
     mlflow_run_id: str | None = Field(default=None, description="MLflow run of the training")
 
 
+class StepSelectionResult(Schema):
+    """How a gradient learner's test-time steps on one setting were chosen (numbers only:
+    the metrics file). The chosen count is the setting's ``adaptation_steps``."""
+
+    trained_setting: bool = Field(
+        description="the learner's training setting: it kept its trained steps (none tried)"
+    )
+    episodes: int = Field(description="validation episodes each candidate was scored on")
+    validation_accuracy: dict[str, float] = Field(
+        description="{candidate steps: mean validation query accuracy}, in the order tried"
+    )
+
+
 class SettingResult(Schema):
     """Held-out accuracy of one learner on one setting's episode set (fractions; the 95%
     half-widths are 1.96 * s / sqrt(n), None for fewer than two episodes)."""
+
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset(
+        {"step_selection", "step_selection_note"}
+    )
 
     n_way: int = Field(description="classes per task")
     k_shot: int = Field(description="support examples per class")
@@ -102,6 +119,14 @@ class SettingResult(Schema):
     )
     episode_set: str = Field(
         description="fingerprint of the episode set: equal fingerprints can be paired"
+    )
+    step_selection: StepSelectionResult | None = Field(
+        default=None,
+        description="evaluate.step_selection's choice of adaptation_steps; None (left out of "
+        "the file) without one",
+    )
+    step_selection_note: str | None = Field(
+        default=None, description="the choice in words, with the validation set's fingerprint"
     )
 
 
@@ -136,3 +161,14 @@ class EvaluationMetrics(Schema):
     cuda_version: CudaVersion = None
     train_run_id: str | None = Field(default=None, description="MLflow run of the training")
     mlflow_run_id: str | None = Field(default=None, description="MLflow run of the evaluation")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `MetricsFile.to_dict`, each setting also without its None step-selection
+        fields: a record without a selection writes the files it always wrote."""
+        data = super().to_dict()
+        omitted = SettingResult.omitted_when_none
+        data["settings"] = {
+            setting: {k: v for k, v in result.items() if not (v is None and k in omitted)}
+            for setting, result in data["settings"].items()
+        }
+        return data

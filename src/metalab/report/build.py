@@ -24,6 +24,7 @@ from metalab.report.tables import (
     markdown,
     paired_table,
     setting_column,
+    step_selection_section,
 )
 
 ACCURACY_COLUMNS = ["experiment", "setting", "label", "accuracy", "ci95", "accuracy_before"]
@@ -139,6 +140,7 @@ def build_report(
             notes,
             seed_pairs=seed_pairs,
             budget=budget_markdown(inputs),
+            steps=step_selection_section(inputs, table),
         )
         + "\n"
         + rl_markdown(rl),
