@@ -356,21 +356,25 @@ def test_learners_without_test_time_steps_get_no_choice(omniglot, stored_sets):
 
 # ------------------------------------------------------------------------- params, stage
 def test_params_errors_name_the_key():
+    full = {"steps": [1, 2], "episodes": 10, "seed": 0}
     with pytest.raises(ParamsError, match=r"evaluate\.adaptation_steps = 2: fixed steps"):
-        validate_params({"evaluate": {"adaptation_steps": 2, "step_selection": {}}})
+        validate_params({"evaluate": {"adaptation_steps": 2, "step_selection": full}})
     with pytest.raises(ParamsError, match=r"evaluate\.step_selection\.steps = \[1, 1\]: .*once"):
-        validate_params({"evaluate": {"step_selection": {"steps": [1, 1]}}})
+        validate_params({"evaluate": {"step_selection": {**full, "steps": [1, 1]}}})
     with pytest.raises(ParamsError, match=r"unknown key evaluate\.step_selection\.lr; allowed"):
-        validate_params({"evaluate": {"step_selection": {"lr": 1}}})
+        validate_params({"evaluate": {"step_selection": {**full, "lr": 1}}})
+    # every value is spelled out in params.yaml (a DVC param), none taken from the code
+    with pytest.raises(ParamsError, match=r"evaluate\.step_selection\.episodes"):
+        validate_params({"evaluate": {"step_selection": {"steps": [1, 2], "seed": 0}}})
     with pytest.raises(ParamsError, match=r"20w1s validation tasks need 20 classes; .* has 10"):
         validate_params(
             {
                 "data": {"split": {"validation_characters": 10}},
-                "evaluate": {"step_selection": {}},
+                "evaluate": {"step_selection": full},
             }
         )
-    defaults = validate_params({"evaluate": {"step_selection": {}}}).evaluate.step_selection
-    assert (defaults.steps, defaults.episodes, defaults.seed) == ([1, 2, 3, 5, 10], 100, 0)
+    chosen = validate_params({"evaluate": {"step_selection": full}}).evaluate.step_selection
+    assert (chosen.steps, chosen.episodes, chosen.seed) == ([1, 2], 10, 0)
     assert validate_params({}).evaluate.step_selection is None  # off by default
 
 

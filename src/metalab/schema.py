@@ -91,15 +91,13 @@ class StepSelectionConfig(Strict):
     unaffected. Read by the evaluate stage (`metalab.params.EvaluateConfig`).
     """
 
+    # No defaults: this module is params machinery, not a stage dependency, so every
+    # value that decides a number is spelled out in params.yaml (a DVC param).
     steps: Annotated[list[Annotated[int, Field(ge=0, le=200)]], AfterValidator(_distinct_steps)] = (
-        Field(
-            default_factory=lambda: [1, 2, 3, 5, 10],
-            min_length=1,
-            description="candidate test-time step counts",
-        )
+        Field(min_length=1, description="candidate test-time step counts, e.g. [1, 2, 3, 5, 10]")
     )
-    episodes: int = Field(100, ge=2, le=10_000, description="validation tasks per candidate")
-    seed: int = Field(0, ge=0, description="seed of the validation tasks and of adaptation")
+    episodes: int = Field(ge=2, le=10_000, description="validation tasks per candidate")
+    seed: int = Field(ge=0, description="seed of the validation tasks and of adaptation")
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
