@@ -153,11 +153,11 @@ class Trainer:
         self.learner.to(self.device)
         self.optimizer = self._make_optimizer()
         self.train_n_way = self.learner.train_n_way or self.config.n_way
-        # Shots and queries of meta-training tasks: a learner may ask for others than the
-        # validation and test tasks' (Reptile's train_shots); declared by such learners only.
-        self.train_k_shot: int = getattr(self.learner, "train_k_shot", None) or self.config.k_shot
-        self.train_query_per_class: int = (
-            getattr(self.learner, "train_query_per_class", None) or self.config.query_per_class
+        # A learner may ask for other shots and queries in meta-training than validation
+        # and test tasks have (Reptile's train_shots).
+        self.train_k_shot = self.learner.train_k_shot or self.config.k_shot
+        self.train_query_per_class = (
+            self.learner.train_query_per_class or self.config.query_per_class
         )
         per_class = self.train_k_shot + self.train_query_per_class
         if per_class > arrays.drawings_per_character:

@@ -178,8 +178,8 @@ class ReptileLearner(MetaLearner):
         self.precision = check_precision(precision)
         # The train loop samples meta-training tasks with these (None: train.k_shot and
         # train.query_per_class); validation and meta-test tasks keep train's.
-        self.train_k_shot: int | None = options.train_shots
-        self.train_query_per_class: int | None = options.train_query_per_class
+        self.train_k_shot = options.train_shots
+        self.train_query_per_class = options.train_query_per_class
         self.inner_adam: CarriedAdamState | None = None
         if options.carry_inner_adam_state:
             self.inner_adam = CarriedAdamState(dict(model.named_parameters()))
