@@ -204,8 +204,9 @@ class ReptileLearner(MetaLearner):
         """Whether `adapt_many` fine-tunes many tasks at once (`fine_tune_many`): a Conv4
         (the MAML family's grouped forward), every test step on the whole support set and a
         zero head for a new way count. Then test-time adaptation draws no random numbers
-        (as the contract in `metalab.algorithms.base` asks); otherwise (minibatches, random
-        heads) tasks are adapted one by one, in the order of a per-episode loop."""
+        (as the contract in `metalab.algorithms.base` asks); otherwise (test-time
+        minibatches, random heads) tasks are adapted one by one, in the order of a
+        per-episode loop."""
         return (
             isinstance(self.model, Conv4)
             and self.test_batch_size is None
