@@ -179,6 +179,11 @@ EXTRA_CASES = [
         },
     ),
     Case("reptile-bf16", "reptile", {"inner_steps": 2, "test_inner_steps": 2}, "bf16"),
+    Case(
+        "reptile-carried-adam-minibatches",
+        "reptile",
+        {"carry_inner_adam_state": True, "inner_steps": 2, "inner_batch_size": 4},
+    ),
     Case("cavia-first-order", "cavia", {"first_order": True}),
     Case("cavia-bf16", "cavia", {}, "bf16", downsample="stride"),
     Case("protonets-bf16", "protonets", {"meta_dropout_rates": RATES}, "bf16"),

@@ -355,11 +355,13 @@ def test_fine_tuning_many_tasks_at_once_gives_each_task_its_own_fine_tuning(inne
 
 
 def test_batches_tasks_only_when_test_time_adaptation_draws_no_random_numbers():
-    """Tasks are adapted together only with a Conv4, the whole support set per step and a
-    zero head for a new way count; then adapting (a new way count included) draws no
-    random numbers, which the contract of `batches_tasks` asks."""
+    """Tasks are adapted together only with a Conv4, the whole support set per test-time
+    step and a zero head for a new way count; then adapting (a new way count included)
+    draws no random numbers, which the contract of `batches_tasks` asks. Meta-training
+    mini-batches (inner_batch_size) do not reach test time."""
     assert make_learner().batches_tasks
-    assert not make_learner(inner_batch_size=2).batches_tasks
+    assert make_learner(inner_batch_size=2).batches_tasks
+    assert make_learner(inner_batch_size=2).test_batch_size is None
     assert not make_learner(test_inner_batch_size=2).batches_tasks
     assert not make_learner(head_init="random").batches_tasks
     resnet = build(

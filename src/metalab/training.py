@@ -58,6 +58,7 @@ from metalab.evaluation import evaluate_accuracy
 from metalab.learner_api import ModelPayload, save_model
 from metalab.models.pretrained import load_body_init
 from metalab.params import Params, TrainConfig
+from metalab.schema import ParamsError
 
 
 @dataclass
@@ -152,6 +153,21 @@ class Trainer:
         self.learner.to(self.device)
         self.optimizer = self._make_optimizer()
         self.train_n_way = self.learner.train_n_way or self.config.n_way
+        # A learner may ask for other shots and queries in meta-training than validation
+        # and test tasks have (Reptile's train_shots).
+        self.train_k_shot = self.learner.train_k_shot or self.config.k_shot
+        self.train_query_per_class = (
+            self.learner.train_query_per_class or self.config.query_per_class
+        )
+        per_class = self.train_k_shot + self.train_query_per_class
+        if per_class > arrays.drawings_per_character:
+            raise ParamsError(
+                f"params.yaml: experiments.{name}: meta-training tasks of "
+                f"{self.train_k_shot} shots + {self.train_query_per_class} queries need "
+                f"{per_class} drawings per class; each character has "
+                f"{arrays.drawings_per_character} (lower train.k_shot/query_per_class or the "
+                "learner's train_shots/train_query_per_class)"
+            )
         self.sampler = torch.Generator().manual_seed(self.config.seed)
         validation_generator = torch.Generator().manual_seed(self.config.seed + 1)
         self.validation_index = sample_episode_index(
@@ -256,8 +272,8 @@ class Trainer:
             self.split.meta_train,
             self.arrays.drawings_per_character,
             self.train_n_way,
-            config.k_shot,
-            config.query_per_class,
+            self.train_k_shot,
+            self.train_query_per_class,
             config.meta_batch_size,
             self.sampler,
         )

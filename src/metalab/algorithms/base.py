@@ -96,6 +96,11 @@ class MetaLearner(nn.Module):
     #: The way count of the tasks the train loop samples for this learner, or None for
     #: ``train.n_way`` (ProtoNets trains on more ways than it is tested on).
     train_n_way: int | None = None
+    #: The shots and queries per class of those tasks, or None for ``train.k_shot`` and
+    #: ``train.query_per_class`` (Reptile's reference recipe trains with more shots than
+    #: it is tested with); validation and meta-test tasks keep ``train``'s.
+    train_k_shot: int | None = None
+    train_query_per_class: int | None = None
     #: The network with a ``body`` (a submodule or property of every learner): a pretrained
     #: body (``experiments.<name>.body_init``) is loaded into ``model.body``.
     model: nn.Module

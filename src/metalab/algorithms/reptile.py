@@ -10,6 +10,17 @@ The train loop owns the optimizer, so `meta_gradients` writes that step as a gra
 1 (no momentum, no weight decay, no lr schedule) is then exactly the Reptile step. The
 learner advertises this through ``outer_optimizer = "sgd"`` and ``outer_lr = 1.0``.
 Epsilon, and its optional linear annealing, is folded into the gradient.
+
+The reference recipe (openai/supervised-reptile, Omniglot 1-shot: ``--train-shots 10
+--inner-batch 10 --inner-iters 5``) trains on tasks with more shots than it tests with,
+on inner mini-batches drawn without replacement from reshuffled passes over a task's
+examples, with one inner Adam state (step count, moments) running on from task to task
+(only the weights go back to the meta-weights); each test task fine-tunes from a copy of
+it. Options ``train_shots``, ``inner_batch_size``, ``carry_inner_adam_state`` select this;
+their defaults keep metalab's first Reptile. Deviations even then: training tasks also
+sample queries (``train_query_per_class``), only for the logged accuracy; a test head for
+another way count starts with zero Adam moments; and test tasks have
+``episodes.query_per_class`` queries per class (the reference: 1), one transductive batch.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -40,6 +51,7 @@ from metalab.algorithms.functional import (
     zero_head,
 )
 from metalab.algorithms.precision import Precision, autocast, check_precision
+from metalab.algorithms.reptile_adam import INNER_BETAS, CarriedAdam, CarriedAdamState
 from metalab.algorithms.task_forward import to_channels_last
 from metalab.data.episodes import Episodes
 from metalab.models import Conv4, build_model
@@ -61,18 +73,44 @@ class Options(BaseModel):
         50, ge=0, le=100_000, description="fine-tuning steps at test time (paper: 50)"
     )
     inner_optimizer: Literal["sgd", "adam"] = Field(
-        "adam", description="inner optimizer; Adam uses betas (0, 0.999), state reset per task"
+        "adam",
+        description="inner optimizer; Adam uses betas (0, 0.999), its state reset per task "
+        "unless carry_inner_adam_state",
     )
     inner_lr: float = Field(0.001, gt=0.0, le=100.0, description="inner learning rate")
     inner_batch_size: int | None = Field(
         None,
         ge=1,
         le=100_000,
-        description="support examples per inner step, drawn without replacement in "
-        "reshuffled passes; null: the whole support set every step",
+        description="support examples per meta-training inner step, drawn without "
+        "replacement in reshuffled passes (reference: 10); null: the whole support set",
     )
     test_inner_batch_size: int | None = Field(
-        None, ge=1, le=100_000, description="inner batch size at test time; null: inner_batch_size"
+        None,
+        ge=1,
+        le=100_000,
+        description="support examples per test-time step, drawn as inner_batch_size; null: "
+        "the whole support set (not inner_batch_size: the test way and shot counts vary)",
+    )
+    train_shots: int | None = Field(
+        None,
+        ge=1,
+        le=1_000,
+        description="shots per class of meta-training tasks (reference: 10 for 1-shot "
+        "Omniglot); null: train.k_shot. Validation and meta-test tasks keep train.k_shot",
+    )
+    train_query_per_class: int | None = Field(
+        None,
+        ge=1,
+        le=1_000,
+        description="queries per class of meta-training tasks, which only measure the logged "
+        "adapted loss/accuracy (the Reptile step ignores them); null: train.query_per_class",
+    )
+    carry_inner_adam_state: bool = Field(
+        False,
+        description="true: one inner Adam state (step count, moments) runs on from task to "
+        "task through meta-training, checkpointed with the weights, and each test-time "
+        "fine-tuning starts from a copy of it (the reference); false: fresh per task",
     )
     epsilon: float = Field(1.0, gt=0.0, le=10.0, description="outer step size at the start")
     epsilon_final: float | None = Field(
@@ -92,6 +130,14 @@ class Options(BaseModel):
         description="head for a way count other than the trained one: zeros, or PyTorch's "
         "default Linear initialisation (torch RNG)",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Options:
+        if self.carry_inner_adam_state and self.inner_optimizer != "adam":
+            raise ValueError(
+                "carry_inner_adam_state needs inner_optimizer 'adam' (SGD keeps no state)"
+            )
+        return self
 
 
 def support_batches(
@@ -130,6 +176,13 @@ class ReptileLearner(MetaLearner):
         self.model = model
         self.options = options
         self.precision = check_precision(precision)
+        # The train loop samples meta-training tasks with these (None: train.k_shot and
+        # train.query_per_class); validation and meta-test tasks keep train's.
+        self.train_k_shot = options.train_shots
+        self.train_query_per_class = options.train_query_per_class
+        self.inner_adam: CarriedAdamState | None = None
+        if options.carry_inner_adam_state:
+            self.inner_adam = CarriedAdamState(dict(model.named_parameters()))
 
     @property
     def default_adaptation_steps(self) -> int:
@@ -138,15 +191,22 @@ class ReptileLearner(MetaLearner):
     @property
     def test_batch_size(self) -> int | None:
         """Support examples per test-time step (None: the whole support set)."""
-        return self.options.test_inner_batch_size or self.options.inner_batch_size
+        return self.options.test_inner_batch_size
+
+    @property
+    def combines_tasks_by_mean(self) -> bool:
+        """False with a carried inner Adam state: each task fine-tunes from the state the
+        previous one left, so the meta-batch cannot be split across processes."""
+        return self.inner_adam is None
 
     @property
     def batches_tasks(self) -> bool:  # type: ignore[override]
         """Whether `adapt_many` fine-tunes many tasks at once (`fine_tune_many`): a Conv4
         (the MAML family's grouped forward), every test step on the whole support set and a
         zero head for a new way count. Then test-time adaptation draws no random numbers
-        (as the contract in `metalab.algorithms.base` asks); otherwise (minibatches, random
-        heads) tasks are adapted one by one, in the order of a per-episode loop."""
+        (as the contract in `metalab.algorithms.base` asks); otherwise (test-time
+        minibatches, random heads) tasks are adapted one by one, in the order of a
+        per-episode loop."""
         return (
             isinstance(self.model, Conv4)
             and self.test_batch_size is None
@@ -192,9 +252,10 @@ class ReptileLearner(MetaLearner):
         return head.weight.detach(), head.bias.detach()
 
     def _inner_optimizer(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-        # A new optimizer per task: Adam's moments never carry over from one task to the next.
+        # A new optimizer per task: Adam's moments do not carry over from one task to the
+        # next (unless carry_inner_adam_state, which steps with `CarriedAdam` instead).
         if self.options.inner_optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.options.inner_lr, betas=(0.0, 0.999))
+            return torch.optim.Adam(params, lr=self.options.inner_lr, betas=INNER_BETAS)
         return torch.optim.SGD(params, lr=self.options.inner_lr)
 
     def fine_tune(
@@ -204,11 +265,14 @@ class ReptileLearner(MetaLearner):
         steps: int,
         batch_size: int | None,
         n_way: int | None = None,
+        adam: CarriedAdam | None = None,
     ) -> tuple[dict[str, torch.Tensor], float]:
         """Fine-tune a copy of the weights on one task's support set.
 
         support_x float [S, 1, H, W], support_y int64 [S]. A way count ``n_way`` other than
-        the trained one replaces the head by a fresh one (``head_init``). Returns the adapted
+        the trained one replaces the head by a fresh one (``head_init``). With a carried
+        inner Adam state the steps continue ``adam`` (which keeps the state they reach), or
+        by default a copy of the learner's state (left unchanged). Returns the adapted
         weights (detached, by parameter name) and the support loss of the last step (nan if
         ``steps`` is 0).
         """
@@ -221,16 +285,22 @@ class ReptileLearner(MetaLearner):
             weight, bias = self._fresh_head(n_way)
             params["head.weight"] = weight.clone().requires_grad_(True)
             params["head.bias"] = bias.clone().requires_grad_(True)
-        optimizer = self._inner_optimizer(params.values())
+        if adam is None and self.inner_adam is not None:
+            adam = self.inner_adam.resume(params, self.options.inner_lr)
+        optimizer = self._inner_optimizer(params.values()) if adam is None else None
         last_loss: torch.Tensor | None = None
         with torch.enable_grad():
             for indices in support_batches(support_x.shape[0], batch_size, steps):
                 batch_x = support_x if indices is None else support_x[indices]
                 batch_y = support_y if indices is None else support_y[indices]
                 loss = F.cross_entropy(self.forward_with(params, batch_x), batch_y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    grads = torch.autograd.grad(loss, list(params.values()))
+                    adam.step(params, dict(zip(params, grads, strict=True)))
                 last_loss = loss.detach()
         # Read once, after the loop: a read per step would wait for a GPU at every step.
         adapted = {name: p.detach() for name, p in params.items()}
@@ -251,12 +321,16 @@ class ReptileLearner(MetaLearner):
         delta_sum = {name: torch.zeros_like(p) for name, p in theta.items()}
         query_loss = query_correct = support_loss = 0.0
         num_tasks = episodes.num_tasks
+        adam = None
+        if self.inner_adam is not None:  # one state through the tasks in order, then kept
+            adam = self.inner_adam.resume(theta, self.options.inner_lr)
         for t in range(num_tasks):
             adapted, last_support_loss = self.fine_tune(
                 episodes.support_x[t],
                 episodes.support_y[t],
                 self.options.inner_steps,
                 self.options.inner_batch_size,
+                adam=adam,
             )
             for name, p in theta.items():
                 delta_sum[name] += adapted[name] - p.detach()
@@ -265,6 +339,8 @@ class ReptileLearner(MetaLearner):
                 query_loss += F.cross_entropy(logits, episodes.query_y[t]).item()
                 query_correct += (logits.argmax(1) == episodes.query_y[t]).float().mean().item()
             support_loss += last_support_loss
+        if adam is not None:
+            self.inner_adam.store(adam)
         for name, p in theta.items():
             gradient = delta_sum[name] * (-epsilon / num_tasks)
             p.grad = gradient if p.grad is None else p.grad + gradient
@@ -358,9 +434,10 @@ class ReptileLearner(MetaLearner):
     ) -> dict[str, torch.Tensor]:
         """`fine_tune` of T tasks at once on their whole support sets (support_x
         [T, S, 1, H, W], support_y [T, S]): stacked weights [T, *shape] through the grouped
-        forward, each task its own inner optimizer state (`StackedOptimizer`). A way count
-        other than the trained one starts from a zero head. Returns the adapted weights by
-        parameter name, stacked [T, *shape], detached."""
+        forward, each task its own inner optimizer state (`StackedOptimizer`, or a copy of
+        the carried state for every task). A way count other than the trained one starts
+        from a zero head. Returns the adapted weights by parameter name, stacked
+        [T, *shape], detached."""
         num_tasks = support_x.shape[0]
         start = {name: p.detach() for name, p in self.model.named_parameters()}
         if n_way != self.trained_n_way:
@@ -369,7 +446,11 @@ class ReptileLearner(MetaLearner):
             name: p.unsqueeze(0).expand(num_tasks, *p.shape).clone() for name, p in start.items()
         }
         options = self.options
-        optimizer = StackedOptimizer(options.inner_optimizer, options.inner_lr, betas=(0.0, 0.999))
+        optimizer: StackedOptimizer | CarriedAdam
+        if self.inner_adam is None:
+            optimizer = StackedOptimizer(options.inner_optimizer, options.inner_lr, INNER_BETAS)
+        else:
+            optimizer = self.inner_adam.resume(params, options.inner_lr, tasks=num_tasks)
         support_x = to_channels_last(support_x.to(start["head.weight"].dtype))
         for _ in range(steps):
             with torch.enable_grad():
