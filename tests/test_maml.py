@@ -606,8 +606,11 @@ def test_options_reject_inconsistent_settings():
         MAMLLearner(ResNet18(3), 3, Options(meta_dropout_rates=[0.1] * 4))
 
 
-@pytest.mark.parametrize("params_file", ["params.yaml", "params/paper.yaml"])
-def test_anil_s5_gives_every_batchnorm_the_batchnorm_multiplier(params_file):
+@pytest.mark.parametrize(
+    ("params_file", "name"),
+    [("params.yaml", "anil_s5"), ("params/paper.yaml", "anil_s5_5w1s")],
+)
+def test_anil_s5_gives_every_batchnorm_the_batchnorm_multiplier(params_file, name):
     """S5's patterns must catch every BatchNorm of the ResNet18, the shortcut's norm
     (``downsample.1``) included: in trained layers 0.3, never the conv layers' rate."""
     from metalab.algorithms.outer_groups import lr_multiplier
@@ -615,7 +618,7 @@ def test_anil_s5_gives_every_batchnorm_the_batchnorm_multiplier(params_file):
     from metalab.params import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / params_file)
-    experiment = params.experiment("anil_s5")
+    experiment = params.experiment(name)
     model = build_model(experiment.model, 5, 28)
     multipliers = experiment.options.outer_lr_multipliers
     norms = [

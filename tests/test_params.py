@@ -13,6 +13,7 @@ from metalab.params import ParamsError, TrainConfig, load_params, validate_param
 from metalab.rl.config import load_rl_params
 
 ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["5w1s", "5w5s", "20w1s", "20w5s"]
 
 
 def test_repository_params_file_is_valid():
@@ -21,35 +22,43 @@ def test_repository_params_file_is_valid():
     assert params.episodes.num_episodes >= 1
 
 
-def test_paper_params_file_covers_every_experiment_with_paper_budgets():
+def test_paper_params_file_trains_every_experiment_once_per_setting_with_paper_budgets():
     default = load_params(ROOT / "params.yaml")
     paper = load_params(ROOT / "params" / "paper.yaml")
-    assert set(paper.experiments) == set(default.experiments)
+    settings = paper.episodes.settings
+    assert set(paper.experiments) == {f"{n}_{s}" for n in default.experiments for s in settings}
+    assert paper.evaluate.trained_setting_only
     assert paper.data.split.protocol == "vinyals"
     assert paper.evaluate.max_episodes is None
-    maml = paper.train_config("maml")
+    maml = paper.train_config("maml_5w1s")
     assert (maml.meta_batch_size, maml.iterations) == (32, 60000)
-    assert paper.experiment("maml").options.inner_lr == 0.4
-    assert paper.experiment("protonets").options.train_n_way == 60
+    assert paper.experiment("maml_5w1s").options.inner_lr == 0.4
+    assert paper.experiment("protonets_5w1s").options.train_n_way == 60
     for name in default.experiments:
-        assert paper.train_config(name).iterations > default.train_config(name).iterations
+        for setting in settings:
+            budget = paper.train_config(f"{name}_{setting}").iterations
+            assert budget > default.train_config(name).iterations
 
 
-@pytest.mark.parametrize("path", [ROOT / "params.yaml", ROOT / "params" / "paper.yaml"])
-def test_maml_bf16_differs_from_maml_only_in_precision(path):
+@pytest.mark.parametrize(
+    ("path", "suffix"),
+    [(ROOT / "params.yaml", ""), *((ROOT / "params" / "paper.yaml", f"_{s}") for s in SETTINGS)],
+)
+def test_maml_bf16_differs_from_maml_only_in_precision(path, suffix):
     # The report's [maml, maml_bf16] pair measures bf16's effect only if nothing else differs.
     params = load_params(path)
-    fp32, bf16 = params.experiment("maml"), params.experiment("maml_bf16")
+    maml, maml_bf16 = f"maml{suffix}", f"maml_bf16{suffix}"
+    fp32, bf16 = params.experiment(maml), params.experiment(maml_bf16)
     assert (fp32.algorithm, fp32.model, fp32.body_init) == (
         bf16.algorithm,
         bf16.model,
         bf16.body_init,
     )
-    assert params.experiment("maml").options == params.experiment("maml_bf16").options
-    fp32_train, bf16_train = params.train_config("maml"), params.train_config("maml_bf16")
+    assert params.experiment(maml).options == params.experiment(maml_bf16).options
+    fp32_train, bf16_train = params.train_config(maml), params.train_config(maml_bf16)
     assert (fp32_train.precision, bf16_train.precision) == ("fp32", "bf16")
     assert fp32_train.model_copy(update={"precision": "bf16"}) == bf16_train
-    assert ["maml", "maml_bf16"] in [list(pair) for pair in params.report.pairs]
+    assert [maml, maml_bf16] in [list(pair) for pair in params.report.pairs]
 
 
 @pytest.mark.parametrize(

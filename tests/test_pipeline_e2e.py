@@ -208,6 +208,7 @@ def pipeline_params(archive_dir: Path) -> dict:
     params["seed_runs"] = SEED_RUNS
     params["rl_experiments"] = RL_EXPERIMENTS
     params["evaluate"].update(settings=None, adaptation_steps=None, max_episodes=None)
+    params["evaluate"]["step_selection"] = {"steps": [1, 2], "episodes": 2, "seed": 0}
     params["report"].update(sort_by="5w1s", pairs=[["maml", "protonets"]])
     params["tracking"].update(enabled=False)
     return params

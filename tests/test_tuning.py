@@ -175,7 +175,8 @@ def test_apply_writes_the_choice_and_keeps_everything_else(tmp_path, params):
     ]
     text = path.read_text()
     # A text edit, not a re-dump: exactly three lines differ (in file order: maml, mamlpp,
-    # protonets), each only by its value or by one appended entry; comments, wrapping and null spellings stay byte for byte.
+    # protonets), each only by its value or by one appended entry; comments, wrapping and
+    # null spellings stay byte for byte.
     differing = [
         (old, new)
         for old, new in zip(before_text.splitlines(), text.splitlines(), strict=True)

@@ -71,6 +71,9 @@ def smoke_params(raw: dict[str, Any], project: Path) -> dict[str, Any]:
         if steps:
             experiment["eval_adaptation_steps"] = steps[:1]
     params.setdefault("evaluate", {})["max_episodes"] = SMOKE_EPISODES_PER_SETTING
+    selection = params["evaluate"].get("step_selection")
+    if selection:  # the same protocol on as few validation tasks as test tasks
+        params["evaluate"]["step_selection"] = {**selection, "episodes": SMOKE_EPISODES_PER_SETTING}
     # The smoke runs' MLflow records stay out of the project's store.
     params.setdefault("tracking", {})["enabled"] = False
     return params
