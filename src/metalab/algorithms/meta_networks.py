@@ -70,6 +70,7 @@ from metalab.algorithms.base import (
     check_query_tasks,
 )
 from metalab.algorithms.embedding import TaskOutcome, backward_mean_over_tasks, check_support_labels
+from metalab.algorithms.precision import Precision, autocast
 from metalab.data.episodes import Episodes
 
 
@@ -272,6 +273,7 @@ class MetaNetworks(MetaLearner):
             )
         if context.precision != "fp32":
             raise ValueError(f"meta_networks runs in fp32 only, got precision {context.precision}")
+        self.precision: Precision = context.precision
         self.options = options
         self.train_n_way = options.train_n_way or context.n_way
         channels, size, layers = context.model.hidden, context.image_size, options.conv_layers
@@ -473,11 +475,14 @@ class MetaNetworks(MetaLearner):
         n_way = check_support_labels(support_y)
         if n_way > self.train_n_way:
             raise ValueError(f"meta_networks has {self.train_n_way} output units, got {n_way}-way")
-        representation_fast = self.representation_fast_weights(
-            support_x, support_y, n_way, keep_graph
-        )
-        keys = self.representation_keys(support_x, representation_fast)
-        memory = self.example_fast_weights(support_x, support_y, n_way, keep_graph)
+        # The run's autocast region on the inputs' device (fp32 only: a disabled region),
+        # as every learner opens one.
+        with autocast(self.precision, support_x.device.type):
+            representation_fast = self.representation_fast_weights(
+                support_x, support_y, n_way, keep_graph
+            )
+            keys = self.representation_keys(support_x, representation_fast)
+            memory = self.example_fast_weights(support_x, support_y, n_way, keep_graph)
         return TaskMemory(representation_fast, keys, memory, n_way)
 
     def read(
@@ -496,8 +501,9 @@ class MetaNetworks(MetaLearner):
 
     def query_logits(self, task: TaskMemory, query_x: torch.Tensor) -> torch.Tensor:
         """b(W, W*_q, x_q) for each query: query_x [Q, 1, H, W] -> logits [Q, N]."""
-        fast, _ = self.read(task, query_x)
-        return self.base_logits(query_x, task.n_way, fast)
+        with autocast(self.precision, query_x.device.type):
+            fast, _ = self.read(task, query_x)
+            return self.base_logits(query_x, task.n_way, fast)
 
     # -- the MetaLearner interface -------------------------------------------------------------
 
