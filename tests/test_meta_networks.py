@@ -109,6 +109,12 @@ def test_more_ways_than_output_units_is_an_error_fewer_use_the_first_units():
     with pytest.raises(ValueError, match="5 output units, got 6-way"):
         learner.adapt(torch.rand(6, 1, 16, 16), labels)
 
+    wider = tiny(output_units=8)  # trained 5-way, room for 8-way tasks
+    assert (wider.train_n_way, wider.base.fc[1].shape[0]) == (5, 8)
+    assert wider.adapt(torch.rand(6, 1, 16, 16), labels)(task.query_x[0]).shape == (5 * QUERIES, 6)
+    with pytest.raises(ValueError, match="output_units"):
+        tiny(output_units=4)
+
 
 def test_bad_options_name_the_key():
     with pytest.raises(ValidationError, match="representation_loss"):

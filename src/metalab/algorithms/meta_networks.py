@@ -45,7 +45,7 @@ Deviations from the paper (see `Options` for the switches):
 * ``scale_fast_weights`` (default true) multiplies each layer's generated fast weights by
   that layer's slow-weight init scale 1/sqrt(fan_in) (paper: unscaled), so that at the
   start the fast path has the slow path's size instead of exploding over 5 layers.
-* The output layer has ``train_n_way`` (default: the trained way count) units; an N-way
+* The output layer has ``output_units`` (default: the training way count) units; an N-way
   task uses the first N (labels are arbitrary per task), more ways are an error.
 * fp32 only.
 """
@@ -114,7 +114,14 @@ class Options(BaseModel):
         "code: no, they are constants)",
     )
     train_n_way: int | None = Field(
-        None, ge=2, le=1000, description="ways of training tasks = output units; None = n_way"
+        None, ge=2, le=1000, description="ways of the training tasks; None = train.n_way"
+    )
+    output_units: int | None = Field(
+        None,
+        ge=2,
+        le=1000,
+        description="output units of b (tasks of up to this many ways; an N-way task uses "
+        "the first N); None = the training way count",
     )
 
 
@@ -276,10 +283,16 @@ class MetaNetworks(MetaLearner):
         self.precision: Precision = context.precision
         self.options = options
         self.train_n_way = options.train_n_way or context.n_way
+        self.output_units = options.output_units or self.train_n_way
+        if self.output_units < self.train_n_way:
+            raise ValueError(
+                f"output_units ({self.output_units}) must be at least the training way count "
+                f"({self.train_n_way})"
+            )
         channels, size, layers = context.model.hidden, context.image_size, options.conv_layers
-        self.base = AugmentedConvNet(channels, layers, options.fc_units, size, self.train_n_way)
+        self.base = AugmentedConvNet(channels, layers, options.fc_units, size, self.output_units)
         # u's output layer exists only for the reference code's cross-entropy loss.
-        u_outputs = self.train_n_way if options.representation_loss == "cross_entropy" else None
+        u_outputs = self.output_units if options.representation_loss == "cross_entropy" else None
         self.representation = AugmentedConvNet(channels, layers, options.fc_units, size, u_outputs)
         inputs = 1 if options.gradient_preprocessing_k is None else 2
         hidden = options.meta_hidden
@@ -329,8 +342,8 @@ class MetaNetworks(MetaLearner):
 
         ``fast``: b's fast weights in layer order, shared or per example ([B, *shape]);
         None: the slow network alone. ``slow`` replaces b's slow weights (same layout)."""
-        if n_way > self.train_n_way:
-            raise ValueError(f"meta_networks has {self.train_n_way} output units, got {n_way}-way")
+        if n_way > self.output_units:
+            raise ValueError(f"meta_networks has {self.output_units} output units, got {n_way}-way")
         slow = self.base.weights() if slow is None else slow
         layers = self.conv_layers
         h = augmented_features(x, slow[:layers], None if fast is None else fast[:layers])
@@ -473,8 +486,8 @@ class MetaNetworks(MetaLearner):
         """Algorithm 1 up to the query loop: Q*, the keys and the memory of a support set
         (support_x [S, 1, H, W], support_y int64 [S] in 0..N-1, checked)."""
         n_way = check_support_labels(support_y)
-        if n_way > self.train_n_way:
-            raise ValueError(f"meta_networks has {self.train_n_way} output units, got {n_way}-way")
+        if n_way > self.output_units:
+            raise ValueError(f"meta_networks has {self.output_units} output units, got {n_way}-way")
         # The run's autocast region on the inputs' device (fp32 only: a disabled region),
         # as every learner opens one.
         with autocast(self.precision, support_x.device.type):
