@@ -33,20 +33,30 @@ Deviations from the paper (see `Options` for the switches):
 * Sizes: channels = ``model.hidden`` (paper 64) and the hidden FC width (paper 64) are
   set per experiment; m and d keep the paper's 20 hidden units.
 * ``second_order: false`` (default) treats the meta-information gradients as constants,
-  as the authors' reference code does (the paper does not differentiate through them);
-  ``true`` differentiates through them (exact meta-gradients, slower).
-* ``representation_loss``: ``pairs`` (default) is the paper's verification loss on
-  support pairs (same class or not), here binary cross-entropy on ``pair_scale`` x the
-  cosine of the two keys, all unordered pairs of the support set cut in T parts in a
-  fixed order (the paper samples T pairs; a fixed order keeps test time free of random
-  numbers). ``cross_entropy`` is the reference code's loss: u's own softmax layer over
+  as the authors' reference code does (the paper does not say); ``true``
+  differentiates through them (exact meta-gradients, slower).
+* ``representation_loss``: ``pairs`` (default) is the paper's embedding loss on support
+  pairs with an auxiliary same-class label, here binary cross-entropy on ``pair_scale`` x
+  the cosine of the two keys (the paper leaves the loss's form open), over all unordered
+  pairs of the support set cut in T parts in a fixed order (the paper samples T pairs; a
+  fixed order keeps test time free of random numbers). In 1-shot tasks every pair is of
+  two classes. ``cross_entropy`` is the reference code's loss: u's own softmax layer over
   the support labels, the support set cut in T parts.
 * ``attention_scale`` multiplies the cosine before the softmax (paper: 1, no scale).
 * ``scale_fast_weights`` (default true) multiplies each layer's generated fast weights by
-  that layer's slow-weight init scale 1/sqrt(fan_in) (paper: unscaled), so that at the
-  start the fast path has the slow path's size instead of exploding over 5 layers.
+  that layer's slow-weight init scale 1/sqrt(fan_in) (paper: unscaled), so that m and d
+  work in the same units for every layer width.
+* Initialisation: He-normal conv and hidden FC weights and a near-zero output layer (the
+  reference code: Chainer's LeCun normal; without BatchNorm 5 blocks then start with
+  logits ~0 and learn slowly); the last layers of m and d start near zero (std 1e-3,
+  bias 0) so that training starts from the slow networks (the reference code: default
+  init, whose near-constant fast weights blew up the activations over 5 layers here).
 * The output layer has ``output_units`` (default: the training way count) units; an N-way
-  task uses the first N (labels are arbitrary per task), more ways are an error.
+  task uses the first N (labels are arbitrary per task), more ways are an error. Units
+  beyond the training way count keep their near-zero slow weights: fast weights fill
+  them.
+* u's softmax layer (``cross_entropy`` only) shapes the gradients d reads; first order,
+  nothing trains it (as in the reference code, where it keeps its initial weights).
 * fp32 only.
 """
 
