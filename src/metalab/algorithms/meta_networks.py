@@ -289,7 +289,10 @@ class MetaNetworks(MetaLearner):
                 "model.downsample maxpool (model.hidden sets their channels)"
             )
         if context.precision != "fp32":
-            raise ValueError(f"meta_networks runs in fp32 only, got precision {context.precision}")
+            raise ValueError(
+                f"meta_networks runs in fp32 only: train.precision must be fp32, got "
+                f"{context.precision}"
+            )
         self.precision: Precision = context.precision
         self.options = options
         self.train_n_way = options.train_n_way or context.n_way
