@@ -210,6 +210,23 @@ EXTRA_CASES = [
     ),
     Case("leo-feature-dropout", "leo", {"feature_dropout": 0.3}),
     Case("leo-bf16", "leo", {"inner_steps": 2, "finetune_steps": 2}, "bf16"),
+    Case("meta-networks", "meta_networks", {"conv_layers": 3}),
+    Case(
+        "meta-networks-cross-entropy-second-order",
+        "meta_networks",
+        {"conv_layers": 3, "representation_loss": "cross_entropy", "second_order": True},
+    ),
+    # First order: u's softmax layer only shapes the (constant) gradients d reads.
+    Case(
+        "meta-networks-cross-entropy",
+        "meta_networks",
+        {
+            "conv_layers": 3,
+            "representation_loss": "cross_entropy",
+            "gradient_preprocessing_k": None,
+        },
+        unused=("representation.fc.1",),
+    ),
 ]
 CASES = params_yaml_cases() + EXTRA_CASES
 
@@ -417,7 +434,12 @@ def test_meta_gradients_and_adaptation_stay_on_the_meta_device(
 @pytest.mark.parametrize(
     "case",
     case_params(
-        [c for c in CASES if c.algorithm in ("protonets", "metanets", "metanets_embedding", "leo")]
+        [
+            c
+            for c in CASES
+            if c.algorithm
+            in ("protonets", "metanets", "metanets_embedding", "leo", "meta_networks")
+        ]
     ),
 )
 def test_cpu_run_creates_no_tensor_on_the_default_device(case: Case) -> None:

@@ -25,6 +25,7 @@ ALGORITHMS: dict[str, str] = {
     "metanets": "metalab.algorithms.metanets",
     "metanets_embedding": "metalab.algorithms.metanets_embedding",
     "leo": "metalab.algorithms.leo",
+    "meta_networks": "metalab.algorithms.meta_networks",
     # TAML: entropy / inequality terms on the MAML core, or the task-encoder variant.
     "taml": "metalab.algorithms.taml",
 }
