@@ -479,6 +479,12 @@ def test_the_paper_file_trains_one_model_per_setting_evaluated_there():
                 changed.add("meta_batch_size")
                 assert train.meta_batch_size == 16
                 options.update(inner_lr=0.1, inner_steps=5, test_inner_steps=5)
+            if n_way == 20 and name == "reptile":  # openai/supervised-reptile's 20-way command
+                changed.add("iterations")
+                assert train.iterations == 200000
+                options.update(
+                    inner_lr=0.0005, inner_steps=10, inner_batch_size=20, test_inner_batch_size=10
+                )
             assert experiment.options.model_dump() == options, run
             own = paper.train_config(reference).model_dump()
             assert {k: v for k, v in train.model_dump().items() if k not in changed} == {
