@@ -8,8 +8,8 @@ Every way is `metalab.evaluation.evaluate_episode_set`, what the evaluate stage 
 hands a batching learner chunks of episodes, and a gradient learner scores before and
 after adaptation from one call (`Learner.adapt_before_after`); ``separate`` (gradient
 learners only) is ``batched`` with `MetaLearner.adapt_before_after`'s default, two
-`adapt_many` calls (the batched path before ANIL, LEO and TAML's encoder shared their body
-features between the two). Each includes everything a stage does per episode: gathering
+`adapt_many` calls (the batched path before ANIL, LEO and ANIL with a task encoder shared
+their body features between the two). Each includes everything a stage does per episode: gathering
 the images, adapting, predicting, and "before adaptation" for gradient learners.
 
 Models are the experiments' networks with fresh weights (speed does not depend on

@@ -260,7 +260,8 @@ def test_experiments_grouped_by_family_into_small_panels():
     by_panel = {n: title for title, members in panels for n in members}
     assert by_panel["protonets"] == by_panel["metanets_emb_drop"]  # one family
     # ANIL with a task encoder, a family of its own, shares TAML's small panel
-    assert by_panel["taml_encoder"] == by_panel["taml_theil"] == "TAML · ANIL with a task encoder"
+    assert by_panel["taml_encoder"] == by_panel["taml_theil"]
+    assert by_panel["taml_encoder"].startswith("TAML · ANIL with a task encoder")
     assert by_panel["maml"] != by_panel["protonets"]
     # MAML's 11 in two parts, in params order: the MAML variants, then ANIL
     assert [members for title, members in panels if "part" in title] == [

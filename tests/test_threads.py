@@ -2,9 +2,9 @@
 changes bits is a DVC param (``train.threads``, ``pretrain.threads``), one that does not
 could be an execution setting (``METALAB_THREADS``). Measured on the experiments of
 params.yaml: the vectorised MAML family gives the same bits with 1 and 2 threads, while
-Reptile, CAVIA, Meta Networks, LEO and TAML's Theil variant do not, so the count stays a
-param. If this test starts failing because Reptile became thread-independent too, the
-count may leave params.yaml."""
+Reptile, CAVIA, the generated head (the seed's "Meta Networks"), LEO and TAML's Theil
+variant do not, so the count stays a param. If this test starts failing because Reptile
+became thread-independent too, the count may leave params.yaml."""
 
 from __future__ import annotations
 

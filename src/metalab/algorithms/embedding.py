@@ -1,4 +1,5 @@
-"""What the metric and embedding-based learners share (ProtoNets, Meta Networks, LEO).
+"""What the metric and embedding-based learners share (ProtoNets, generated_head,
+film_prototypes, Meta Networks, LEO).
 
 - support-set helpers: `check_support_labels`, `class_counts`, `class_means`,
   `squared_euclidean_logits`;
