@@ -8,8 +8,8 @@ Every way is `metalab.evaluation.evaluate_episode_set`, what the evaluate stage 
 hands a batching learner chunks of episodes, and a gradient learner scores before and
 after adaptation from one call (`Learner.adapt_before_after`); ``separate`` (gradient
 learners only) is ``batched`` with `MetaLearner.adapt_before_after`'s default, two
-`adapt_many` calls (the batched path before ANIL, LEO and TAML's encoder shared their body
-features between the two). Each includes everything a stage does per episode: gathering
+`adapt_many` calls (the batched path before ANIL, LEO and ANIL with a task encoder shared
+their body features between the two). Each includes everything a stage does per episode: gathering
 the images, adapting, predicting, and "before adaptation" for gradient learners.
 
 Models are the experiments' networks with fresh weights (speed does not depend on
@@ -20,12 +20,13 @@ in the four settings 5w1s, 5w5s, 20w1s, 20w5s with 15 queries per class:
     protonets  ProtoNets, max-pooling Conv4 (`protonets`)
     anil_s1    ANIL, max-pooling Conv4, head only, 10 test-time steps (`anil_s1`, `anil_s2`)
     anil_s3    ANIL, ResNet18, head only, 10 steps, zero head (`anil_s3` to `anil_s5`)
-    metanets   Meta Networks, max-pooling Conv4 (`metanets`, `metanets_dropout`)
+    generated_head  generated head weights (the seed's 'Meta Networks'), max-pooling
+               Conv4 (`metanets`, `metanets_dropout`)
     leo        LEO over a max-pooling Conv4 (`leo`)
     reptile    Reptile, max-pooling Conv4, 10 test-time Adam steps on the whole support set
                (`reptile`)
-    taml_enc   TAML's task-encoder variant, Conv4 with stride-2 convolutions, 3 steps
-               (`taml_encoder`)
+    anil_task_encoder  ANIL with a task encoder (the seed's 'TAML'), Conv4 with stride-2
+               convolutions, 3 steps (`taml_encoder`)
 
 CAVIA does not batch tasks: evaluation adapts it one episode at a time either way.
 
@@ -89,16 +90,16 @@ MODELS: dict[str, tuple[str, dict, dict]] = {
         },
         {"name": "resnet18"},
     ),
-    "metanets": ("metanets", {}, {}),
+    "generated_head": ("generated_head", {}, {}),
     "leo": ("leo", {}, {}),
     "reptile": (
         "reptile",
         {"inner_steps": 5, "inner_lr": 0.001, "test_inner_steps": 10, "epsilon_final": 0.0},
         {},
     ),
-    "taml_enc": (
-        "taml",
-        {"variant": "encoder", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
+    "anil_task_encoder": (
+        "anil_task_encoder",
+        {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
         {"downsample": "stride"},
     ),
 }

@@ -9,7 +9,7 @@ archives and a throwaway project in a temporary directory, and runs there:
 1. Stages: download (from the local archives), prefetch, episodes, pretrain, then train
    and evaluate one tiny experiment of every learner family (MAML, FOMAML, MAML++,
    Meta-SGD, ANIL from scratch and from the pretrained body, TAML entropy, Reptile, CAVIA,
-   ProtoNets, ProtoNets with Meta Dropout, Meta Networks, LEO) and train_rl/evaluate_rl of
+   ProtoNets, ProtoNets with task dropout, generated head weights, LEO) and train_rl/evaluate_rl of
    one MAML-RL run, each as the real stage script with ``METALAB_DEVICE=<device>`` and an
    MLflow store of its own. A row passes when the stage exits 0 and its metrics file says
    it ran on the device (``device``) and, on CUDA, used GPU memory
@@ -186,8 +186,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         {"num_context_params": 16, "inner_lr": 10.0, "inner_steps": 1, "test_inner_steps": 1},
     ),
     "protonets": _experiment("protonets"),
-    "protonets_dropout": _experiment("protonets", {"meta_dropout_rates": DROPOUT_RATES}),
-    "metanets": _experiment("metanets"),
+    "protonets_dropout": _experiment("protonets", {"task_dropout_rates": DROPOUT_RATES}),
+    "generated_head": _experiment("generated_head"),
     "leo": _experiment("leo", {"latent_dim": 8, "inner_steps": 1, "finetune_steps": 1}),
 }
 RL_EXPERIMENTS: dict[str, dict[str, Any]] = {

@@ -66,3 +66,13 @@ def test_the_example_is_not_shipped():
     assert "cosine_nn" not in registry.ALGORITHMS
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("metalab.algorithms.cosine_nn")
+
+
+def test_every_registered_algorithm_module_is_named_with_the_seed_aliases():
+    """The doc's table names each algorithm's module and the seed's old names beside the
+    new ones (the params refuse the old names, the doc says what they became)."""
+    text = DOC.read_text()
+    for name, module in registry.ALGORITHMS.items():
+        assert f"`{module.rsplit('.', 1)[1]}`" in text, name
+    for old in (*registry.RENAMED_ALGORITHMS, *registry.RENAMED_OPTIONS):
+        assert f"once `{old}`" in text, old

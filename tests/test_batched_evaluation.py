@@ -54,7 +54,7 @@ FAMILIES: dict[str, tuple[str, dict, dict]] = {
     ),
     "maml_dropout": (
         "maml",
-        {"test_inner_steps": 2, "meta_dropout_rates": [0.1, 0.1, 0.1, 0.1]},
+        {"test_inner_steps": 2, "task_dropout_rates": [0.1, 0.1, 0.1, 0.1]},
         STRIDE,
     ),
     "maml_loop": ("maml", {"test_inner_steps": 2, "vectorise_tasks": False}, STRIDE),
@@ -66,10 +66,10 @@ FAMILIES: dict[str, tuple[str, dict, dict]] = {
     ),
     "taml_entropy": ("taml", {"variant": "entropy", "test_inner_steps": 2}, STRIDE),
     "taml_theil": ("taml", {"variant": "inequality", "test_inner_steps": 2}, STRIDE),
-    "taml_encoder": ("taml", {"variant": "encoder", "test_inner_steps": 2}, STRIDE),
+    "anil_task_encoder": ("anil_task_encoder", {"test_inner_steps": 2}, STRIDE),
     "protonets": ("protonets", {}, {}),
-    "metanets": ("metanets", {}, {}),
-    "metanets_embedding": ("metanets_embedding", {}, {}),
+    "generated_head": ("generated_head", {}, {}),
+    "film_prototypes": ("film_prototypes", {}, {}),
     "leo": ("leo", {"inner_steps": 2, "finetune_steps": 1}, {}),
     # Reptile batches tasks when its test-time adaptation draws no random numbers (whole
     # support set every step, zero head for a new way count, the default): Adam on stacked
@@ -103,7 +103,7 @@ FAMILIES: dict[str, tuple[str, dict, dict]] = {
 BATCHING = [family for family in FAMILIES if family not in ("reptile_minibatch", "cavia")]
 # The embedding families embed one task per pass on the CPU; other devices embed all tasks
 # of a call in one pass, which these runs force on the CPU.
-EMBEDDING = ["protonets", "metanets", "metanets_embedding", "leo"]
+EMBEDDING = ["protonets", "generated_head", "film_prototypes", "leo"]
 PASSES = [(family, 1) for family in BATCHING] + [(family, 3) for family in EMBEDDING]
 
 
@@ -289,7 +289,7 @@ def test_a_task_is_not_affected_by_the_other_tasks_of_its_batch(
         assert not torch.allclose(changed_query[1], reference[1], atol=1e-3)
 
 
-GRADIENT_LEARNERS = ("maml", "taml", "leo", "reptile")  # the algorithms that adapt by gradient
+GRADIENT_LEARNERS = ("maml", "taml", "anil_task_encoder", "leo", "reptile")  # adapt by gradient
 GRADIENT_BATCHING = [family for family in BATCHING if FAMILIES[family][0] in GRADIENT_LEARNERS]
 
 
@@ -314,12 +314,12 @@ def test_before_and_after_from_one_call_are_adapt_many_with_0_and_with_steps(
         assert not torch.allclose(before, after, atol=1e-3)  # adaptation did something
 
 
-@pytest.mark.parametrize("family", ["anil", "anil_resnet18", "leo", "taml_encoder"])
+@pytest.mark.parametrize("family", ["anil", "anil_resnet18", "leo", "anil_task_encoder"])
 def test_before_and_after_share_the_body_features(family, images, episode_sets, monkeypatch):
-    """ANIL, LEO and TAML's encoder variant adapt nothing in the body, so one call of
+    """ANIL, LEO and ANIL with a task encoder adapt nothing in the body, so one call of
     `adapt_before_after` runs each support and each query image through the body once
     (scoring before and after separately ran them twice, or the queries twice)."""
-    from metalab.algorithms import taml_encoder, task_forward
+    from metalab.algorithms import anil_task_encoder, task_forward
 
     learner = make_learner(family)
     seen = {"images": 0}
@@ -333,7 +333,7 @@ def test_before_and_after_share_the_body_features(family, images, episode_sets, 
 
     counting(task_forward, task_forward.body_features)
     counting(embedding, embedding.body_features)
-    counting(taml_encoder, taml_encoder.body_features)
+    counting(anil_task_encoder, anil_task_encoder.body_features)
     episodes = materialize(images, episode_sets["5w2s"][:5])
     adapted = learner.adapt_before_after(episodes.support_x, episodes.support_y)
     adapted.predict(episodes.query_x)

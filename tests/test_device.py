@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from metalab.algorithms import (
     embedding,
+    film_prototypes,
+    generated_head,
     leo,
-    metanets,
-    metanets_embedding,
     precision,
     protonets,
     task_runner,
@@ -97,7 +97,7 @@ def params_yaml_cases() -> list[Case]:
 # Code paths the params.yaml experiments leave out.
 EXTRA_CASES = [
     Case("maml-loop", "maml", {"vectorise_tasks": False}),
-    Case("maml-loop-dropout", "maml", {"vectorise_tasks": False, "meta_dropout_rates": RATES}),
+    Case("maml-loop-dropout", "maml", {"vectorise_tasks": False, "task_dropout_rates": RATES}),
     Case("maml-channels-first", "maml", {"channels_last": False, "task_chunk_size": 1}),
     Case("maml-loop-bf16", "maml", {"vectorise_tasks": False}, "bf16", downsample="stride"),
     Case("maml-head-only-outer", "maml", {"outer_trainable": "head", "head_init": "zeros"}),
@@ -132,7 +132,7 @@ EXTRA_CASES = [
     Case(
         "anil-metasgd-dropout-bf16",
         "maml",
-        {"adapt_parameters": "head", "inner_lr_mode": "per_parameter", "meta_dropout_rates": RATES},
+        {"adapt_parameters": "head", "inner_lr_mode": "per_parameter", "task_dropout_rates": RATES},
         "bf16",
     ),
     Case(
@@ -149,23 +149,20 @@ EXTRA_CASES = [
             "variant": "inequality",
             "inequality": "generalized_entropy",
             "generalized_entropy_alpha": 0.0,
-            "meta_dropout_rates": RATES,
+            "task_dropout_rates": RATES,
         },
     ),
     Case(
-        "taml-encoder-dropout-multistep",
-        "taml",
+        "anil-task-encoder-dropout-multistep",
+        "anil_task_encoder",
         {
-            "variant": "encoder",
-            "meta_dropout_rates": RATES,
+            "task_dropout_rates": RATES,
             "multi_step_loss": True,
             "inner_steps": 2,
             "first_order": True,
         },
     ),
-    Case(
-        "taml-encoder-loop-bf16", "taml", {"variant": "encoder", "vectorise_tasks": False}, "bf16"
-    ),
+    Case("anil-task-encoder-loop-bf16", "anil_task_encoder", {"vectorise_tasks": False}, "bf16"),
     Case(
         "reptile-sgd-batches-nontransductive",
         "reptile",
@@ -186,23 +183,21 @@ EXTRA_CASES = [
     ),
     Case("cavia-first-order", "cavia", {"first_order": True}),
     Case("cavia-bf16", "cavia", {}, "bf16", downsample="stride"),
-    Case("protonets-bf16", "protonets", {"meta_dropout_rates": RATES}, "bf16"),
+    Case("protonets-bf16", "protonets", {"task_dropout_rates": RATES}, "bf16"),
     Case(
-        "metanets-first-order-slow-hidden",
-        "metanets",
+        "generated-head-first-order-slow-hidden",
+        "generated_head",
         {"second_order": False, "task_fast_weights": False},
         unused=("task_generator.",),
     ),
-    Case("metanets-bf16", "metanets", {}, "bf16"),
+    Case("generated-head-bf16", "generated_head", {}, "bf16"),
     Case(
-        "metanets-embedding-euclidean",
-        "metanets_embedding",
-        {"similarity": "squared_euclidean", "meta_dropout_rates": RATES},
+        "film-prototypes-euclidean",
+        "film_prototypes",
+        {"similarity": "squared_euclidean", "task_dropout_rates": RATES},
         unused=("log_temperature",),
     ),
-    Case(
-        "metanets-embedding-fixed-temperature", "metanets_embedding", {"learn_temperature": False}
-    ),
+    Case("film-prototypes-fixed-temperature", "film_prototypes", {"learn_temperature": False}),
     Case(
         "leo-first-order-frozen-body",
         "leo",
@@ -325,7 +320,7 @@ def meta_host_reads(monkeypatch: pytest.MonkeyPatch) -> MetaHostReads:
         one_hot = F.one_hot(labels, n_way).to(embeddings.dtype)  # [S, N]
         return one_hot.T @ embeddings / one_hot.sum(dim=0).unsqueeze(1)
 
-    for module in (embedding, protonets, metanets, metanets_embedding, leo):
+    for module in (embedding, protonets, generated_head, film_prototypes, leo):
         if hasattr(module, "class_means"):
             monkeypatch.setattr(module, "class_means", one_hot_class_means)
     return reads
@@ -438,7 +433,7 @@ def test_meta_gradients_and_adaptation_stay_on_the_meta_device(
             c
             for c in CASES
             if c.algorithm
-            in ("protonets", "metanets", "metanets_embedding", "leo", "meta_networks")
+            in ("protonets", "generated_head", "film_prototypes", "leo", "meta_networks")
         ]
     ),
 )

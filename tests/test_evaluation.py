@@ -331,17 +331,12 @@ def test_max_episodes_keeps_the_first_tasks_of_every_set(episode_dir):
 STEP_OPTIONS = {
     "maml": {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
     "taml": {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
+    "anil_task_encoder": {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
     "reptile": {"inner_lr": 0.01, "inner_steps": 1, "test_inner_steps": 3},
     "cavia": {"inner_lr": 10.0, "inner_steps": 1, "test_inner_steps": 3},
     "leo": {"inner_steps": 2, "finetune_steps": 1},
 }
-STEP_CASES = {
-    **{algorithm: (algorithm, STEP_OPTIONS.get(algorithm, {})) for algorithm in ALGORITHMS},
-    "taml_encoder": (
-        "taml",
-        {"variant": "encoder", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
-    ),
-}
+STEP_CASES = {algorithm: (algorithm, STEP_OPTIONS.get(algorithm, {})) for algorithm in ALGORITHMS}
 
 
 class StepRecorder(MetaLearner):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metalab import evaluation
-from metalab.algorithms import learned_noise, maml_adaptation, taml
+from metalab.algorithms import anil_task_encoder, learned_noise, maml_adaptation
 from metalab.algorithms.base import TrainProgress
 from metalab.algorithms.functional import adaptation_lr, adaptation_start, per_task_cross_entropy
 from metalab.algorithms.learned_noise import NoiseGenerator, SupportNoise, task_seeds
@@ -287,12 +287,12 @@ def test_phi_is_an_outer_only_meta_parameter():
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match="meta_dropout_rates"):
-        Options(learned_noise=True, meta_dropout_rates=[0.1] * 4)
+    with pytest.raises(ValueError, match="task_dropout_rates"):
+        Options(learned_noise=True, task_dropout_rates=[0.1] * 4)
     with pytest.raises(ValueError, match="conv4"):
         MAMLLearner(ResNet18(N_WAY), N_WAY, Options(learned_noise=True))
-    with pytest.raises(ValueError, match="encoder variant"):
-        taml.Options(variant="encoder", learned_noise=True)
+    with pytest.raises(ValueError, match="not for anil_task_encoder"):
+        anil_task_encoder.Options(learned_noise=True)
     with pytest.raises(ValueError, match="learned_noise_test_samples"):
         Options(learned_noise=True, learned_noise_test_samples=0)
 

@@ -1,6 +1,6 @@
 """The MAML-family core: meta-gradients against finite differences and independent
 computations, the vectorised path against the per-task loop, ANIL / S4 / S5 parameter
-control, Meta Dropout masks, test-time adaptation and a tiny end-to-end training run."""
+control, task dropout masks, test-time adaptation and a tiny end-to-end training run."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ EQUIVALENCE_CASES = {
     "meta_sgd_dropout": {
         "inner_lr_mode": "per_parameter",
         "inner_steps": 2,
-        "meta_dropout_rates": [0.2, 0.1, 0.0, 0.3],
+        "task_dropout_rates": [0.2, 0.1, 0.0, 0.3],
     },
     "anil": {"adapt_parameters": "head", "inner_steps": 3},
 }
@@ -190,7 +190,7 @@ def test_meta_gradients_are_deterministic_given_the_seed():
     episodes = make_episodes()
     results = []
     for _ in range(2):
-        learner = make_learner(meta_dropout_rates=[0.3, 0.3, 0.3, 0.3])
+        learner = make_learner(task_dropout_rates=[0.3, 0.3, 0.3, 0.3])
         torch.manual_seed(3)
         results.append(meta_gradients(learner, episodes)[1])
     for name in results[0]:
@@ -460,9 +460,9 @@ def test_scheduled_lr_applies_multiplier_after_warmup():
     assert scheduled_lr({}, 0.001, 0) == pytest.approx(0.001)
 
 
-# ------------------------------------------------------------------- Meta Dropout
+# ------------------------------------------------------------------- task dropout (seed's)
 @pytest.mark.parametrize("vectorise", [False, True], ids=["loop", "vectorised"])
-def test_meta_dropout_masks_fixed_within_a_task_and_different_across_tasks(monkeypatch, vectorise):
+def test_task_dropout_masks_fixed_within_a_task_and_different_across_tasks(monkeypatch, vectorise):
     calls = []
 
     def spying(function, masks_position):
@@ -477,7 +477,7 @@ def test_meta_dropout_masks_fixed_within_a_task_and_different_across_tasks(monke
         task_forward, "conv4_grouped_features", spying(task_forward.conv4_grouped_features, 3)
     )
     learner = make_learner(
-        inner_steps=2, vectorise_tasks=vectorise, meta_dropout_rates=[0.5, 0.5, 0.5, 0.5]
+        inner_steps=2, vectorise_tasks=vectorise, task_dropout_rates=[0.5, 0.5, 0.5, 0.5]
     )
     meta_gradients(learner, make_episodes(num_tasks=2))
     # Per task (loop) or per chunk (vectorised): support at steps 0, 1, then the query pass.
@@ -601,9 +601,9 @@ def test_options_reject_inconsistent_settings():
     with pytest.raises(ValueError):
         Options(outer_lr_multipliers=[{"pattern": "(unclosed", "multiplier": 1.0}])
     with pytest.raises(ValueError):
-        Options(meta_dropout_rates=[0.1, 1.0, 0.0, 0.0])
+        Options(task_dropout_rates=[0.1, 1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="conv4"):
-        MAMLLearner(ResNet18(3), 3, Options(meta_dropout_rates=[0.1] * 4))
+        MAMLLearner(ResNet18(3), 3, Options(task_dropout_rates=[0.1] * 4))
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,77 @@ def test_unknown_algorithm_lists_allowed_algorithms():
         validate_params({"experiments": {"x": {"algorithm": "mammal"}}})
 
 
+# The seed project's names of its own designs, which were papers' names: refused with the
+# new name, each experiment's key and value in one line.
+RENAMED = [
+    (
+        {"algorithm": "metanets"},
+        "experiments.x.algorithm = metanets: renamed generated_head (the seed project's "
+        "design; 'meta_networks' is Munkhdalai & Yu's)",
+    ),
+    (
+        {"algorithm": "metanets_embedding", "options": {"similarity": "cosine"}},
+        "experiments.x.algorithm = metanets_embedding: renamed film_prototypes (the seed "
+        "project's 'embedding-based Meta Networks')",
+    ),
+    *[
+        (
+            {"algorithm": algorithm, "options": {"meta_dropout_rates": [0.1, 0.1, 0.1, 0.1]}},
+            "experiments.x.options.meta_dropout_rates = [0.1, 0.1, 0.1, 0.1]: renamed "
+            "task_dropout_rates (the seed project's 'Meta Dropout'; Lee et al.'s is "
+            "learned_noise)",
+        )
+        for algorithm in ("maml", "taml", "protonets", "generated_head", "film_prototypes")
+    ],
+    (
+        {"algorithm": "taml", "options": {"variant": "encoder", "inner_lr": 0.4}},
+        "experiments.x.options.variant = encoder: now algorithm anil_task_encoder (the seed "
+        "project's 'TAML', ANIL with a task encoder; not Jamal & Qi's)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("experiment", "message"), RENAMED)
+def test_seed_names_are_refused_with_the_new_name(experiment, message):
+    raw = {"experiments": {"x": {"body_init": "src/metalab/models", **experiment}}}
+    assert one_line_error(raw) == f"params.yaml: {message}"
+
+
+def test_renamed_names_are_accepted():
+    params = validate_params(
+        {
+            "experiments": {
+                "g": {"algorithm": "generated_head", "options": {"task_dropout_rates": [0.1]}},
+                "f": {"algorithm": "film_prototypes"},
+                "a": {"algorithm": "anil_task_encoder", "options": {"encoder_width": 8}},
+                "t": {"algorithm": "taml", "options": {"variant": "inequality"}},
+            }
+        }
+    )
+    assert params.experiment("g").options.task_dropout_rates == [0.1]
+    assert params.experiment("a").options.adapt_parameters == "head"
+
+
+def test_stage_exits_2_naming_the_new_algorithm(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(
+        yaml.safe_dump({"experiments": {"x": {"algorithm": "metanets", "body_init": RANDOM}}})
+    )
+    stage = (
+        "from metalab.cli import run_stage, stage_parser\n"
+        "from metalab.params import load_params\n"
+        "run_stage(lambda args, params: print('main ran'), stage_parser(None), load_params)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", stage, "--params", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"error: params.yaml: {RENAMED[0][1]}"]
+
+
 def test_experiment_train_overrides_merge_over_defaults():
     params = validate_params(
         {

@@ -184,12 +184,13 @@ def test_dvc_plots_output_is_ignored():
 # 23 experiments as in params.yaml: (name, algorithm)
 EXPERIMENTS = (
     [(n, "maml") for n in ("maml", "maml_bf16", "fomaml", "metasgd", "mamlpp", "maml_drop")]
-    + [(n, "taml") for n in ("taml_entropy", "taml_theil", "taml_encoder")]
+    + [(n, "taml") for n in ("taml_entropy", "taml_theil")]
+    + [("taml_encoder", "anil_task_encoder")]
     + [(f"anil_s{i}", "maml") for i in range(1, 6)]
     + [("reptile", "reptile"), ("cavia", "cavia")]
     + [("protonets", "protonets"), ("protonets_drop", "protonets")]
-    + [("metanets", "metanets"), ("metanets_emb", "metanets_embedding")]
-    + [("metanets_drop", "metanets"), ("metanets_emb_drop", "metanets_embedding")]
+    + [("metanets", "generated_head"), ("metanets_emb", "film_prototypes")]
+    + [("metanets_drop", "generated_head"), ("metanets_emb_drop", "film_prototypes")]
     + [("leo", "leo")]
 )
 
@@ -258,12 +259,29 @@ def test_experiments_grouped_by_family_into_small_panels():
     assert all(1 <= len(members) <= PANEL_LINES for _, members in panels)
     by_panel = {n: title for title, members in panels for n in members}
     assert by_panel["protonets"] == by_panel["metanets_emb_drop"]  # one family
+    # ANIL with a task encoder, a family of its own, shares TAML's small panel
+    assert by_panel["taml_encoder"] == by_panel["taml_theil"]
+    assert by_panel["taml_encoder"].startswith("TAML · ANIL with a task encoder")
     assert by_panel["maml"] != by_panel["protonets"]
     # MAML's 11 in two parts, in params order: the MAML variants, then ANIL
     assert [members for title, members in panels if "part" in title] == [
         names[:6],
         [f"anil_s{i}" for i in range(1, 6)],
     ]
+
+
+def test_metrics_recorded_under_the_seed_names_give_the_same_panels_and_styles():
+    """Committed metrics name the algorithms as they were when trained (``metanets``,
+    ``metanets_embedding``; the task encoder as ``taml``): the figures drawn from them keep
+    their layout, and the renamed algorithms land in the same panels."""
+    recorded = {"generated_head": "metanets", "film_prototypes": "metanets_embedding"}
+    old = {name: recorded.get(algorithm, algorithm) for name, algorithm in EXPERIMENTS}
+    old["taml_encoder"] = "taml"
+    names = [name for name, _ in EXPERIMENTS]
+    new_panels = [members for _, members in family_panels(names, dict(EXPERIMENTS))]
+    old_panels = [members for _, members in family_panels(names, old)]
+    assert new_panels == old_panels
+    assert experiment_styles(names, dict(EXPERIMENTS)) == experiment_styles(names, old)
 
 
 @pytest.mark.parametrize("count", [1, 23, 60, 108])

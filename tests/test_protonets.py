@@ -1,4 +1,4 @@
-"""Prototypical Networks: prototypes, logits, Meta Dropout, training, determinism."""
+"""Prototypical Networks: prototypes, logits, task dropout, training, determinism."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_meta_gradients_reach_every_parameter_with_a_different_way_count():
 
 def test_options_are_validated():
     with pytest.raises(pydantic.ValidationError):
-        protonets.Options(meta_dropout_rates=[1.0, 0.0, 0.0, 0.0])
+        protonets.Options(task_dropout_rates=[1.0, 0.0, 0.0, 0.0])
     with pytest.raises(pydantic.ValidationError):
         protonets.Options(train_n_way=1)
     with pytest.raises(pydantic.ValidationError):
@@ -100,14 +100,14 @@ def test_support_with_a_missing_class_is_rejected():
         learner.adapt(support_x, torch.tensor([0, 0, 2, 2]))
 
 
-def test_meta_dropout_rates_must_match_the_blocks():
+def test_task_dropout_rates_must_match_the_blocks():
     with pytest.raises(ValueError, match="one rate per Conv4 block"):
-        protonets.build(protonets.Options(meta_dropout_rates=[0.1, 0.1]), build_context())
+        protonets.build(protonets.Options(task_dropout_rates=[0.1, 0.1]), build_context())
 
 
-def test_meta_dropout_one_mask_per_task_shared_by_support_and_query():
+def test_task_dropout_one_mask_per_task_shared_by_support_and_query():
     torch.manual_seed(0)
-    learner = protonets.build(protonets.Options(meta_dropout_rates=SEED_RATES), build_context())
+    learner = protonets.build(protonets.Options(task_dropout_rates=SEED_RATES), build_context())
     calls = record_dropout_masks(learner)
     episodes = sample_episodes(class_patterns(10, seed=1), 3, 5, 1, 2, seed=2)
     learner.meta_gradients(episodes, TrainProgress(0, 1))
@@ -151,7 +151,7 @@ def test_bf16_runs_the_network_under_autocast_and_returns_float32_logits():
 
 def test_training_reduces_the_loss_on_synthetic_tasks():
     torch.manual_seed(0)
-    learner = protonets.build(protonets.Options(meta_dropout_rates=SEED_RATES), build_context())
+    learner = protonets.build(protonets.Options(task_dropout_rates=SEED_RATES), build_context())
     before, after, losses = held_out_losses_around_training(learner, steps=20)
     assert after < 0.6 * before, (before, after)
     assert sum(losses[-5:]) < sum(losses[:5])
@@ -159,7 +159,7 @@ def test_training_reduces_the_loss_on_synthetic_tasks():
 
 def test_same_seed_gives_identical_losses():
     def build_learner() -> protonets.PrototypicalNetwork:
-        return protonets.build(protonets.Options(meta_dropout_rates=SEED_RATES), build_context())
+        return protonets.build(protonets.Options(task_dropout_rates=SEED_RATES), build_context())
 
     runs = [meta_train_from_torch_seed(build_learner, torch_seed=7, steps=3) for _ in range(2)]
     assert runs[0] == runs[1]

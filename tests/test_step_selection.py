@@ -279,8 +279,8 @@ def test_off_the_record_and_the_numbers_are_as_before(omniglot, stored_sets):
 
 def test_a_rerun_gives_the_same_choice_and_accuracies(omniglot, stored_sets):
     arrays, _ = omniglot
-    # Meta Dropout draws masks at test time: the seeding must make them repeat too
-    options = {**STEP_OPTIONS["maml"], "meta_dropout_rates": [0.2, 0.2, 0.2, 0.2]}
+    # Task dropout draws masks at test time: the seeding must make them repeat too
+    options = {**STEP_OPTIONS["maml"], "task_dropout_rates": [0.2, 0.2, 0.2, 0.2]}
     learner = make_learner("maml", options)
 
     first, second = (

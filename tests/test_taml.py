@@ -1,7 +1,7 @@
 """TAML (Jamal & Qi 2019): the entropy and inequality regularisers against hand-computed
-values, meta-gradients against finite differences, the task-encoder variant (shapes, any
-way count, head-only inner loop, ANIL at initialisation), training progress, determinism,
-options and model files."""
+values, meta-gradients against finite differences, training progress, determinism,
+options and model files. The seed project's "TAML" (once ``variant: encoder``) is ANIL with
+a task encoder: tests/test_anil_task_encoder.py."""
 
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ from synthetic import (
 )
 from test_learner_api import task, trainer_like_payload
 
-from metalab.algorithms import taml, taml_encoder
+from metalab.algorithms import taml
 from metalab.algorithms.base import TrainProgress
-from metalab.algorithms.functional import linear_per_task
 from metalab.algorithms.maml import MAMLLearner
 from metalab.algorithms.maml import Options as MAMLOptions
 from metalab.algorithms.taml import (
@@ -34,14 +33,12 @@ from metalab.algorithms.taml import (
     prediction_entropy,
     theil_index,
 )
-from metalab.algorithms.taml_encoder import TaskModulation, modulated_logits
 from metalab.learner_api import learner_from_payload
 from metalab.params import ParamsError, validate_params
 
 VARIANTS = {
     "entropy": {"variant": "entropy"},
     "theil": {"variant": "inequality"},
-    "encoder": {"variant": "encoder"},
 }
 
 
@@ -278,7 +275,7 @@ FINITE_DIFFERENCE_CASES = {
         "variant": "inequality",
         "inequality_weight": 2.0,
         "adapt_parameters": "head",
-        "meta_dropout_rates": [0.2, 0.0, 0.1, 0.0],
+        "task_dropout_rates": [0.2, 0.0, 0.1, 0.0],
     },
     "generalized_entropy": {
         "variant": "inequality",
@@ -286,15 +283,12 @@ FINITE_DIFFERENCE_CASES = {
         "generalized_entropy_alpha": 0.5,
         "inequality_weight": 2.0,
     },
-    "encoder": {"variant": "encoder"},
 }
 CHECKED_PARAMETERS = (
     "body.0.0.weight",
     "body.2.1.weight",
     "head.weight",
     "head.bias",
-    "task_encoder.encoder.0.weight",
-    "task_encoder.decoder.weight",
 )
 
 
@@ -302,13 +296,9 @@ CHECKED_PARAMETERS = (
 def test_second_order_meta_gradient_matches_central_differences(case: str):
     learner = build(n_way=3, inner_lr=0.3, inner_steps=2, **FINITE_DIFFERENCE_CASES[case])
     learner = learner.double()
-    if case == "encoder":  # leave the zero start, so that every encoder part matters
-        with torch.no_grad():
-            learner.task_encoder.decoder.weight.normal_(0, 0.3)
-            learner.task_encoder.decoder.bias.normal_(0, 0.3)
     episodes = as_float64(small_episodes())
     learner.zero_grad(set_to_none=True)
-    torch.manual_seed(5)  # the same meta dropout masks in every evaluation
+    torch.manual_seed(5)  # the same task dropout masks in every evaluation
     learner.meta_gradients(episodes, TrainProgress(0, 10))
     # Cloned now: every finite-difference evaluation accumulates into .grad again.
     grads = {name: p.grad.clone() for name, p in learner.named_meta_parameters()}
@@ -328,7 +318,7 @@ def test_second_order_meta_gradient_matches_central_differences(case: str):
         numeric = central_differences(meta_loss, parameter, indices)
         torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8, msg=name)
         checked += 1
-    assert checked == (6 if case == "encoder" else 4)
+    assert checked == 4
 
 
 def test_first_order_taml_differs_from_second_order_only_in_the_inner_steps():
@@ -340,96 +330,6 @@ def test_first_order_taml_differs_from_second_order_only_in_the_inner_steps():
     # Same forward computation, so the same meta-loss; the gradients differ.
     assert results[0].extra["meta_loss"] == pytest.approx(results[1].extra["meta_loss"])
     assert results[0].extra["second_order"] == 1.0 and results[1].extra["second_order"] == 0.0
-
-
-# ------------------------------------------------------------------- encoder variant
-def test_folded_film_equals_modulating_the_features():
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(2, 7, 6, generator=generator, dtype=torch.float64)
-    weight = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
-    bias = torch.randn(2, 4, generator=generator, dtype=torch.float64)
-    scale = torch.randn(2, 6, generator=generator, dtype=torch.float64)
-    shift = torch.randn(2, 6, generator=generator, dtype=torch.float64)
-    modulation = TaskModulation(scale, shift, torch.ones(2, 6), torch.ones(2, 1))
-    folded = modulated_logits(features, {"head.weight": weight, "head.bias": bias}, modulation)
-    direct = linear_per_task(features * scale.unsqueeze(1) + shift.unsqueeze(1), weight, bias)
-    torch.testing.assert_close(folded, direct, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("vectorise", [False, True], ids=["loop", "vectorised"])
-def test_encoder_starts_exactly_as_anil(vectorise: bool):
-    # Zero decoder: scale 1, shift 0, lr multipliers 1, and no gradient into the body
-    # through the encoder, so meta-loss and model gradients are ANIL's.
-    learner = build(n_way=3, variant="encoder", inner_steps=2, vectorise_tasks=vectorise).double()
-    anil = MAMLLearner(
-        copy.deepcopy(learner.model),
-        3,
-        MAMLOptions(
-            inner_lr=0.4, inner_steps=2, adapt_parameters="head", vectorise_tasks=vectorise
-        ),
-    )
-    episodes = as_float64(small_episodes())
-    ours = learner.meta_gradients(episodes, TrainProgress(0, 10))
-    reference = anil.meta_gradients(episodes, TrainProgress(0, 10))
-    assert ours.extra["meta_loss"] == pytest.approx(reference.extra["meta_loss"], rel=1e-12)
-    for (name, parameter), reference_parameter in zip(
-        learner.model.named_parameters(), anil.model.parameters(), strict=True
-    ):
-        torch.testing.assert_close(parameter.grad, reference_parameter.grad, msg=name)
-    assert learner.task_encoder.decoder.weight.grad.abs().sum() > 0  # it does learn
-
-
-def test_encoder_shapes_on_five_way_one_shot_and_twenty_way_tasks():
-    learner = build(variant="encoder")
-    five_way = sample_episodes(class_patterns(24, seed=1), 2, 5, 1, 15, seed=2)
-    stats = learner.meta_gradients(five_way, TrainProgress(0, 1))
-    assert math.isfinite(stats.loss) and 0 <= stats.accuracy <= 1
-    for name, parameter in learner.named_parameters():
-        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-    logits = learner.adapt(five_way.support_x[0], five_way.support_y[0])(five_way.query_x[0])
-    assert logits.shape == (75, 5)
-    # A 20-way task for the 5-way learner: a fresh zero head, adapted at the encoded rates.
-    twenty_way = sample_episodes(class_patterns(24, seed=1), 1, 20, 1, 2, seed=3)
-    predictor = learner.adapt(twenty_way.support_x[0], twenty_way.support_y[0], steps=2)
-    logits = predictor(twenty_way.query_x[0])
-    assert logits.shape == (40, 20) and torch.isfinite(logits).all()
-    assert learner.model.head.weight.shape == (5, learner.model.head.in_features)
-    # And a learner trained 20-way.
-    twenty = build(n_way=20, variant="encoder")
-    stats = twenty.meta_gradients(twenty_way, TrainProgress(0, 1))
-    assert math.isfinite(stats.loss)
-
-
-def test_encoder_inner_loop_changes_only_the_head(monkeypatch):
-    trajectories = []
-    original = taml_encoder.inner_loop
-
-    def recording_inner_loop(*args, **kwargs):
-        trajectories.append(original(*args, **kwargs))
-        return trajectories[-1]
-
-    monkeypatch.setattr(taml_encoder, "inner_loop", recording_inner_loop)
-    learner = build(n_way=3, variant="encoder", inner_steps=2)
-    episodes = small_episodes()
-    learner.meta_gradients(episodes, TrainProgress(0, 1))
-    learner.zero_grad(set_to_none=True)
-    before = {name: p.detach().clone() for name, p in learner.named_parameters()}
-    learner.adapt(episodes.support_x[0], episodes.support_y[0], steps=3)(episodes.query_x[0])
-    # Two chunks of tasks (task_chunk_size 2) with 2 steps each, then adapt with 3 steps.
-    assert [len(trajectory) for trajectory in trajectories] == [3, 3, 4]
-    for trajectory in trajectories:
-        assert all(set(params) == {"head.weight", "head.bias"} for params in trajectory)
-        assert not torch.equal(trajectory[-1]["head.weight"], trajectory[0]["head.weight"])
-    for name, parameter in learner.named_parameters():  # adapt moves no meta-parameter
-        assert torch.equal(parameter, before[name]) and parameter.grad is None, name
-
-
-def test_encoder_parameter_groups_include_the_task_encoder():
-    learner = build(variant="encoder", outer_trainable="head")
-    groups = {group["name"]: group for group in learner.parameter_groups()}
-    assert set(groups) == {"head x1", "task_encoder x1"}
-    names = set(groups["task_encoder x1"]["parameter_names"])
-    assert {f"task_encoder.{n}" for n, _ in learner.task_encoder.named_parameters()} == names
 
 
 # ----------------------------------------------------------------- training runs
@@ -445,7 +345,7 @@ def test_a_few_dozen_meta_steps_reduce_the_held_out_loss(variant: str):
 def test_same_seed_gives_identical_parameters(variant: str):
     states = []
     for _ in range(2):
-        learner = build(seed=5, meta_dropout_rates=[0.1, 0.1, 0.1, 0.1], **VARIANTS[variant])
+        learner = build(seed=5, task_dropout_rates=[0.1, 0.1, 0.1, 0.1], **VARIANTS[variant])
         meta_train(learner, class_patterns(12, seed=3), steps=3, seed=0)
         states.append(learner.state_dict())
     assert states[0].keys() == states[1].keys()
@@ -468,16 +368,13 @@ def test_bf16_meta_gradients_are_finite(variant: str):
     ("options", "message"),
     [
         ({"variant": "inequality", "entropy_weight": 0.5}, "applies only to variant 'entropy'"),
-        ({"encoder_width": 8}, "applies only to variant 'encoder', not 'entropy'"),
+        ({"variant": "encoder"}, "'entropy' or 'inequality'"),  # anil_task_encoder now
         ({"variant": "inequality", "generalized_entropy_alpha": 3.0}, "'generalized_entropy'"),
-        ({"variant": "encoder", "adapt_parameters": "all"}, "adapt_parameters must be head"),
-        ({"variant": "encoder", "inner_lr_mode": "per_parameter"}, "inner_lr_mode must be fixed"),
         ({"variant": "inequality", "inequality": "atkinson"}, "theil"),
         ({"inequality_losses": "initial_query"}, "applies only to variant 'inequality'"),
         ({"variant": "inequality", "inequality_losses": "after"}, "initial_support"),
         ({"variant": "inequality", "zero_head": True}, "inequality_losses must be adapted_query"),
         ({"variant": "entropy", "zero_head": True}, "set entropy_weight 0"),
-        ({"variant": "encoder", "zero_head": True}, "not available for variant 'encoder'"),
         ({"lambda": 0.1}, "Extra inputs are not permitted"),
     ],
 )
@@ -490,14 +387,13 @@ def test_options_round_trip_and_params_errors_name_the_key():
     for variant in VARIANTS.values():
         options = Options(**variant)
         assert Options.model_validate(options.model_dump()) == options
-    assert Options(variant="encoder").adapt_parameters == "head"
     raw = {"experiments": {"t": {"algorithm": "taml", "options": {"variant": "inequality"}}}}
     raw["experiments"]["t"]["options"]["entropy_weight"] = 0.3
     with pytest.raises(ParamsError, match=r"experiments\.t\.options\.entropy_weight = 0\.3"):
         validate_params(raw)
 
 
-@pytest.mark.parametrize("variant", ["theil", "encoder"])
+@pytest.mark.parametrize("variant", ["theil"])
 def test_model_file_round_trip_and_other_way_counts(variant: str):
     options = {**VARIANTS[variant], "test_inner_steps": 2}
     payload, original = trainer_like_payload("taml", options)

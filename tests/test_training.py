@@ -35,8 +35,8 @@ def tiny_params(**train):
                 "proto": {
                     "algorithm": "protonets",
                     "model": {"hidden": 8},
-                    # Meta Dropout draws from the global RNG: resume must restore it.
-                    "options": {"meta_dropout_rates": [0.1, 0.1, 0.1, 0.1]},
+                    # Task dropout draws from the global RNG: resume must restore it.
+                    "options": {"task_dropout_rates": [0.1, 0.1, 0.1, 0.1]},
                 }
             },
         }

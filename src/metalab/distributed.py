@@ -331,7 +331,7 @@ def slice_random_stream(
     """Run a slice's meta-gradients on a global torch RNG stream of its own.
 
     Some learners draw per-task randomness from the global torch RNG during meta-training
-    (Meta Dropout masks, Reptile's support shuffles, LEO's latent samples). Without this,
+    (task dropout masks, Reptile's support shuffles, LEO's latent samples). Without this,
     every process would start from the same RNG state and its first task would get the
     same draws as every other process's first task. Under several processes the block
     therefore runs on a stream seeded by (seed, iteration, rank) -- reproducible, resumable

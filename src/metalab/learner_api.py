@@ -26,7 +26,7 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from metalab.algorithms.base import BuildContext, MetaLearner
-from metalab.algorithms.registry import ALGORITHMS, build_learner, options_class
+from metalab.algorithms.registry import ALGORITHMS, build_learner, options_class, unknown_algorithm
 from metalab.data.prefetch import decode_drawing
 from metalab.device import resolve_device
 from metalab.io import save_torch
@@ -441,10 +441,7 @@ def read_model_payload(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ModelFileError(f"{path}: not a metalab model file (missing {', '.join(missing)})")
     if payload["algorithm"] not in ALGORITHMS:
-        raise ModelFileError(
-            f"{path}: unknown algorithm {payload['algorithm']!r}; "
-            f"this metalab knows {', '.join(sorted(ALGORITHMS))}"
-        )
+        raise ModelFileError(f"{path}: {unknown_algorithm(payload['algorithm'])}")
     return payload
 
 

@@ -42,7 +42,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from metalab.algorithms.registry import ALGORITHMS, options_class
+from metalab.algorithms.registry import ALGORITHMS, options_class, refuse_renamed
 from metalab.data.config import (
     DataConfig,
     EpisodesConfig,
@@ -148,6 +148,12 @@ class ExperimentConfig(Strict):
     )
     options: Any = Field(default_factory=dict)
     train: TrainOverrides = Field(default_factory=TrainOverrides)  # type: ignore[valid-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_retired_names(cls, data: Any) -> Any:
+        """The seed's names of its designs: refused with the new one (`registry.renamed`)."""
+        return refuse_renamed(data)
 
     @field_validator("algorithm")
     @classmethod

@@ -351,7 +351,7 @@ class Trainer:
             self._warned_about_randomness = True
             warnings.warn(
                 f"experiment {self.name!r}: the learner draws from the global torch RNG while "
-                "meta-training (e.g. Meta Dropout masks); across processes each slice draws "
+                "meta-training (e.g. task dropout masks); across processes each slice draws "
                 "from its own stream seeded by (seed, iteration, rank), so this run is "
                 "reproducible for the same number of processes but not bit-identical to a "
                 "single-process run",

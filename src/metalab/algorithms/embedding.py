@@ -1,9 +1,10 @@
-"""What the metric and embedding-based learners share (ProtoNets, Meta Networks, LEO).
+"""What the metric and embedding-based learners share (ProtoNets, generated_head,
+film_prototypes, Meta Networks, LEO).
 
 - support-set helpers: `check_support_labels`, `class_counts`, `class_means`,
   `squared_euclidean_logits`;
 - `FeatureExtractor`: the body of a `build_model` network as an embedding, with per-task
-  Meta Dropout masks and the run's precision (`metalab.algorithms.precision`);
+  task dropout masks and the run's precision (`metalab.algorithms.precision`);
 - `backward_mean_over_tasks`: the per-task meta-training loop, one task's graph at a time;
 - `EmbeddingLearner`: a learner around a `FeatureExtractor`, and `OnePassLearner`: one that
   classifies a task's queries from its support set in one forward pass (no gradient
@@ -37,16 +38,16 @@ from metalab.data.episodes import Episodes
 from metalab.models import build_model, draw_dropout_masks
 
 DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
-#: The ``meta_dropout_rates`` option of the learners that support Meta Dropout.
-MetaDropoutRates = Annotated[
+#: The ``task_dropout_rates`` option of the learners that support task dropout.
+TaskDropoutRates = Annotated[
     list[DropoutRate] | None,
     Field(
         min_length=1,
-        description="Meta Dropout rate per Conv4 block (seed: [0.05, 0.10, 0.15, 0.05]); "
-        "one mask per task, meta-training only; None = off",
+        description="task dropout (the seed project's 'Meta Dropout'): rate per Conv4 block "
+        "(seed: [0.05, 0.10, 0.15, 0.05]); one mask per task, meta-training only; None = off",
     ),
 ]
-#: One Meta Dropout mask per Conv4 block, each [1, C, H, W] (None: no dropout there).
+#: One task dropout mask per Conv4 block, each [1, C, H, W] (None: no dropout there).
 DropoutMasks = list[torch.Tensor | None]
 #: A task's classifier: query features [Q, D] -> logits [Q, N].
 QueryClassifier = Callable[[torch.Tensor], torch.Tensor]
@@ -103,18 +104,18 @@ def squared_euclidean_logits(query: torch.Tensor, prototypes: torch.Tensor) -> t
     return -(query.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(dim=-1)
 
 
-def check_meta_dropout_rates(network: nn.Module, rates: list[float] | None) -> None:
+def check_task_dropout_rates(network: nn.Module, rates: list[float] | None) -> None:
     """Raise ValueError unless ``rates`` (if given) has one entry per Conv4 block."""
     if rates is None:
         return
     shapes = getattr(network, "block_output_shapes", None)
     if shapes is None:
         raise ValueError(
-            f"Meta Dropout needs Conv4 (per-block masks); got {type(network).__name__}"
+            f"task dropout needs Conv4 (per-block masks); got {type(network).__name__}"
         )
     if len(rates) != len(shapes):
         raise ValueError(
-            f"meta_dropout_rates needs one rate per Conv4 block ({len(shapes)}), got {len(rates)}"
+            f"task_dropout_rates needs one rate per Conv4 block ({len(shapes)}), got {len(rates)}"
         )
 
 
@@ -122,7 +123,7 @@ class FeatureExtractor(nn.Module):
     """The body of a `build_model` network as an embedding: features [B, feature_dim].
 
     Runs under the autocast of the run's precision and returns the parameters' dtype
-    (float32) so that distances and losses stay in full precision. Meta Dropout:
+    (float32) so that distances and losses stay in full precision. Task dropout:
     `draw_task_masks` draws one mask per block for a task; pass the same masks to every
     pass of that task.
     """
@@ -130,28 +131,28 @@ class FeatureExtractor(nn.Module):
     def __init__(
         self,
         context: BuildContext,
-        meta_dropout_rates: list[float] | None = None,
+        task_dropout_rates: list[float] | None = None,
     ) -> None:
         super().__init__()
         network = build_model(context.model, context.n_way, context.image_size)
         # Only the body is used; dropping the linear head keeps unused parameters out of the
         # optimizer and the checkpoints.
         network.head = nn.Identity()
-        check_meta_dropout_rates(network, meta_dropout_rates)
+        check_task_dropout_rates(network, task_dropout_rates)
         self.network = network
         self.feature_dim: int = int(network.feature_dim)
-        self.meta_dropout_rates = list(meta_dropout_rates) if meta_dropout_rates else None
+        self.task_dropout_rates = list(task_dropout_rates) if task_dropout_rates else None
         self.precision = context.precision
 
     def draw_task_masks(self) -> DropoutMasks | None:
-        """Fresh Meta Dropout masks for one task, or None when off: drawn from torch's
+        """Fresh task dropout masks for one task, or None when off: drawn from torch's
         global CPU RNG (the same masks on every device), on the parameters' device."""
-        if self.meta_dropout_rates is None:
+        if self.task_dropout_rates is None:
             return None
         reference = next(self.network.parameters())
         return draw_dropout_masks(
             self.network.block_output_shapes,
-            self.meta_dropout_rates,
+            self.task_dropout_rates,
             dtype=reference.dtype,
             device=reference.device,
         )
@@ -162,7 +163,7 @@ class FeatureExtractor(nn.Module):
         return autocast(self.precision, device_type)
 
     def embed_tasks(self, images: torch.Tensor) -> torch.Tensor:
-        """Test-time features of T tasks' images, without Meta Dropout, BatchNorm statistics
+        """Test-time features of T tasks' images, without task dropout, BatchNorm statistics
         per task: images float [T, B, 1, H, W] -> [T, B, feature_dim], task t equal to
         ``forward(images[t])`` up to float rounding.
 
@@ -244,7 +245,7 @@ class OnePassLearner(EmbeddingLearner):
     """An `EmbeddingLearner` that turns a task's support features into a classifier of its
     query features in one forward pass (`task_classifier`).
 
-    Meta-training is the mean query cross-entropy, with one set of Meta Dropout masks per
+    Meta-training is the mean query cross-entropy, with one set of task dropout masks per
     task shared by its support and query passes; `adapt` is the same pass without dropout
     or gradients, and `adapt_many` that of many tasks with their images embedded together
     (`FeatureExtractor.embed_tasks`). Support and query go through the network in separate

@@ -1,7 +1,7 @@
 """Meta Dropout as Lee, Nam, Yang & Hwang (ICLR 2020) define it: learned, input-dependent
 noise on the latent features of the *support* forward passes of the MAML inner loop.
 
-The seed project's "Meta Dropout" (``meta_dropout_rates``: one fixed-rate Bernoulli mask
+The seed project's "Meta Dropout" (``task_dropout_rates``: one fixed-rate Bernoulli mask
 per task, on support and query) is a different method; this module is the paper's.
 
 Parameterisation (Conv4, block l = conv -> BatchNorm -> ReLU [-> MaxPool]; h^{l-1} is the
@@ -46,8 +46,8 @@ Deviations from the paper / the authors' code:
 * Query passes run the plain network. The authors' code sends query images through the
   generator at its mean (eps = 0: features times softplus(conv_phi(h)), logits without
   noise); here the generator only ever touches support passes.
-* Conv4 only (the paper's networks); ResNet18, TAML's encoder variant and the seed's
-  ``meta_dropout_rates`` are rejected with it. Extensions the paper does not cover: ANIL
+* Conv4 only (the paper's networks); ResNet18, ``anil_task_encoder`` (own head loop) and
+  the seed's ``task_dropout_rates`` are rejected with it. Extensions the paper does not cover: ANIL
   (the fixed body still gets perturbed support features, recomputed at every inner step
   because the noise is redrawn), MAML++ per-step BatchNorm, multi-step loss, bf16.
 * MAML++ derivative-order annealing: in its first-order iterations phi gets no gradient.
@@ -56,6 +56,7 @@ Deviations from the paper / the authors' code:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,10 @@ SEED_BOUND = 2**62
 
 class LearnedNoiseOptions(BaseModel):
     """The ``learned_noise*`` options of the MAML core (`metalab.algorithms.maml.Options`
-    derives from this; its ``first_order`` and ``meta_dropout_rates`` are checked here)."""
+    derives from this; its ``first_order`` and ``task_dropout_rates`` are checked here)."""
+
+    # False for a learner whose own inner loop draws no noise (anil_task_encoder).
+    learned_noise_supported: ClassVar[bool] = True
 
     learned_noise: bool = Field(
         False,
@@ -98,10 +102,10 @@ class LearnedNoiseOptions(BaseModel):
                 "learned_noise needs first_order: false (first-order MAML gives the noise "
                 "generator no meta-gradient)"
             )
-        if self.learned_noise and getattr(self, "meta_dropout_rates", None) is not None:
-            raise ValueError("learned_noise and meta_dropout_rates: choose one of the two")
-        if self.learned_noise and getattr(self, "variant", None) == "encoder":
-            raise ValueError("learned_noise: not for TAML's encoder variant (own head loop)")
+        if self.learned_noise and getattr(self, "task_dropout_rates", None) is not None:
+            raise ValueError("learned_noise and task_dropout_rates: choose one of the two")
+        if self.learned_noise and not self.learned_noise_supported:
+            raise ValueError("learned_noise: not for anil_task_encoder (own head loop)")
         return self
 
 

@@ -112,11 +112,11 @@ class MAMLLearner(MetaLearner):
             # a plain forward), though `_initial_params` never reads it.
             nn.init.zeros_(model.head.weight)
             nn.init.zeros_(model.head.bias)
-        if options.meta_dropout_rates is not None:
+        if options.task_dropout_rates is not None:
             if not isinstance(model, Conv4):
-                raise ValueError("meta_dropout_rates needs the conv4 model")
-            if len(options.meta_dropout_rates) != len(model.block_output_shapes):
-                raise ValueError(f"meta_dropout_rates needs {len(model.block_output_shapes)} rates")
+                raise ValueError("task_dropout_rates needs the conv4 model")
+            if len(options.task_dropout_rates) != len(model.block_output_shapes):
+                raise ValueError(f"task_dropout_rates needs {len(model.block_output_shapes)} rates")
         self.model = model
         self.batchnorm_names = batchnorm_parameter_names(model)
         model_names = [name for name, _ in model.named_parameters()]
@@ -335,7 +335,7 @@ class MAMLLearner(MetaLearner):
         second_order = self.second_order_at(progress.iteration)
         step_weights = self.step_loss_weights(progress.iteration)
         masks = draw_task_dropout_masks(
-            self.model, self.options.meta_dropout_rates, num_tasks, dtype, support_x.device
+            self.model, self.options.task_dropout_rates, num_tasks, dtype, support_x.device
         )
         # Drawn here, in task order, so that chunking and threads do not change the noise.
         seeds = learned_noise.task_seeds(self.noise_generator, num_tasks)
@@ -377,7 +377,7 @@ class MAMLLearner(MetaLearner):
         """Adapt to T tasks: support_x [T, S, 1, H, W], support_y [T, S] in 0..N-1 (one N).
 
         ``steps`` (default ``test_inner_steps``) first-order gradient steps per task, without
-        meta dropout, through the meta-training forward in `task_runner`'s chunks; a fresh
+        task dropout, through the meta-training forward in `task_runner`'s chunks; a fresh
         zero head for N other than the trained way count (`maml_adaptation.adapt_chunks`).
         Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N] (query batch
         statistics, per task)."""

@@ -52,7 +52,7 @@ BEFORE, AFTER = 0, 1
 def test_time_forward(
     learner: MAMLLearner, support_x: Tensor | None, query_x: Tensor | None
 ) -> TaskForward:
-    """The learner's forward for a chunk of tasks (x [T, B, 1, H, W]) without meta dropout;
+    """The learner's forward for a chunk of tasks (x [T, B, 1, H, W]) without task dropout;
     ANIL's body weights channels-last when its inputs are (see `body_features`)."""
     forward = learner._task_forward(support_x, query_x, None)
     if isinstance(forward, HeadOnlyForward):
@@ -64,7 +64,7 @@ def adapt_chunks(
     learner: MAMLLearner, support_x: Tensor, support_y: Tensor, steps: int
 ) -> tuple[list[slice], list[tuple[ParameterDict, ParameterDict]]]:
     """``steps`` first-order inner steps on T tasks' support sets (support_x [T, S, 1, H, W],
-    support_y [T, S] in 0..N-1, one N), without meta dropout, in the learner's
+    support_y [T, S] in 0..N-1, one N), without task dropout, in the learner's
     `task_runner` chunks (memory: one chunk's activations).
 
     For N other than the trained way count the head starts as a fresh zero N-way head,

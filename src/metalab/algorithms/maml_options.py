@@ -68,8 +68,12 @@ class Options(learned_noise.LearnedNoiseOptions):
             "every task's inner loop, in training and at test; the head is not meta-learned"
         ),
     )
-    meta_dropout_rates: list[float] | None = Field(
-        None, description="Meta Dropout (Conv4): one rate per block, masks fixed per task"
+    task_dropout_rates: list[float] | None = Field(
+        None,
+        description=(
+            "task dropout (the seed project's 'Meta Dropout'; Conv4): one Bernoulli rate per "
+            "block, one mask per task on support and query"
+        ),
     )
     vectorise_tasks: bool = Field(
         True, description="run a chunk of tasks in one pass (same result as a per-task loop)"
@@ -88,11 +92,11 @@ class Options(learned_noise.LearnedNoiseOptions):
         ),
     )
 
-    @field_validator("meta_dropout_rates")
+    @field_validator("task_dropout_rates")
     @classmethod
     def _rates_in_range(cls, rates: list[float] | None) -> list[float] | None:
         if rates is not None and any(not 0.0 <= rate < 1.0 for rate in rates):
-            raise ValueError("meta dropout rates must be in [0, 1)")
+            raise ValueError("task dropout rates must be in [0, 1)")
         return rates
 
     @model_validator(mode="after")

@@ -8,9 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from metalab.algorithms.base import BuildContext
 from metalab.algorithms.embedding import (
     FeatureExtractor,
-    MetaDropoutRates,
     OnePassLearner,
     QueryClassifier,
+    TaskDropoutRates,
     class_means,
     squared_euclidean_logits,
 )
@@ -27,7 +27,7 @@ class Options(BaseModel):
         le=1000,
         description="ways per meta-training episode (the paper uses 60); None = the test n_way",
     )
-    meta_dropout_rates: MetaDropoutRates = None
+    task_dropout_rates: TaskDropoutRates = None
 
 
 class PrototypicalNetwork(OnePassLearner):
@@ -42,7 +42,7 @@ class PrototypicalNetwork(OnePassLearner):
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
-        self.embedding = FeatureExtractor(context, options.meta_dropout_rates)
+        self.embedding = FeatureExtractor(context, options.task_dropout_rates)
         self.train_n_way = options.train_n_way or context.n_way
 
     def task_classifier(

@@ -25,17 +25,16 @@ loss after adaptation); ``variant`` chooses it:
   Sec. 3.2's text alone would also allow); ``adapted_query``, the adapted query losses,
   is not the paper's: it is this module's behaviour before 2026-12-03 (the committed
   ``taml_theil`` run).
-* ``encoder``: the seed project's "TAML" design, a different learner (see
-  `metalab.algorithms.taml_encoder`): a task encoder over the support set modulates the
-  features (FiLM) and sets per-task inner learning rates of the head, which the inner
-  loop adapts ANIL-style.
 
-Every MAML option works with ``entropy`` and ``inequality`` (first order, ANIL, Meta-SGD,
-MAML++, Meta Dropout, ...), since they only change how task losses become the meta-loss,
-except ``zero_head`` with a term on the initial model (uniform initial predictions make it
-a constant; the options reject it); ``encoder`` always adapts the head only, with its
-generated rates (``inner_lr_mode: fixed``), and supports first order, the multi-step loss
-and Meta Dropout. The options schema is `metalab.algorithms.taml_options.Options`.
+The seed project's "TAML" design, once ``variant: encoder`` here, is not Jamal & Qi's
+method: it is ANIL with a task encoder, algorithm ``anil_task_encoder``
+(`metalab.algorithms.anil_task_encoder`).
+
+Every MAML option works with both variants (first order, ANIL, Meta-SGD, MAML++, task
+dropout, ...), since they only change how task losses become the meta-loss, except
+``zero_head`` with a term on the initial model (uniform initial predictions make it a
+constant; the options reject it). The options schema is
+`metalab.algorithms.taml_options.Options`.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ from metalab.algorithms.base import BuildContext, StepStats, TrainProgress
 from metalab.algorithms.functional import per_task_cross_entropy
 from metalab.algorithms.maml import MAMLLearner
 from metalab.algorithms.precision import Precision
-from metalab.algorithms.taml_encoder import TAMLEncoderLearner
 from metalab.algorithms.taml_options import Options
 from metalab.algorithms.task_forward import TaskDropoutMasks
 from metalab.algorithms.task_runner import TaskOutcome
@@ -209,7 +207,7 @@ class TAMLInequalityLearner(MAMLLearner):
     ) -> Tensor:
         """L_S(theta) of T tasks, the un-adapted model's mean cross-entropy on each support
         set (support_x [T, S, C, H, W], support_y [T, S]) -> [T], in the graph; the same
-        forward as the inner loop's step 0 (meta dropout masks, BatchNorm set 0), once
+        forward as the inner loop's step 0 (task dropout masks, BatchNorm set 0), once
         differentiable."""
         forward = self._task_forward(support_x, None, dropout_masks, second_order=False)
         params = self._initial_params(support_x.shape[0] if forward.stacked else None)
@@ -280,6 +278,5 @@ def build(options: Options, context: BuildContext) -> MAMLLearner:
     learner_class = {
         "entropy": TAMLEntropyLearner,
         "inequality": TAMLInequalityLearner,
-        "encoder": TAMLEncoderLearner,
     }[options.variant]
     return learner_class(model, context.n_way, options, precision=context.precision)

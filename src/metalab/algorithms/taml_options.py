@@ -1,9 +1,9 @@
 """``experiments.<name>.options`` of algorithm ``taml`` (the registry reads it as
 ``metalab.algorithms.taml.Options``): every ``maml`` option plus the variant and its keys.
 
-A module of its own so that `metalab.algorithms.taml`, which builds every variant, and
-`metalab.algorithms.taml_encoder`, the encoder variant's learner, both read it without
-importing each other.
+The seed project's "TAML" (a task encoder on ANIL), once ``variant: encoder``, is algorithm
+``anil_task_encoder`` (`metalab.algorithms.anil_task_encoder`, its own options); params
+naming the old variant are refused with the new name (`metalab.algorithms.registry`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ VARIANT_OPTIONS: dict[str, tuple[str, ...]] = {
         "generalized_entropy_alpha",
         "inequality_losses",
     ),
-    "encoder": ("encoder_width",),
 }
 
 
@@ -31,8 +30,8 @@ class Options(maml.Options):
     """``experiments.<name>.options`` of algorithm ``taml``: every ``maml`` option plus
     the variant and its keys (a key of another variant is an error)."""
 
-    variant: Literal["entropy", "inequality", "encoder"] = Field(
-        "entropy", description="entropy maximisation, inequality minimisation, or task encoder"
+    variant: Literal["entropy", "inequality"] = Field(
+        "entropy", description="entropy maximisation or inequality minimisation (Jamal & Qi)"
     )
     entropy_weight: float = Field(
         0.1, ge=0, le=100, description="entropy: lambda of minus the initial model's entropy"
@@ -60,17 +59,6 @@ class Options(maml.Options):
             "model's on the query set (not the paper; the behaviour before 2026-12-03)"
         ),
     )
-    encoder_width: int = Field(
-        64, ge=1, le=4096, description="encoder: width of the task encoder and relation network"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _encoder_adapts_the_head(cls, data: Any) -> Any:
-        # The encoder variant is ANIL-style: make head-only adaptation its default.
-        if isinstance(data, dict) and data.get("variant") == "encoder":
-            return {"adapt_parameters": "head", **data}
-        return data
 
     @field_validator(*(key for keys in VARIANT_OPTIONS.values() for key in keys))
     @classmethod
@@ -96,8 +84,6 @@ class Options(maml.Options):
         ln N on every task): a term on the initial model would be a constant."""
         if not self.zero_head:
             return self
-        if self.variant == "encoder":
-            raise ValueError("zero_head is not available for variant 'encoder' (own head start)")
         if self.variant == "entropy" and self.entropy_weight > 0:
             raise ValueError(
                 "zero_head makes the initial entropy ln N on every task: set entropy_weight 0"
@@ -106,20 +92,5 @@ class Options(maml.Options):
             raise ValueError(
                 "zero_head makes every initial loss ln N, so their inequality is 0: "
                 "inequality_losses must be adapted_query"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _encoder_consistent(self) -> Options:
-        if self.variant != "encoder":
-            return self
-        if self.adapt_parameters != "head":
-            raise ValueError(
-                "variant 'encoder' adapts only the head: adapt_parameters must be head"
-            )
-        if self.inner_lr_mode != "fixed":
-            raise ValueError(
-                "variant 'encoder' generates the head's inner learning rates per task: "
-                "inner_lr_mode must be fixed (inner_lr is their base value)"
             )
         return self

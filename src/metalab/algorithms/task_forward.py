@@ -32,7 +32,7 @@ from metalab.algorithms.functional import (
 from metalab.algorithms.precision import Precision, autocast
 from metalab.models import Conv4, draw_dropout_masks
 
-# Per task, one Meta Dropout mask per block ([1, C, H', W'], or None where a rate is 0).
+# Per task, one task dropout mask per block ([1, C, H', W'], or None where a rate is 0).
 TaskDropoutMasks = list[list[Tensor | None]]
 
 
@@ -56,7 +56,7 @@ def draw_task_dropout_masks(
     dtype: torch.dtype,
     device: torch.device,
 ) -> TaskDropoutMasks | None:
-    """Meta Dropout: per task, one mask per block of ``model`` (a Conv4), drawn once from
+    """Task dropout: per task, one mask per block of ``model`` (a Conv4), drawn once from
     the global torch CPU RNG (task by task, the same numbers on every device), moved to
     ``device`` and fixed for all inner steps and the query pass of that task. None without
     ``rates``."""

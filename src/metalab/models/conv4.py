@@ -94,10 +94,10 @@ def draw_dropout_masks(
     """Inverted-dropout masks, one per block, each [1, *shape], values 0 or 1/(1-rate).
 
     Drawn once per task and reused for every inner step and the query pass, so the task
-    sees one fixed thinned network (Meta Dropout as in the seed project). The numbers come
-    from ``generator`` on its own device (None: torch's global CPU generator), so a seed
-    gives the same masks whatever ``device`` the masks are then moved to (default: the
-    generator's device).
+    sees one fixed thinned network (task dropout, the seed project's 'Meta Dropout'). The
+    numbers come from ``generator`` on its own device (None: torch's global CPU
+    generator), so a seed gives the same masks whatever ``device`` the masks are then
+    moved to (default: the generator's device).
     """
     if len(shapes) != len(rates):
         raise ValueError(

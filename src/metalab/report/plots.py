@@ -28,10 +28,16 @@ DPI = 120
 FAMILIES = {
     "maml": "MAML core (MAML, FOMAML, Meta-SGD, MAML++, ANIL)",
     "taml": "TAML",
+    # Its own family: next to TAML's few runs it shares their panel ("TAML · ...").
+    "anil_task_encoder": "ANIL with a task encoder",
     "reptile": "other gradient-based",
     "cavia": "other gradient-based",
     "leo": "other gradient-based",
     "protonets": "metric- and model-based",
+    "generated_head": "metric- and model-based",
+    "film_prototypes": "metric- and model-based",
+    # The seed's names of the two designs above, as metrics recorded before the renaming
+    # carry them (the same figure from those files).
     "metanets": "metric- and model-based",
     "metanets_embedding": "metric- and model-based",
 }

@@ -1,9 +1,13 @@
-"""Embedding-based Meta Networks: the seed project's metric variant of Meta Networks.
+"""FiLM-conditioned prototypes (``algorithm: film_prototypes``): the seed project's design
+that it called "embedding-based Meta Networks". It is a prototype classifier, not a method
+of Munkhdalai & Yu's Meta Networks paper (that is ``algorithm: meta_networks``,
+`metalab.algorithms.meta_networks`).
 
-A shared embedding network maps images to features; a meta-learner reads the support set
-and produces a task-specific transformation of the embedding (a feature-wise scale and
-shift, FiLM-style); queries are classified by similarity to the transformed class means in
-one forward pass. Nothing is adapted by gradient descent at test time.
+A shared embedding network maps images to features; a small network reads the support
+set's class means and produces a task-specific transformation of the embedding (a
+feature-wise scale and shift, FiLM-style); queries are classified by similarity (cosine
+with a learned temperature by default, or squared Euclidean) to the transformed class
+means in one forward pass. Nothing is adapted by gradient descent at test time.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ from torch import nn
 from metalab.algorithms.base import BuildContext
 from metalab.algorithms.embedding import (
     FeatureExtractor,
-    MetaDropoutRates,
     OnePassLearner,
     QueryClassifier,
+    TaskDropoutRates,
     class_means,
     squared_euclidean_logits,
 )
 
 
 class Options(BaseModel):
-    """``experiments.<name>.options`` for ``algorithm: metanets_embedding``."""
+    """``experiments.<name>.options`` for ``algorithm: film_prototypes``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,7 +46,7 @@ class Options(BaseModel):
         10.0, gt=0.0, le=1000.0, description="cosine logits = temperature * cosine (start value)"
     )
     learn_temperature: bool = Field(True, description="meta-learn the cosine temperature")
-    meta_dropout_rates: MetaDropoutRates = None
+    task_dropout_rates: TaskDropoutRates = None
 
 
 def task_summary(prototypes: torch.Tensor) -> torch.Tensor:
@@ -58,7 +62,7 @@ def task_summary(prototypes: torch.Tensor) -> torch.Tensor:
     return torch.cat([prototypes.mean(dim=0), spread])
 
 
-class EmbeddingMetaNetwork(OnePassLearner):
+class FilmPrototypesLearner(OnePassLearner):
     """Task-conditioned embedding g(x) = f(x) * (1 + scale) + shift, then similarity.
 
     f is the shared Conv4 body (D features); (scale, shift) in R^D each come from the
@@ -66,11 +70,11 @@ class EmbeddingMetaNetwork(OnePassLearner):
     last layer starts at zero, so training starts from plain prototype classification.
     """
 
-    algorithm = "metanets_embedding"
+    algorithm = "film_prototypes"
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
-        self.embedding = FeatureExtractor(context, options.meta_dropout_rates)
+        self.embedding = FeatureExtractor(context, options.task_dropout_rates)
         feature_dim = self.embedding.feature_dim
         self.meta_learner = nn.Sequential(
             nn.Linear(2 * feature_dim, options.meta_hidden),
@@ -121,5 +125,5 @@ class EmbeddingMetaNetwork(OnePassLearner):
         return {"temperature": self.log_temperature.detach().exp().item()}
 
 
-def build(options: Options, context: BuildContext) -> EmbeddingMetaNetwork:
-    return EmbeddingMetaNetwork(options, context)
+def build(options: Options, context: BuildContext) -> FilmPrototypesLearner:
+    return FilmPrototypesLearner(options, context)

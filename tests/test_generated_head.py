@@ -1,4 +1,6 @@
-"""Meta Networks (fast-weight generation) and the embedding-based (metric) variant."""
+"""The seed project's one-pass designs: generated head weights (``generated_head``, the seed's
+"Meta Networks") and FiLM-conditioned prototypes (``film_prototypes``, its "embedding-based
+Meta Networks")."""
 
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ from synthetic import (
     sample_episodes,
 )
 
-from metalab.algorithms import metanets, metanets_embedding
+from metalab.algorithms import film_prototypes, generated_head
 from metalab.algorithms.base import TrainProgress
 from metalab.data.episodes import Episodes
 
 SEED_RATES = [0.05, 0.10, 0.15, 0.05]
-VARIANTS = [metanets, metanets_embedding]
+VARIANTS = [generated_head, film_prototypes]
 
 
 def build(module, **options):
@@ -77,9 +79,9 @@ def test_relabelling_the_support_permutes_the_logit_columns(module):
 
 
 @pytest.mark.parametrize("module", VARIANTS)
-def test_meta_dropout_one_mask_per_task_shared_by_support_and_query(module):
+def test_task_dropout_one_mask_per_task_shared_by_support_and_query(module):
     torch.manual_seed(0)
-    learner = build(module, meta_dropout_rates=SEED_RATES)
+    learner = build(module, task_dropout_rates=SEED_RATES)
     calls = record_dropout_masks(learner)
     episodes = sample_episodes(class_patterns(10, seed=1), 3, 5, 1, 2, seed=2)
     learner.meta_gradients(episodes, TrainProgress(0, 1))
@@ -110,10 +112,10 @@ def test_bf16_gives_finite_float32_logits_and_gradients(module):
     assert logits.dtype == torch.float32
 
 
-@pytest.mark.parametrize(("module", "steps"), [(metanets, 40), (metanets_embedding, 20)])
+@pytest.mark.parametrize(("module", "steps"), [(generated_head, 40), (film_prototypes, 20)])
 def test_training_reduces_the_loss_on_synthetic_tasks(module, steps):
     torch.manual_seed(0)
-    learner = build(module, meta_dropout_rates=SEED_RATES)
+    learner = build(module, task_dropout_rates=SEED_RATES)
     before, after, losses = held_out_losses_around_training(learner, steps=steps)
     assert after < 0.7 * before, (before, after)
     assert sum(losses[-5:]) < sum(losses[:5])
@@ -122,20 +124,20 @@ def test_training_reduces_the_loss_on_synthetic_tasks(module, steps):
 @pytest.mark.parametrize("module", VARIANTS)
 def test_same_seed_gives_identical_losses(module):
     def build_learner():
-        return build(module, meta_dropout_rates=SEED_RATES)
+        return build(module, task_dropout_rates=SEED_RATES)
 
     runs = [meta_train_from_torch_seed(build_learner, torch_seed=7, steps=3) for _ in range(2)]
     assert runs[0] == runs[1]
 
 
-# -- Meta Networks ---------------------------------------------------------------------
+# -- generated head ----------------------------------------------------------------------
 
 
 def test_example_meta_information_is_the_gradient_of_each_examples_own_loss():
     torch.manual_seed(0)
     representations = torch.randn(6, 4, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    gradient = metanets.example_loss_gradients(representations, labels, 3, keep_graph=False)
+    gradient = generated_head.example_loss_gradients(representations, labels, 3, keep_graph=False)
 
     # By hand: logits_ic = -|z_i - m_c|^2, d CE_i / d logit_ic = p_ic - [y_i = c],
     # d logit_ic / d z_i = -2 (z_i - m_c), the class means m held fixed.
@@ -152,7 +154,7 @@ def test_example_meta_information_is_differentiable_including_the_class_means():
     representations = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     assert torch.autograd.gradcheck(
-        lambda z: metanets.example_loss_gradients(z, labels, 3, keep_graph=True),
+        lambda z: generated_head.example_loss_gradients(z, labels, 3, keep_graph=True),
         (representations,),
     )
 
@@ -161,7 +163,7 @@ def test_output_layer_meta_information_by_hand():
     torch.manual_seed(0)
     representations = torch.randn(6, 4, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    gradient = metanets.output_layer_gradient(representations, labels, 3, keep_graph=False)
+    gradient = generated_head.output_layer_gradient(representations, labels, 3, keep_graph=False)
     # At zero weights p = 1/3 for every class: row c = sum_i (1/3 - [y_i = c]) z_i.
     residual = 1.0 / 3.0 - F.one_hot(labels, 3).double()
     torch.testing.assert_close(gradient, residual.T @ representations)
@@ -175,7 +177,7 @@ def meta_loss(learner, episodes: Episodes) -> torch.Tensor:
 @pytest.mark.parametrize("second_order", [True, False])
 def test_meta_gradient_through_the_meta_information_matches_finite_differences(second_order):
     torch.manual_seed(0)
-    learner = build(metanets, second_order=second_order).double()
+    learner = build(generated_head, second_order=second_order).double()
     # The generators' last layers start at zero, which would switch off the paths through
     # the meta-information; give them generic values first.
     with torch.no_grad():
@@ -203,7 +205,7 @@ def test_meta_gradient_through_the_meta_information_matches_finite_differences(s
 
 def test_without_task_fast_weights_the_hidden_layer_is_slow_only():
     torch.manual_seed(0)
-    learner = build(metanets, task_fast_weights=False)
+    learner = build(generated_head, task_fast_weights=False)
     features = torch.randn(6, learner.embedding.feature_dim)
     fast_weight, weight, bias = learner.generate(features, torch.tensor([0, 1, 2, 0, 1, 2]), False)
     assert fast_weight is None
@@ -213,13 +215,13 @@ def test_without_task_fast_weights_the_hidden_layer_is_slow_only():
     )
 
 
-# -- Embedding-based Meta Networks -------------------------------------------------------
+# -- FiLM prototypes ---------------------------------------------------------------------
 
 
 def test_untrained_embedding_variant_is_a_prototype_classifier():
     """The meta-learner's last layer starts at zero: no modulation before training."""
     torch.manual_seed(0)
-    learner = build(metanets_embedding, similarity="squared_euclidean")
+    learner = build(film_prototypes, similarity="squared_euclidean")
     episodes = sample_episodes(class_patterns(10, seed=1), 1, 4, 3, 2, seed=2)
     support_x, support_y, query_x = (
         episodes.support_x[0],
@@ -235,11 +237,11 @@ def test_untrained_embedding_variant_is_a_prototype_classifier():
 
 def test_task_summary_ignores_class_order_and_cosine_logits_are_bounded():
     prototypes = torch.randn(5, 7)
-    summary = metanets_embedding.task_summary(prototypes)
+    summary = film_prototypes.task_summary(prototypes)
     assert summary.shape == (14,)
-    torch.testing.assert_close(metanets_embedding.task_summary(prototypes.flip(0)), summary)
+    torch.testing.assert_close(film_prototypes.task_summary(prototypes.flip(0)), summary)
 
     torch.manual_seed(0)
-    learner = build(metanets_embedding, initial_temperature=4.0)
+    learner = build(film_prototypes, initial_temperature=4.0)
     logits = learner.similarity_logits(torch.randn(9, 7), prototypes)
     assert logits.shape == (9, 5) and logits.abs().max() <= 4.0 + 1e-5

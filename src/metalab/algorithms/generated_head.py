@@ -1,4 +1,12 @@
-"""Meta Networks (Munkhdalai & Yu 2017): a meta-learner generates fast weights.
+"""Generated head weights (``algorithm: generated_head``): the seed project's design that
+it called "Meta Networks". It is NOT Munkhdalai & Yu's Meta Networks (2017): that method,
+with its external memory, attention over the support set and the paper's layer
+augmentation, is ``algorithm: meta_networks`` (`metalab.algorithms.meta_networks`). This
+design borrows the paper's idea of fast weights generated from loss gradients, but only
+to produce a task's hidden-layer and classifier weights in one pass; at the start of
+training its classifier row of a class is a step along minus the zero classifier's loss
+gradient, i.e. the class's mean representation minus a share of the support set's (a
+prototype classifier with a linear read-out), and the generators learn offsets from it.
 
 The base learner is the Conv4 body f (slow weights) followed by a hidden layer and a
 classifier layer over the task's N classes. Fast weights come from loss gradients
@@ -33,9 +41,9 @@ from torch import nn
 from metalab.algorithms.base import BuildContext
 from metalab.algorithms.embedding import (
     FeatureExtractor,
-    MetaDropoutRates,
     OnePassLearner,
     QueryClassifier,
+    TaskDropoutRates,
     check_support_labels,
     class_counts,
     class_means,
@@ -44,7 +52,7 @@ from metalab.algorithms.embedding import (
 
 
 class Options(BaseModel):
-    """``experiments.<name>.options`` for ``algorithm: metanets``."""
+    """``experiments.<name>.options`` for ``algorithm: generated_head``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -65,7 +73,7 @@ class Options(BaseModel):
         description="meta-train through the meta-information gradients (False: treat them "
         "as constants, cheaper)",
     )
-    meta_dropout_rates: MetaDropoutRates = None
+    task_dropout_rates: TaskDropoutRates = None
 
 
 def nearest_mean_loss(
@@ -131,18 +139,18 @@ def differentiable_input(tensor: torch.Tensor, keep_graph: bool) -> torch.Tensor
     return tensor.detach().requires_grad_()
 
 
-class MetaNetwork(OnePassLearner):
+class GeneratedHeadLearner(OnePassLearner):
     """Slow weights (body, hidden layer, U, V, e, generators) + generated fast weights.
 
     `adapt` needs autograd available (not inside ``torch.inference_mode``): the
     meta-information is a loss gradient, computed even under ``torch.no_grad``.
     """
 
-    algorithm = "metanets"
+    algorithm = "generated_head"
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
-        self.embedding = FeatureExtractor(context, options.meta_dropout_rates)
+        self.embedding = FeatureExtractor(context, options.task_dropout_rates)
         feature_dim = self.embedding.feature_dim
         hidden = options.hidden_dim
         self.slow_layer = nn.Linear(feature_dim, hidden)
@@ -280,5 +288,5 @@ class MetaNetwork(OnePassLearner):
         return lambda query_features: self.represent(query_features, fast_weight) @ weight.T + bias
 
 
-def build(options: Options, context: BuildContext) -> MetaNetwork:
-    return MetaNetwork(options, context)
+def build(options: Options, context: BuildContext) -> GeneratedHeadLearner:
+    return GeneratedHeadLearner(options, context)

@@ -1,4 +1,7 @@
-"""TAML ``variant: encoder``: the seed project's task-encoder design on the MAML core.
+"""ANIL with a task encoder (``algorithm: anil_task_encoder``): the seed project's design
+on the MAML core, which the seed called "TAML". It is not Jamal & Qi's Task-Agnostic
+Meta-Learning (that is ``algorithm: taml``, `metalab.algorithms.taml`); it was TAML's
+``variant: encoder`` until it got its own name.
 
 A shared body f (Conv4) embeds the images; a task encoder reads the support set's
 embeddings and produces, per task,
@@ -21,12 +24,19 @@ the inner loop differentiates through the modulation like through any head weigh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from metalab.algorithms.base import BeforeAfterPredictor, TaskBatchPredictor, check_query_tasks
+from metalab.algorithms.base import (
+    BeforeAfterPredictor,
+    BuildContext,
+    TaskBatchPredictor,
+    check_query_tasks,
+)
 from metalab.algorithms.functional import (
     ParameterDict,
     inner_loop,
@@ -37,12 +47,44 @@ from metalab.algorithms.functional import (
     zero_head,
 )
 from metalab.algorithms.maml import MAMLLearner
+from metalab.algorithms.maml_options import Options as MAMLOptions
 from metalab.algorithms.precision import Precision
-from metalab.algorithms.taml_options import Options
 from metalab.algorithms.task_forward import TaskDropoutMasks, body_features
 from metalab.algorithms.task_runner import TaskOutcome
+from metalab.models import build_model
 
 HEAD_NAMES = ("head.weight", "head.bias")
+
+
+class Options(MAMLOptions):
+    """``experiments.<name>.options`` of algorithm ``anil_task_encoder``: the MAML core's
+    options (head-only adaptation by default, and only that) plus ``encoder_width``."""
+
+    # The task encoder's own head loop draws no learned noise (`metalab.algorithms.learned_noise`).
+    learned_noise_supported: ClassVar[bool] = False
+
+    adapt_parameters: Literal["all", "head"] = Field(
+        "head", description="what the inner loop adapts: head only (this learner's design)"
+    )
+    encoder_width: int = Field(
+        64, ge=1, le=4096, description="width of the task encoder and relation network"
+    )
+
+    @model_validator(mode="after")
+    def _head_loop_consistent(self) -> Options:
+        """The learner runs its own head loop with generated rates and its own head start."""
+        if self.adapt_parameters != "head":
+            raise ValueError(
+                "anil_task_encoder adapts only the head: adapt_parameters must be head"
+            )
+        if self.inner_lr_mode != "fixed":
+            raise ValueError(
+                "anil_task_encoder generates the head's inner learning rates per task: "
+                "inner_lr_mode must be fixed (inner_lr is their base value)"
+            )
+        if self.zero_head:
+            raise ValueError("zero_head is not available for anil_task_encoder (own head start)")
+        return self
 
 
 @dataclass
@@ -114,12 +156,12 @@ def modulated_logits(features: Tensor, head: ParameterDict, modulation: TaskModu
     return linear_per_task(features, folded_weight, folded_bias)
 
 
-class TAMLEncoderLearner(MAMLLearner):
-    """TAML ``encoder`` variant (module docstring). Meta-parameters: the model's and the
+class AnilTaskEncoderLearner(MAMLLearner):
+    """ANIL with a task encoder (module docstring). Meta-parameters: the model's and the
     task encoder's (``task_encoder.*``, always outer-trainable). Runs through the MAML
-    core's meta-batch loop, Meta Dropout, precision and optimizer groups."""
+    core's meta-batch loop, task dropout, precision and optimizer groups."""
 
-    algorithm = "taml"
+    algorithm = "anil_task_encoder"
     # Like the head, the task encoder is what a frozen-body setting still learns.
     own_outer_sections = ("task_encoder",)
 
@@ -206,7 +248,7 @@ class TAMLEncoderLearner(MAMLLearner):
         """Adapt to T tasks: support_x [T, S, 1, H, W], support_y [T, S] in 0..N-1 (one N).
 
         ``steps`` (default ``test_inner_steps``) first-order head steps at each task's
-        encoded rates, without meta dropout, in `task_runner`'s chunks of tasks. For N other
+        encoded rates, without task dropout, in `task_runner`'s chunks of tasks. For N other
         than the trained way count the head starts from zeros [N, D] (the encoder works for
         any N). Returns predictor(query_x [T, Q, 1, H, W]) -> logits [T, Q, N].
         """
@@ -285,3 +327,9 @@ class TAMLEncoderLearner(MAMLLearner):
         return super().named_meta_parameters() + [
             (f"task_encoder.{name}", p) for name, p in self.task_encoder.named_parameters()
         ]
+
+
+def build(options: Options, context: BuildContext) -> AnilTaskEncoderLearner:
+    """An `AnilTaskEncoderLearner` on a fresh ``context.model`` network."""
+    model = build_model(context.model, context.n_way, context.image_size)
+    return AnilTaskEncoderLearner(model, context.n_way, options, precision=context.precision)
