@@ -142,6 +142,7 @@ EXTRA_CASES = [
     ),
     Case("taml-gini", "taml", {"variant": "inequality", "inequality": "gini"}),
     Case("taml-entropy-learned-noise", "taml", {"variant": "entropy", "learned_noise": True}),
+    Case("taml-theil-learned-noise", "taml", {"variant": "inequality", "learned_noise": True}),
     Case(
         "taml-ge-dropout",
         "taml",

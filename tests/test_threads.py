@@ -2,9 +2,9 @@
 changes bits is a DVC param (``train.threads``, ``pretrain.threads``), one that does not
 could be an execution setting (``METALAB_THREADS``). Measured on the experiments of
 params.yaml: the vectorised MAML family gives the same bits with 1 and 2 threads, while
-CAVIA, the generated head (the seed's "Meta Networks"), LEO and TAML's Theil variant do not, so the
-count stays a param (Reptile did on the max-pool Conv4; on the reference's stride-2
-network it no longer does). If this test starts failing because CAVIA became
+CAVIA, the generated head (the seed's "Meta Networks"), LEO and TAML's Theil variant do
+not, so the count stays a param (Reptile did on the max-pool Conv4; on the reference's
+stride-2 network it no longer does). If this test starts failing because CAVIA became
 thread-independent too, check the others before the count leaves params.yaml."""
 
 from __future__ import annotations

@@ -222,12 +222,21 @@ class TAMLInequalityLearner(MAMLLearner):
         dropout_masks: TaskDropoutMasks | None,
         second_order: bool,
         step_weights: Tensor,
+        noise_seeds: list[int] | None = None,
     ) -> TaskOutcome:
         """MAML's inner loop and query losses of T tasks; records the tasks' initial losses
         [T] for `combine_task_losses` (the runner calls this chunk by chunk, in order, in
-        the calling thread when the tasks are not combined by their mean)."""
+        the calling thread when the tasks are not combined by their mean). ``noise_seeds``:
+        as `MAMLLearner.run_tasks` (``learned_noise``)."""
         outcome = super().run_tasks(
-            support_x, support_y, query_x, query_y, dropout_masks, second_order, step_weights
+            support_x,
+            support_y,
+            query_x,
+            query_y,
+            dropout_masks,
+            second_order,
+            step_weights,
+            noise_seeds=noise_seeds,
         )
         source = self.options.inequality_losses
         if source == "initial_support":
