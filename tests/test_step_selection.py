@@ -463,7 +463,8 @@ def test_the_paper_file_trains_one_model_per_setting_evaluated_there():
     settings = paper.episodes.settings
     assert set(paper.experiments) == {f"{n}_{s}" for n in default.experiments for s in settings}
     assert paper.evaluate.trained_setting_only and paper.evaluate.step_selection is None
-    maml_core = {"maml", "maml_bf16", "fomaml", "maml_dropout", "taml_entropy", "taml_theil"}
+    maml_core = {"maml", "maml_bf16", "fomaml", "fomaml_zero_head", "maml_task_dropout"}
+    maml_core |= {"maml_meta_dropout", "taml_entropy", "taml_theil"}
     for name in default.experiments:
         reference = f"{name}_5w1s"
         for setting in settings:
