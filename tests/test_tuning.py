@@ -155,6 +155,17 @@ def test_report_marks_the_chosen_trial_and_pending_ones(params):
     assert "**0.4: 0.8600**" in maml_row and maml_row.endswith("| 0.4 |")
     leo_row = next(line for line in text.splitlines() if line.startswith("| leo "))
     assert leo_row.count("pending") == 4
+    assert "edge of the grid" not in text  # the middle factor won
+
+
+@pytest.mark.parametrize(("best", "edge"), [(0, "lowest"), (2, "highest")])
+def test_report_marks_a_choice_at_the_edge_of_the_grid(params, best, edge):
+    trials = [t for t in tuning.plan(params, ["maml"])]
+    results = {t.name: (0.9 if i == best else 0.8) for i, t in enumerate(trials)}
+    text = tuning.render(trials, results, params)
+    maml_row = next(line for line in text.splitlines() if line.startswith("| maml "))
+    assert maml_row.endswith(f" ({edge} tried) |")
+    assert f"Chosen at the edge of the grid: maml ({edge})." in text
 
 
 def test_apply_writes_the_choice_and_keeps_everything_else(tmp_path, params):

@@ -244,11 +244,26 @@ def select(trials: Sequence[Trial], results: Mapping[str, float]) -> dict[str, T
     return chosen
 
 
+def at_grid_edge(winner: Trial, factors: Sequence[float]) -> str | None:
+    """`"lowest"` or `"highest"` when `winner` took the smallest or largest factor of the grid
+    (the best rate may then lie outside it), else None."""
+    if len(factors) < 2:
+        return None
+    if winner.factor == min(factors):
+        return "lowest"
+    if winner.factor == max(factors):
+        return "highest"
+    return None
+
+
 def render(trials: Sequence[Trial], results: Mapping[str, float], params: Params) -> str:
     """reports/tuning.md: the sweep's settings and, per experiment, every trial's value(s)
-    and validation accuracy with the chosen one in bold."""
+    and validation accuracy with the chosen one in bold; a choice at the grid's edge is
+    marked and listed below the table (every experiment keeps the same number of trials,
+    so the grid is not widened for it)."""
     config = params.tuning
     chosen = select(trials, results)
+    edges: dict[str, str] = {}
     factors = ", ".join(f"{factor:g}" for factor in config.factors)
     lines = [
         "# Learning-rate sweep",
@@ -277,6 +292,10 @@ def render(trials: Sequence[Trial], results: Mapping[str, float], params: Params
         verdict = (
             "pending" if winner is None else ", ".join(f"{v:.4g}" for v in winner.values.values())
         )
+        edge = None if winner is None else at_grid_edge(winner, config.factors)
+        if edge is not None:
+            edges[experiment] = edge
+            verdict += f" ({edge} tried)"
         rates = ", ".join(runs[0].values)
         row = f"| {experiment} | {rates} | {runs[0].iterations} | " + " | ".join(cells)
         lines.append(f"{row} | {verdict} |")
@@ -285,6 +304,14 @@ def render(trials: Sequence[Trial], results: Mapping[str, float], params: Params
             blanks = " | ".join("" for _ in config.factors)
             verdict = "pending" if leader not in chosen else f"{leader}'s"
             lines.append(f"| {name} | follows {leader} | | {blanks} | {verdict} |")
+    if edges:
+        listed = ", ".join(f"{name} ({edge})" for name, edge in edges.items())
+        lines += [
+            "",
+            f"Chosen at the edge of the grid: {listed}. Their best rate may lie beyond the "
+            "values tried; the sweep gives every experiment the same trials and does not "
+            "widen the grid for them.",
+        ]
     return "\n".join(lines) + "\n"
 
 
