@@ -75,7 +75,7 @@ def test_a_follower_takes_its_leaders_choice_and_gets_no_sweep(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     trials = tuning.plan(params, ["maml"])
     rows = [row(t, acc) for t, acc in zip(trials, (0.7, 0.8, 0.9), strict=True)]
-    assert tuning.main(["collect", "maml", "--apply"], rows=lambda: rows) == 0
+    assert tuning.main(["collect", "maml", "--apply"], rows=lambda commits: rows) == 0
     applied = load_params("params.yaml")
     assert applied.experiment("maml").options.inner_lr == 0.8
     assert applied.experiment("maml_bf16").options.inner_lr == 0.8
@@ -251,20 +251,27 @@ def test_the_record_keeps_finished_trials_across_clones(tmp_path, monkeypatch, p
     monkeypatch.chdir(tmp_path)
     trials = tuning.plan(params, ["maml"])
     first = [row(trials[0], 0.9), row(trials[1], 0.8)]
-    assert tuning.main(["collect", "maml"], rows=lambda: first) == 0
+    assert tuning.main(["collect", "maml"], rows=lambda commits: first) == 0
     record = json.loads((tmp_path / tuning.RECORD).read_text())
     assert [entry["trial"] for entry in record] == ["tune-maml-f0", "tune-maml-f1"]
     commands: list[list[str]] = []
     assert tuning.main(["queue", "maml"], run=lambda c: commands.append(c) or 0) == 0
     assert [c[5] for c in commands] == ["tune-maml-f2"]
-    assert tuning.main(["collect", "maml", "--apply"], rows=lambda: [row(trials[2], 0.7)]) == 0
+    assert (
+        tuning.main(["collect", "maml", "--apply"], rows=lambda commits: [row(trials[2], 0.7)]) == 0
+    )
     assert "**0.2: 0.9000**" in (tmp_path / "reports/tuning.md").read_text()
     assert load_params("params.yaml").experiment("maml").options.inner_lr == 0.2
-    # After --apply the current rate is 0.2, so the plan's trials are new ones: the record's
-    # entries (run at 0.4 x factor) no longer count and queue takes all three again.
+    # After --apply the grid is centred on 0.2: the trials at 0.2 and 0.4 are in the record
+    # under other names (their settings identify them), so the next round queues only 0.1.
     commands.clear()
     assert tuning.main(["queue", "maml"], run=lambda c: commands.append(c) or 0) == 0
-    assert len(commands) == 3
+    assert [c[5] for c in commands] == ["tune-maml-f0"]
+    assert "experiments.maml.options.inner_lr=0.1" in commands[0]
+    assert tuning.recorded_results(tuning.plan(load_params("params.yaml"), ["maml"]), record) == {
+        "tune-maml-f1": 0.9,
+        "tune-maml-f2": 0.8,
+    }
 
 
 def test_a_damaged_record_is_named(tmp_path, monkeypatch, capsys):
@@ -272,7 +279,7 @@ def test_a_damaged_record_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "reports").mkdir()
     (tmp_path / tuning.RECORD).write_text("{not json")
-    assert tuning.main(["collect", "maml"], rows=lambda: []) == 1
+    assert tuning.main(["collect", "maml"], rows=lambda commits: []) == 1
     assert "reports/tuning_trials.json: not JSON" in capsys.readouterr().err
 
 
@@ -286,7 +293,7 @@ def test_command_queues_each_trial_and_collects(tmp_path, monkeypatch, params):
 
     trials = tuning.plan(params, ["maml"])
     rows = [row(t, acc) for t, acc in zip(trials, (0.9, 0.8, 0.7), strict=True)]
-    assert tuning.main(["collect", "maml", "--apply"], rows=lambda: rows) == 0
+    assert tuning.main(["collect", "maml", "--apply"], rows=lambda commits: rows) == 0
     assert "**0.2: 0.9000**" in (tmp_path / "reports/tuning.md").read_text()
     assert load_params("params.yaml").experiment("maml").options.inner_lr == 0.2
 
@@ -360,3 +367,12 @@ def test_trials_run_in_dvcs_queue_and_are_read_back(tmp_path, monkeypatch):
     assert results == pytest.approx({"tune-a-f0": 0.9, "tune-a-f1": 0.5})
     assert tuning.select(trials, results)["a"] == trials[0]
     sh("dvc", "queue", "stop")
+
+
+def test_collect_reads_the_trials_of_as_many_commits_as_asked(tmp_path, monkeypatch, params):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    tuning.main(["collect", "maml"], rows=lambda commits: asked.append(commits) or [])
+    tuning.main(["collect", "maml", "--commits", "3"], rows=lambda c: asked.append(c) or [])
+    assert asked == [1, 3]

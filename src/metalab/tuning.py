@@ -180,21 +180,30 @@ def trial_results(trials: Sequence[Trial], rows: Sequence[Mapping[str, Any]]) ->
     return results
 
 
+def same_settings(overrides: Mapping[str, Any], trial: Trial) -> bool:
+    """Whether recorded `overrides` are `trial`'s own: the same keys, each value equal up to
+    float rounding (a trial is identified by its settings, not its name: widening
+    ``tuning.factors`` renumbers the trials but keeps the ones already run)."""
+    wanted = trial.overrides()
+    return set(overrides) == set(wanted) and ran_with(overrides, trial)
+
+
 def recorded_results(
     trials: Sequence[Trial], record: Sequence[Mapping[str, Any]]
 ) -> dict[str, float]:
     """Validation accuracy of each trial in `record` (entries of `RECORD`) whose settings
-    are the trial's own (an entry of another factor or budget under the same name does not
-    count)."""
-    rows = [
-        {
-            "Experiment": entry.get("trial"),
-            **entry.get("overrides", {}),
-            SELECTION_METRIC: entry.get("accuracy"),
-        }
-        for entry in record
-    ]
-    return trial_results(trials, rows)
+    are the trial's own, whatever name the entry was recorded under (an entry of another
+    factor or budget does not count)."""
+    results: dict[str, float] = {}
+    for trial in trials:
+        for entry in record:
+            accuracy = entry.get("accuracy")
+            if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
+                continue
+            if accuracy >= 0 and same_settings(entry.get("overrides", {}), trial):
+                results[trial.name] = float(accuracy)
+                break
+    return results
 
 
 def load_record(path: Path) -> list[dict[str, Any]]:
@@ -216,17 +225,22 @@ def load_record(path: Path) -> list[dict[str, Any]]:
 def updated_record(
     record: Sequence[Mapping[str, Any]], trials: Sequence[Trial], results: Mapping[str, float]
 ) -> list[dict[str, Any]]:
-    """`record` with an entry for every trial in `results` (replacing an older entry of the
-    same trial name), sorted by trial name."""
-    entries = {str(entry.get("trial")): dict(entry) for entry in record}
+    """`record` with an entry for every trial in `results` (replacing an older entry with
+    the same settings), sorted by trial name and settings."""
+    entries = [dict(entry) for entry in record]
     for trial in trials:
-        if trial.name in results:
-            entries[trial.name] = {
-                "trial": trial.name,
-                "overrides": trial.overrides(),
-                "accuracy": results[trial.name],
-            }
-    return [entries[name] for name in sorted(entries)]
+        if trial.name not in results:
+            continue
+        entry = {
+            "trial": trial.name,
+            "overrides": trial.overrides(),
+            "accuracy": results[trial.name],
+        }
+        entries = [e for e in entries if not same_settings(e.get("overrides", {}), trial)]
+        entries.append(entry)
+    return sorted(
+        entries, key=lambda e: (str(e.get("trial")), json.dumps(e.get("overrides"), sort_keys=True))
+    )
 
 
 def select(trials: Sequence[Trial], results: Mapping[str, float]) -> dict[str, Trial]:
@@ -259,8 +273,8 @@ def at_grid_edge(winner: Trial, factors: Sequence[float]) -> str | None:
 def render(trials: Sequence[Trial], results: Mapping[str, float], params: Params) -> str:
     """reports/tuning.md: the sweep's settings and, per experiment, every trial's value(s)
     and validation accuracy with the chosen one in bold; a choice at the grid's edge is
-    marked and listed below the table (every experiment keeps the same number of trials,
-    so the grid is not widened for it)."""
+    marked and listed below the table (the next round, centred on it, needs one new
+    trial)."""
     config = params.tuning
     chosen = select(trials, results)
     edges: dict[str, str] = {}
@@ -309,8 +323,9 @@ def render(trials: Sequence[Trial], results: Mapping[str, float], params: Params
         lines += [
             "",
             f"Chosen at the edge of the grid: {listed}. Their best rate may lie beyond the "
-            "values tried; the sweep gives every experiment the same trials and does not "
-            "widen the grid for them.",
+            "values tried: after `collect --apply` the grid is centred on the choice, and "
+            "`queue` runs the one trial of the next round that is not in the record yet. "
+            "Rounds continue until no choice is at an edge.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -405,16 +420,18 @@ def apply_choices(params_file: Path, chosen: Mapping[str, Trial]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ command
-def exp_show_rows() -> list[dict[str, Any]]:
+def exp_show_rows(commits: int = 1) -> list[dict[str, Any]]:
+    """`dvc.api.exp_show` rows of the experiments based on the last `commits` commits of
+    HEAD (a trial is based on the commit that was HEAD when it was queued)."""
     import dvc.api
 
-    return dvc.api.exp_show()
+    return dvc.api.exp_show(num=commits)
 
 
 def main(
     argv: Sequence[str] | None = None,
     run: Callable[[list[str]], int] = lambda command: subprocess.call(command),
-    rows: Callable[[], list[dict[str, Any]]] = exp_show_rows,
+    rows: Callable[[int], list[dict[str, Any]]] = exp_show_rows,
 ) -> int:
     parser = argparse.ArgumentParser(prog="metalab-tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -433,6 +450,13 @@ def main(
         if name == "collect":
             command.add_argument(
                 "--apply", action="store_true", help="write the chosen rates to params.yaml"
+            )
+            command.add_argument(
+                "--commits",
+                type=int,
+                default=1,
+                help="read trials queued on the last N commits of HEAD (default 1: HEAD's "
+                "own; more if you committed while the sweep ran)",
             )
     args = parser.parse_args(argv)
     try:
@@ -464,7 +488,7 @@ def main(
                 return 1
         print(f"queued {len(trials)} trials; run them with: dvc queue start -j 2")
         return 0
-    results = {**recorded_results(trials, record), **trial_results(trials, rows())}
+    results = {**recorded_results(trials, record), **trial_results(trials, rows(args.commits))}
     write_json(RECORD, updated_record(record, trials, results))
     write_text(REPORT, render(trials, results, params))
     chosen = select(trials, results)
