@@ -41,9 +41,7 @@ from metalab.schema import ParamsError
 
 REPORT = Path("reports/tuning.md")
 #: Every finished trial's settings and validation accuracy, committed with the report: DVC
-#: keeps a trial only in the experiment refs of the clone that ran it, and a sweep of all
-#: experiments outlasts a working session, so `collect` records what has finished and
-#: `queue` skips it.
+#: keeps a trial only in the refs of the clone that ran it; `queue` skips what is here.
 RECORD = Path("reports/tuning_trials.json")
 #: The train-stage metric a trial is selected on.
 SELECTION_METRIC = "best_validation_accuracy"
@@ -181,11 +179,9 @@ def trial_results(trials: Sequence[Trial], rows: Sequence[Mapping[str, Any]]) ->
 
 
 def same_settings(overrides: Mapping[str, Any], trial: Trial) -> bool:
-    """Whether recorded `overrides` are `trial`'s own: the same keys, each value equal up to
-    float rounding (a trial is identified by its settings, not its name: widening
-    ``tuning.factors`` renumbers the trials but keeps the ones already run)."""
-    wanted = trial.overrides()
-    return set(overrides) == set(wanted) and ran_with(overrides, trial)
+    """Whether recorded `overrides` are `trial`'s own (same keys, values equal up to float
+    rounding): a trial is identified by its settings, not its name."""
+    return set(overrides) == set(trial.overrides()) and ran_with(overrides, trial)
 
 
 def recorded_results(
@@ -421,8 +417,7 @@ def apply_choices(params_file: Path, chosen: Mapping[str, Trial]) -> list[str]:
 
 # ------------------------------------------------------------------------------ command
 def exp_show_rows(commits: int = 1) -> list[dict[str, Any]]:
-    """`dvc.api.exp_show` rows of the experiments based on the last `commits` commits of
-    HEAD (a trial is based on the commit that was HEAD when it was queued)."""
+    """`dvc.api.exp_show` rows of experiments queued on the last `commits` commits of HEAD."""
     import dvc.api
 
     return dvc.api.exp_show(num=commits)
