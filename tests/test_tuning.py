@@ -160,7 +160,7 @@ def test_report_marks_the_chosen_trial_and_pending_ones(params):
 
 @pytest.mark.parametrize(("best", "edge"), [(0, "lowest"), (2, "highest")])
 def test_report_marks_a_choice_at_the_edge_of_the_grid(params, best, edge):
-    trials = [t for t in tuning.plan(params, ["maml"])]
+    trials = tuning.plan(params, ["maml"])
     results = {t.name: (0.9 if i == best else 0.8) for i, t in enumerate(trials)}
     text = tuning.render(trials, results, params)
     maml_row = next(line for line in text.splitlines() if line.startswith("| maml "))

@@ -147,9 +147,16 @@ def metric_of(row: Mapping[str, Any], experiment: str) -> float | None:
     """The selection metric of `experiment`'s train stage in a `dvc.api.exp_show` row
     (columns are ``<file>:<metric>`` when several metrics files share a metric name)."""
     for key in (f"metrics/train/{experiment}.json:{SELECTION_METRIC}", SELECTION_METRIC):
-        value = row.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        value = validated_accuracy(row.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def validated_accuracy(value: Any) -> float | None:
+    """`value` as an accuracy if it is one (a number >= 0; -1 means never validated)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
     return None
 
 
@@ -173,7 +180,7 @@ def trial_results(trials: Sequence[Trial], rows: Sequence[Mapping[str, Any]]) ->
         if trial is None or trial.name in results or not ran_with(row, trial):
             continue
         accuracy = metric_of(row, trial.experiment)
-        if accuracy is not None and accuracy >= 0:  # -1: never validated
+        if accuracy is not None:
             results[trial.name] = accuracy
     return results
 
@@ -193,11 +200,9 @@ def recorded_results(
     results: dict[str, float] = {}
     for trial in trials:
         for entry in record:
-            accuracy = entry.get("accuracy")
-            if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
-                continue
-            if accuracy >= 0 and same_settings(entry.get("overrides", {}), trial):
-                results[trial.name] = float(accuracy)
+            accuracy = validated_accuracy(entry.get("accuracy"))
+            if accuracy is not None and same_settings(entry.get("overrides", {}), trial):
+                results[trial.name] = accuracy
                 break
     return results
 
@@ -257,12 +262,8 @@ def select(trials: Sequence[Trial], results: Mapping[str, float]) -> dict[str, T
 def at_grid_edge(winner: Trial, factors: Sequence[float]) -> str | None:
     """`"lowest"` or `"highest"` when `winner` took the smallest or largest factor of the grid
     (the best rate may then lie outside it), else None."""
-    if len(factors) < 2:
-        return None
-    if winner.factor == min(factors):
-        return "lowest"
-    if winner.factor == max(factors):
-        return "highest"
+    if len(factors) > 1 and winner.factor in (min(factors), max(factors)):
+        return "lowest" if winner.factor == min(factors) else "highest"
     return None
 
 
