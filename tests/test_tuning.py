@@ -21,14 +21,18 @@ from metalab.schema import ParamsError
 from metalab.tuning import Trial
 
 ROOT = Path(__file__).resolve().parents[1]
+# params.yaml as it stood before the first sweep: the tests below assert rates such as
+# maml's inner_lr 0.4 and protonets inheriting meta_lr, which the sweep's choices change.
+PINNED = Path(__file__).resolve().parent / "fixtures" / "params_before_tuning.yaml"
 
 
 @pytest.fixture(scope="module")
 def params():
-    return load_params(ROOT / "params.yaml")
+    return load_params(PINNED)
 
 
-def test_every_experiment_gets_the_same_trials(params):
+def test_every_experiment_gets_the_same_trials():
+    params = load_params(ROOT / "params.yaml")  # the live file, with its chosen rates
     trials = tuning.plan(params)
     factors = params.tuning.factors
     swept = [name for name in params.experiments if name not in params.tuning.follows]
@@ -44,6 +48,21 @@ def test_every_experiment_gets_the_same_trials(params):
         for path in params.tuning.rates[name]:
             current = tuning.current_rate(params, name, path)
             assert [run.values[path] for run in runs] == [current * f for f in factors]
+
+
+def test_the_pinned_copy_differs_from_params_yaml_only_in_swept_rates():
+    """Keeps the fixture honest: rebuild the live file from the pinned one by setting
+    each swept rate to its live value."""
+    live, pinned = (yaml.safe_load(path.read_text()) for path in (ROOT / "params.yaml", PINNED))
+    rates = live["tuning"]["rates"]
+    followers = {name: rates[leader] for name, leader in live["tuning"]["follows"].items()}
+    for name, paths in {**rates, **followers}.items():
+        for path in paths:
+            section, key = path.split(".")
+            value = live["experiments"][name].get(section, {}).get(key)
+            if value is not None:
+                pinned["experiments"][name].setdefault(section, {})[key] = value
+    assert pinned == live, "update tests/fixtures/params_before_tuning.yaml to match"
 
 
 def test_rates_resolve_through_the_train_section(params):
@@ -71,7 +90,7 @@ def test_a_follower_takes_its_leaders_choice_and_gets_no_sweep(tmp_path, monkeyp
     assert not [t for t in tuning.plan(params) if t.experiment == "maml_bf16"]
     with pytest.raises(ParamsError, match="maml_bf16 takes maml's choice; sweep maml"):
         tuning.plan(params, ["maml_bf16"])
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PINNED, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     trials = tuning.plan(params, ["maml"])
     rows = [row(t, acc) for t, acc in zip(trials, (0.7, 0.8, 0.9), strict=True)]
@@ -170,7 +189,7 @@ def test_report_marks_a_choice_at_the_edge_of_the_grid(params, best, edge):
 
 def test_apply_writes_the_choice_and_keeps_everything_else(tmp_path, params):
     path = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", path)
+    shutil.copy(PINNED, path)
     before_text = path.read_text()
     before = yaml.safe_load(before_text)
     chosen = {
@@ -247,7 +266,7 @@ def test_the_record_keeps_finished_trials_across_clones(tmp_path, monkeypatch, p
     """A sweep outlasting a session: `collect` copies finished trials from DVC's refs into
     the record; a later `queue` skips them and a later `collect` (with refs gone) still
     counts them, but not a recorded trial of other settings."""
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PINNED, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     trials = tuning.plan(params, ["maml"])
     first = [row(trials[0], 0.9), row(trials[1], 0.8)]
@@ -275,7 +294,7 @@ def test_the_record_keeps_finished_trials_across_clones(tmp_path, monkeypatch, p
 
 
 def test_a_damaged_record_is_named(tmp_path, monkeypatch, capsys):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PINNED, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "reports").mkdir()
     (tmp_path / tuning.RECORD).write_text("{not json")
@@ -284,7 +303,7 @@ def test_a_damaged_record_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_command_queues_each_trial_and_collects(tmp_path, monkeypatch, params):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PINNED, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     commands: list[list[str]] = []
     assert tuning.main(["queue", "maml"], run=lambda c: commands.append(c) or 0) == 0
@@ -370,7 +389,7 @@ def test_trials_run_in_dvcs_queue_and_are_read_back(tmp_path, monkeypatch):
 
 
 def test_collect_reads_the_trials_of_as_many_commits_as_asked(tmp_path, monkeypatch, params):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PINNED, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     asked = []
     tuning.main(["collect", "maml"], rows=lambda commits: asked.append(commits) or [])
