@@ -108,6 +108,17 @@ def test_pairs_judged_against_the_spread_between_seeds(seeded):
     assert "Welch t interval" in text
 
 
+def test_range_rule_outside_the_seed_range_never_says_better(seeded):
+    # fomaml's one run (0.75) against protonets' mean 0.55 over two seeds (range 0.1): the
+    # difference exceeds the range, but one run has no spread: no "better" from it
+    files = build(seeded, [["protonets", "fomaml"]])
+    row = pd.read_csv(files.pairs_csv).set_index(["a", "b"]).loc[("protonets", "fomaml")]
+    assert row["seed_difference"] == pytest.approx(-0.2)
+    assert not row["seed_inside_seed_range"]
+    assert row["seed_verdict"] == "fomaml higher, outside the seed range (range)"
+    assert "better (range)" not in files.markdown.read_text()
+
+
 def test_welch_interval_by_hand_and_inside_when_it_contains_zero():
     a, b = np.array([0.8, 0.9, 1.0]), np.array([0.7, 0.9])
     interval = welch_interval(a, b)

@@ -10,7 +10,9 @@ Two rules, both reported (`seed_pair_table`):
   difference of the means over seeds, with Welch-Satterthwaite degrees of freedom, treating
   each seed's mean accuracy as one observation; inside the spread when it contains 0.
 
-The Welch rule decides the verdict where it applies, else the range rule. With three seeds
+The Welch rule decides the verdict where it applies, else the range rule, which calls a
+difference only "outside the seed range", never "better": with one run on a side it is no
+test (the paired per-episode comparison judges the test tasks). With three seeds
 the interval is wide (t quantiles of 2 to 4 degrees of freedom): a difference outside it is
 a difference between training runs, not only between test tasks.
 """
@@ -161,7 +163,14 @@ def seed_pair_table(inputs: ReportInputs, pairs: list[list[str]]) -> pd.DataFram
                 rule = "Welch"
             else:
                 inside, rule = inside_range, "range"
-            better = a if difference > 0 else b
-            row["verdict"] = f"{INSIDE} ({rule})" if inside else f"{better} better ({rule})"
+            higher = a if difference > 0 else b
+            if inside:
+                row["verdict"] = f"{INSIDE} ({rule})"
+            elif rule == "Welch":
+                row["verdict"] = f"{higher} better (Welch)"
+            else:
+                # One run on a side has no spread of its own: a few seeds' range says only
+                # that the difference is larger than the runs seen, not that it is real.
+                row["verdict"] = f"{higher} higher, outside the seed range (range)"
             rows.append(row)
     return pd.DataFrame(rows, columns=SEED_PAIR_COLUMNS)

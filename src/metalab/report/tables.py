@@ -283,7 +283,10 @@ def seed_sections(table: pd.DataFrame, seed_pairs: pd.DataFrame, settings: list[
         "rule: inside the spread when |A - B| is at most the larger of the two seed ranges "
         "(max - min). Welch rule, when both have two or more seeds: the 95% Welch t interval "
         "of A - B over the per-seed means (Welch-Satterthwaite degrees of freedom); inside "
-        "the spread when it contains 0. The verdict uses the Welch rule where it applies."
+        "the spread when it contains 0. The verdict uses the Welch rule where it applies; the "
+        "range rule says only whether a difference is larger than the seed ranges seen, not "
+        "which learner is better (with one run on a side it is no test: the paired "
+        "comparisons above judge the test tasks)."
     )
     sections.append(
         markdown_table(
