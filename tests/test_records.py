@@ -20,6 +20,7 @@ from pydantic import Field, RootModel, create_model
 from metalab.evaluation import (
     LearnerEvaluation,
     SettingEvaluation,
+    StepChoice,
     numeric_metrics,
     train_run_id,
 )
@@ -374,6 +375,8 @@ def test_evaluation_metrics_are_built_through_the_schema():
         accuracy_after=rng.uniform(0.6, 1.0, 10),
         accuracy_before=rng.uniform(0.1, 0.3, 10),
         seconds=np.full(10, 0.5),
+        # as the committed run records its trained setting: the trained steps kept
+        step_choice=StepChoice(3, trained_setting=True, accuracies={}),
     )
     single = SettingEvaluation(
         setting="20w1s",
